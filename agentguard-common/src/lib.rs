@@ -1,0 +1,330 @@
+//! Types shared by AgentGuard's kernel programs and its userspace daemon.
+//!
+//! Everything here crosses the kernel boundary: `#[repr(C)]`, `Copy`, no
+//! `bool`, no implicit padding (explicit `_pad` fields), and a compile-time
+//! size check. Numbers given to kinds and decisions never change: they are
+//! written into the audit log and read back by later versions.
+#![cfg_attr(not(feature = "user"), no_std)]
+
+/// Names of the maps, used by both sides so no string literal names a map twice.
+pub mod maps {
+    /// Ring buffer of events, kernel → daemon.
+    pub const EVENTS: &str = "AG_EVENTS";
+    /// Per-CPU counters, indexed by [`crate::Counter`].
+    pub const COUNTERS: &str = "AG_COUNTERS";
+    /// Task id → [`crate::Tag`]: which agent and session a task belongs to.
+    pub const TAGS: &str = "AG_TAGS";
+    /// Agent id → [`crate::AgentConfig`]: the agent's defaults.
+    pub const AGENTS: &str = "AG_AGENTS";
+    /// cgroup v2 id → [`crate::Tag`]: a process that execs inside this cgroup is tagged.
+    pub const SEL_CGROUP: &str = "AG_SEL_CGROUP";
+    /// Executable path ([`crate::PathKey`]) → [`crate::Tag`].
+    pub const SEL_EXE: &str = "AG_SEL_EXE";
+    /// Command name (`comm`, 16 bytes) → [`crate::Tag`].
+    pub const SEL_COMM: &str = "AG_SEL_COMM";
+    /// User id → [`crate::Tag`].
+    pub const SEL_UID: &str = "AG_SEL_UID";
+}
+
+/// Names of the programs (the Rust function names in agentguard-ebpf).
+pub mod programs {
+    pub const SCHED_PROCESS_FORK: &str = "sched_process_fork";
+    pub const SCHED_PROCESS_EXEC: &str = "sched_process_exec";
+    pub const SCHED_PROCESS_EXIT: &str = "sched_process_exit";
+    pub const CONNECT4: &str = "connect4";
+    pub const CONNECT6: &str = "connect6";
+    pub const SENDMSG4: &str = "sendmsg4";
+    pub const SENDMSG6: &str = "sendmsg6";
+    pub const LSM_PATH_UNLINK: &str = "path_unlink";
+    /// A program that does nothing, loaded by `doctor` to prove BPF-LSM is loadable.
+    pub const LSM_PROBE: &str = "lsm_probe";
+}
+
+/// Names of the read-only globals the loader sets before loading.
+pub mod globals {
+    /// Byte offset of `child_pid` in the sched_process_fork tracepoint record.
+    pub const FORK_CHILD_PID_OFF: &str = "FORK_CHILD_PID_OFF";
+    /// Byte offset of `old_pid` in the sched_process_exec tracepoint record.
+    pub const EXEC_OLD_PID_OFF: &str = "EXEC_OLD_PID_OFF";
+    /// Byte offset of the `filename` `__data_loc` word in the sched_process_exec record.
+    pub const EXEC_FILENAME_OFF: &str = "EXEC_FILENAME_OFF";
+}
+
+/// Capacities. Changing one changes the size of a map, never an event layout.
+pub mod limits {
+    /// Tagged tasks (threads included) at once.
+    pub const MAX_TAGGED_TASKS: u32 = 65_536;
+    pub const MAX_AGENTS: u32 = 1_024;
+    pub const MAX_SELECTORS: u32 = 4_096;
+    /// Ring buffer size in bytes (a power of two, a multiple of the page size).
+    pub const EVENTS_RING_BYTES: u32 = 16 * 1024 * 1024;
+    /// Longest path carried in an event or a map key, NUL included.
+    pub const PATH_MAX: usize = 256;
+    /// Length of a kernel command name (`TASK_COMM_LEN`).
+    pub const COMM_LEN: usize = 16;
+}
+
+/// Kinds of event. The first field of every event record.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Exec = 1,
+    Fork = 2,
+    Exit = 3,
+    Net = 10,
+    File = 20,
+}
+
+impl EventKind {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Exec,
+            2 => Self::Fork,
+            3 => Self::Exit,
+            10 => Self::Net,
+            20 => Self::File,
+            _ => return None,
+        })
+    }
+}
+
+/// What a rule decides.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow = 0,
+    Deny = 1,
+    /// Hold for a human. Until approvals land, the kernel denies it.
+    Approve = 2,
+    /// Allow and log.
+    Audit = 3,
+}
+
+impl Decision {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            0 => Self::Allow,
+            1 => Self::Deny,
+            2 => Self::Approve,
+            3 => Self::Audit,
+            _ => return None,
+        })
+    }
+
+    /// Whether the kernel refuses the action.
+    pub const fn blocks(self) -> bool {
+        matches!(self, Self::Deny | Self::Approve)
+    }
+}
+
+/// Per-CPU counters in [`maps::COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A ring buffer reservation failed: an event was lost.
+    RingbufDrops = 0,
+    /// A child of a tagged task could not be tagged (map full).
+    TagInsertFailures = 1,
+    /// Events submitted successfully.
+    EventsSubmitted = 2,
+}
+
+pub const COUNTER_SLOTS: u32 = 8;
+
+/// The network hook that produced a [`NetEvent`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetHook {
+    Connect4 = 1,
+    Connect6 = 2,
+    Sendmsg4 = 3,
+    Sendmsg6 = 4,
+}
+
+impl NetHook {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Connect4,
+            2 => Self::Connect6,
+            3 => Self::Sendmsg4,
+            4 => Self::Sendmsg6,
+            _ => return None,
+        })
+    }
+}
+
+/// The file operation that produced a [`FileEvent`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileOp {
+    Unlink = 1,
+    Rmdir = 2,
+    Rename = 3,
+    Truncate = 4,
+}
+
+impl FileOp {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Unlink,
+            2 => Self::Rmdir,
+            3 => Self::Rename,
+            4 => Self::Truncate,
+            _ => return None,
+        })
+    }
+}
+
+/// How a decision took effect.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Enforcement {
+    /// The kernel refused the action before it happened.
+    Enforced = 0,
+    /// The action was only observed; the agent is contained afterwards.
+    Observed = 1,
+}
+
+/// Which agent and session a task belongs to. `agent_id` 0 means "none".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tag {
+    pub agent_id: u32,
+    pub session_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<Tag>() == 8);
+
+/// Per-agent defaults, in [`maps::AGENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// [`Decision`] for a network action no rule matches.
+    pub net_default: u32,
+    /// [`Decision`] for a file action no rule matches.
+    pub file_default: u32,
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<AgentConfig>() == 16);
+
+/// A NUL-padded path used as a map key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathKey {
+    pub bytes: [u8; limits::PATH_MAX],
+}
+const _: () = assert!(core::mem::size_of::<PathKey>() == limits::PATH_MAX);
+
+impl PathKey {
+    pub const fn zeroed() -> Self {
+        Self {
+            bytes: [0; limits::PATH_MAX],
+        }
+    }
+}
+
+/// Common head of every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// [`EventKind`].
+    pub kind: u32,
+    pub agent_id: u32,
+    pub session_id: u32,
+    /// Thread-group id (the process id).
+    pub pid: u32,
+    /// Task id (the thread id).
+    pub tid: u32,
+    pub uid: u32,
+    /// CLOCK_MONOTONIC (`bpf_ktime_get_ns`), nanoseconds.
+    pub ktime_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 32);
+
+/// A tagged process executed a binary (or became tagged by doing so).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExecEvent {
+    pub header: EventHeader,
+    /// Process id before the exec (differs when a non-leader thread execs).
+    pub old_pid: u32,
+    /// 1 when this exec is what tagged the process (a selector matched).
+    pub newly_tagged: u32,
+    pub comm: [u8; limits::COMM_LEN],
+    /// The path given to execve, NUL-terminated.
+    pub filename: [u8; limits::PATH_MAX],
+}
+const _: () = assert!(core::mem::size_of::<ExecEvent>() == 32 + 8 + 16 + 256);
+
+/// A tagged task created a child task, which inherited the tag.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ForkEvent {
+    pub header: EventHeader,
+    /// Task id of the child (equal to its pid unless it is a thread).
+    pub child_tid: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ForkEvent>() == 40);
+
+/// A tagged task exited; its tag is gone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExitEvent {
+    pub header: EventHeader,
+    /// The exit code as the kernel keeps it (`task->exit_code`) is not read here;
+    /// userspace reads the status of its own children where it can.
+    pub _pad: u64,
+}
+const _: () = assert!(core::mem::size_of::<ExitEvent>() == 40);
+
+/// A tagged process tried to connect or send to an address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NetEvent {
+    pub header: EventHeader,
+    /// [`NetHook`].
+    pub hook: u32,
+    /// [`Decision`].
+    pub decision: u32,
+    /// Rule that decided, 0 for the agent's default.
+    pub rule_id: u32,
+    /// IPPROTO_TCP / IPPROTO_UDP.
+    pub protocol: u32,
+    /// Address family (AF_INET / AF_INET6).
+    pub family: u16,
+    /// Destination port, host byte order.
+    pub port: u16,
+    pub _pad: u32,
+    /// Destination address: IPv4 in the first 4 bytes, IPv6 all 16, network order.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<NetEvent>() == 32 + 24 + 16);
+
+/// A tagged process tried a file action.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FileEvent {
+    pub header: EventHeader,
+    /// [`FileOp`].
+    pub op: u32,
+    /// [`Decision`].
+    pub decision: u32,
+    pub rule_id: u32,
+    /// [`Enforcement`].
+    pub enforcement: u32,
+    /// Directory the action happened in, as `bpf_d_path` resolved it.
+    pub dir: [u8; limits::PATH_MAX],
+    /// The entry's name in that directory.
+    pub name: [u8; limits::PATH_MAX],
+}
+const _: () = assert!(core::mem::size_of::<FileEvent>() == 32 + 16 + 512);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `repr(C)`, `Copy`, and have no padding (checked
+    // by the size assertions above), so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::Tag {}
+    unsafe impl aya::Pod for super::AgentConfig {}
+    unsafe impl aya::Pod for super::PathKey {}
+}

@@ -1,0 +1,165 @@
+//! Process lineage: tag at exec when a selector matches, inherit at fork,
+//! forget at exit.
+//!
+//! Plain sched tracepoints (not tp_btf): their record layout differs between
+//! kernels (6.1 carries `char comm[16]`, 6.18 `__data_loc` strings), so the
+//! loader reads the layout from tracefs and sets the offsets below. No kernel
+//! struct offset is hard-coded here.
+//!
+//! Tags are keyed by task id, so threads are covered: sched_process_fork fires
+//! for every new task (fork, vfork, clone, clone3, pthread_create) from
+//! kernel_clone(), after copy_process() and before wake_up_new_task(), so the
+//! child is tagged before it runs its first instruction.
+use agentguard_common::{
+    limits, Counter, EventKind, ExecEvent, ExitEvent, ForkEvent, PathKey, Tag,
+};
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_probe_read_kernel_str_bytes,
+    },
+    macros::tracepoint,
+    programs::TracePointContext,
+    EbpfContext as _, Global,
+};
+
+use crate::shared::{
+    count, emit, header, reserve, SCRATCH, SEL_CGROUP, SEL_COMM, SEL_EXE, SEL_UID, TAGS,
+};
+
+#[unsafe(no_mangle)]
+static FORK_CHILD_PID_OFF: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static EXEC_OLD_PID_OFF: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static EXEC_FILENAME_OFF: Global<u32> = Global::new(0);
+
+#[tracepoint]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    match try_fork(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+fn try_fork(ctx: &TracePointContext) -> Result<(), ()> {
+    // `current` is the parent here.
+    let tag = crate::shared::current_tag().ok_or(())?;
+    // SAFETY: the offset comes from this kernel's tracefs format file.
+    let child: i32 = unsafe { ctx.read_at(FORK_CHILD_PID_OFF.load() as usize) }.map_err(|_| ())?;
+    let child = child as u32;
+    if TAGS.insert(&child, &tag, 0).is_err() {
+        // An untagged child of an agent is an escape: count it so the daemon
+        // reports it and can contain the agent.
+        count(Counter::TagInsertFailures);
+    }
+    emit(ForkEvent {
+        header: header(EventKind::Fork, tag),
+        child_tid: child,
+        _pad: 0,
+    });
+    Ok(())
+}
+
+#[tracepoint]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    match try_exec(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+fn try_exec(ctx: &TracePointContext) -> Result<(), ()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    // SAFETY: offsets come from this kernel's tracefs format file.
+    let old_pid: i32 = unsafe { ctx.read_at(EXEC_OLD_PID_OFF.load() as usize) }.map_err(|_| ())?;
+    let old_pid = old_pid as u32;
+    let data_loc: u32 =
+        unsafe { ctx.read_at(EXEC_FILENAME_OFF.load() as usize) }.map_err(|_| ())?;
+
+    // A non-leader thread that execs takes over the leader's pid (de_thread):
+    // carry its tag over from its old task id.
+    // SAFETY: values are copied out at once.
+    let mut existing = unsafe { TAGS.get(&tid) }.copied();
+    if existing.is_none() && old_pid != tid {
+        if let Some(tag) = unsafe { TAGS.get(&old_pid) }.copied() {
+            let _ = TAGS.remove(&old_pid);
+            if TAGS.insert(&tid, &tag, 0).is_err() {
+                count(Counter::TagInsertFailures);
+            }
+            existing = Some(tag);
+        }
+    }
+
+    // Read the executed path into a zeroed scratch key (also the exe-selector key).
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: per-CPU scratch, exclusive while this program runs.
+    let key: &mut PathKey = unsafe { &mut *scratch };
+    key.bytes = [0; limits::PATH_MAX];
+    let filename_ptr = (ctx.as_ptr() as usize + (data_loc & 0xffff) as usize) as *const u8;
+    // SAFETY: the __data_loc word points inside this tracepoint record.
+    let _ = unsafe { bpf_probe_read_kernel_str_bytes(filename_ptr, &mut key.bytes) };
+
+    let (tag, newly_tagged) = match existing {
+        Some(tag) => (tag, 0),
+        None => {
+            let tag = select(key).ok_or(())?;
+            if TAGS.insert(&tid, &tag, 0).is_err() {
+                count(Counter::TagInsertFailures);
+            }
+            (tag, 1)
+        }
+    };
+
+    let Some(mut entry) = reserve::<ExecEvent>() else {
+        return Ok(());
+    };
+    // SAFETY: `ExecEvent` is plain data; every field is written below.
+    let event = unsafe { &mut *entry.as_mut_ptr() };
+    event.header = header(EventKind::Exec, tag);
+    event.old_pid = old_pid;
+    event.newly_tagged = newly_tagged;
+    event.comm = bpf_get_current_comm().unwrap_or([0; limits::COMM_LEN]);
+    event.filename = key.bytes;
+    entry.submit(0);
+    count(Counter::EventsSubmitted);
+    Ok(())
+}
+
+/// The selectors, most specific first: the session cgroup (`agentguard run`),
+/// the executable path, the command name, the user.
+fn select(exe: &PathKey) -> Option<Tag> {
+    // SAFETY (all lookups): values are copied out at once.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    if let Some(tag) = unsafe { SEL_CGROUP.get(&cgroup) } {
+        return Some(*tag);
+    }
+    if let Some(tag) = unsafe { SEL_EXE.get(exe) } {
+        return Some(*tag);
+    }
+    if let Ok(comm) = bpf_get_current_comm() {
+        if let Some(tag) = unsafe { SEL_COMM.get(&comm) } {
+            return Some(*tag);
+        }
+    }
+    let uid = bpf_get_current_uid_gid() as u32;
+    unsafe { SEL_UID.get(&uid) }.copied()
+}
+
+#[tracepoint]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let Some(tag) = (unsafe { TAGS.get(&tid) }).copied() else {
+        return 0;
+    };
+    // Dropped at exit so a reused task id never inherits a stale tag.
+    let _ = TAGS.remove(&tid);
+    // One event per process, not per thread.
+    if (pid_tgid >> 32) as u32 == tid {
+        emit(ExitEvent {
+            header: header(EventKind::Exit, tag),
+            _pad: 0,
+        });
+    }
+    0
+}

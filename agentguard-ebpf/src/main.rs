@@ -1,0 +1,26 @@
+//! AgentGuard's kernel programs: one module per concern.
+//!
+//! - `lineage`: tag processes at exec, inherit tags through fork, drop them at exit;
+//! - `net`: connect / sendmsg decisions for tagged processes (cgroup_sock_addr);
+//! - `files`: BPF-LSM file-action decisions for tagged processes.
+//!
+//! Fail-open or fail-closed is decided in one place, [`shared::decide_unreadable`].
+#![no_std]
+#![no_main]
+
+mod files;
+mod lineage;
+mod net;
+mod shared;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach this: it is never called.
+    loop {}
+}
+
+/// The license the kernel checks before granting GPL-only helpers (bpf_d_path, bpf_send_signal).
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,108 @@
+//! Maps shared by every program, the event emitter and the counters.
+use agentguard_common::{
+    limits, AgentConfig, Counter, Decision, EventHeader, EventKind, PathKey, Tag, COUNTER_SLOTS,
+};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns},
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+
+#[map(name = "AG_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENTS_RING_BYTES, 0);
+
+#[map(name = "AG_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[map(name = "AG_TAGS")]
+pub static TAGS: HashMap<u32, Tag> = HashMap::with_max_entries(limits::MAX_TAGGED_TASKS, 0);
+
+#[map(name = "AG_AGENTS")]
+pub static AGENTS: HashMap<u32, AgentConfig> = HashMap::with_max_entries(limits::MAX_AGENTS, 0);
+
+#[map(name = "AG_SEL_CGROUP")]
+pub static SEL_CGROUP: HashMap<u64, Tag> = HashMap::with_max_entries(limits::MAX_SELECTORS, 0);
+
+#[map(name = "AG_SEL_EXE")]
+pub static SEL_EXE: HashMap<PathKey, Tag> = HashMap::with_max_entries(limits::MAX_SELECTORS, 0);
+
+#[map(name = "AG_SEL_COMM")]
+pub static SEL_COMM: HashMap<[u8; limits::COMM_LEN], Tag> =
+    HashMap::with_max_entries(limits::MAX_SELECTORS, 0);
+
+#[map(name = "AG_SEL_UID")]
+pub static SEL_UID: HashMap<u32, Tag> = HashMap::with_max_entries(limits::MAX_SELECTORS, 0);
+
+/// One path-sized scratch buffer per CPU (the BPF stack is only 512 bytes).
+#[map(name = "AG_SCRATCH")]
+pub static SCRATCH: PerCpuArray<PathKey> = PerCpuArray::with_max_entries(1, 0);
+
+pub fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The calling task's tag, if it belongs to an agent.
+#[inline(always)]
+pub fn current_tag() -> Option<Tag> {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: the value is copied out before any other map operation.
+    unsafe { TAGS.get(&tid) }.copied()
+}
+
+pub fn agent_config(agent_id: u32) -> AgentConfig {
+    // SAFETY: copied out at once.
+    match unsafe { AGENTS.get(&agent_id) } {
+        Some(config) => *config,
+        None => AgentConfig {
+            net_default: decide_unreadable() as u32,
+            file_default: decide_unreadable() as u32,
+            flags: 0,
+            _pad: 0,
+        },
+    }
+}
+
+/// The one fail-open / fail-closed choice: a tagged task whose agent has no
+/// configuration in the kernel (the daemon has not written it, or it was
+/// removed while the task lives) is denied. An agent is known to be an agent;
+/// not knowing its rules must not let it through.
+pub const fn decide_unreadable() -> Decision {
+    Decision::Deny
+}
+
+pub fn header(kind: EventKind, tag: Tag) -> EventHeader {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    EventHeader {
+        kind: kind as u32,
+        agent_id: tag.agent_id,
+        session_id: tag.session_id,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        uid: bpf_get_current_uid_gid() as u32,
+        // SAFETY: no preconditions.
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+    }
+}
+
+/// Reserve room for one event, counting the loss when the ring is full.
+#[inline(always)]
+pub fn reserve<T: 'static>() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<T>> {
+    let entry = EVENTS.reserve::<T>(0);
+    if entry.is_none() {
+        count(Counter::RingbufDrops);
+    }
+    entry
+}
+
+/// Write a fully built small event.
+#[inline(always)]
+pub fn emit<T: 'static>(event: T) {
+    if let Some(mut entry) = reserve::<T>() {
+        entry.write(event);
+        entry.submit(0);
+        count(Counter::EventsSubmitted);
+    }
+}
