@@ -1,1 +1,6 @@
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agentguard"));
+//! The agentguard daemon and CLI, as a library so integration tests can drive
+//! the same loader, decoder and policy compiler the binary uses.
+pub mod decode;
+pub mod loader;
+pub mod mounts;
+pub mod tracefs;

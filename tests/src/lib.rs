@@ -1,1 +1,57 @@
+//! Shared helpers for AgentGuard's integration tests: skipping with a reason
+//! the test runner can count, RAII guards for cgroups and files, locating the
+//! `agentguard` binary, and loading the real programs.
+//!
+//! Tests panic with context instead of returning `Result`.
 
+pub mod guard;
+pub mod kernel;
+
+use std::{io::Write as _, path::PathBuf};
+
+/// Record that the calling test was skipped, and why. `cargo xtask test` reads
+/// these records (one JSON object per line in `$AGENTGUARD_SKIP_FILE`) and
+/// counts the test as skipped, never as passed. The caller must `return` right
+/// after.
+pub fn skip(reason: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test thread>")
+        .to_owned();
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Some(path) = std::env::var_os("AGENTGUARD_SKIP_FILE") {
+        let line = serde_json::json!({ "test": test, "reason": reason }).to_string();
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("cannot open skip file {path:?}: {e}"));
+        writeln!(file, "{line}").unwrap_or_else(|e| panic!("cannot write skip file: {e}"));
+    }
+}
+
+/// Skip the current test with a reason unless `$cond` holds.
+#[macro_export]
+macro_rules! require {
+    ($cond:expr, $($reason:tt)+) => {
+        if !$cond {
+            $crate::skip(&format!($($reason)+));
+            return;
+        }
+    };
+}
+
+/// The `agentguard` binary under test: `$AGENTGUARD_BIN`, else next to the
+/// test binary's directory (target/debug/agentguard).
+pub fn agentguard_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("AGENTGUARD_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/<test> → target/debug/agentguard
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("test binary has a parent directory");
+    dir.join("agentguard")
+}
