@@ -185,6 +185,10 @@ pub enum Enforcement {
     Observed = 1,
 }
 
+/// Session ids of `agentguard run` sessions have this bit set; other sessions
+/// are numbered by the pid of their first process (pids stay below 2^22).
+pub const RUN_SESSION_BIT: u32 = 1 << 31;
+
 /// Which agent and session a task belongs to. `agent_id` 0 means "none".
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -131,18 +131,29 @@ fn select(exe: &PathKey) -> Option<Tag> {
     // SAFETY (all lookups): values are copied out at once.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     if let Some(tag) = unsafe { SEL_CGROUP.get(&cgroup) } {
-        return Some(*tag);
+        return Some(session_of_match(*tag));
     }
     if let Some(tag) = unsafe { SEL_EXE.get(exe) } {
-        return Some(*tag);
+        return Some(session_of_match(*tag));
     }
     if let Ok(comm) = bpf_get_current_comm() {
         if let Some(tag) = unsafe { SEL_COMM.get(&comm) } {
-            return Some(*tag);
+            return Some(session_of_match(*tag));
         }
     }
     let uid = bpf_get_current_uid_gid() as u32;
-    unsafe { SEL_UID.get(&uid) }.copied()
+    unsafe { SEL_UID.get(&uid) }.map(|t| session_of_match(*t))
+}
+
+/// A selector without a session of its own (everything but an `agentguard
+/// run` cgroup) starts a new session rooted at the matching process: its pid
+/// is the session id. Run sessions carry ids with the top bit set
+/// ([`agentguard_common::RUN_SESSION_BIT`]), so the two never collide.
+fn session_of_match(mut tag: Tag) -> Tag {
+    if tag.session_id == 0 {
+        tag.session_id = (bpf_get_current_pid_tgid() >> 32) as u32;
+    }
+    tag
 }
 
 #[tracepoint]

@@ -4,3 +4,5 @@ pub mod decode;
 pub mod loader;
 pub mod mounts;
 pub mod tracefs;
+pub mod doctor;
+pub mod policy;

@@ -1,0 +1,28 @@
+//! Where things are: the repository root and the paths xtask reads and writes
+//! under it (`target/debug`, the git-ignored `build/` cache).
+
+use std::path::{Path, PathBuf};
+
+/// The workspace root: the parent of this crate's manifest directory.
+pub fn root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| manifest.to_path_buf())
+}
+
+/// `target/debug/agentguard`, the daemon and CLI binary.
+pub fn agentguard_bin(root: &Path) -> PathBuf {
+    root.join("target/debug/agentguard")
+}
+
+/// The policy directory the daemon runs with.
+pub fn policies(root: &Path) -> PathBuf {
+    root.join("policies")
+}
+
+/// `build/`: xtask's git-ignored cache and output directory.
+pub fn build_dir(root: &Path) -> PathBuf {
+    root.join("build")
+}
