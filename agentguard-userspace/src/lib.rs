@@ -1,8 +1,16 @@
-//! The agentguard daemon and CLI, as a library so integration tests can drive
-//! the same loader, decoder and policy compiler the binary uses.
+//! The agentguard daemon and CLI, as a library so integration tests drive the
+//! same loader, decoder, policy compiler and daemon the binary uses.
+pub mod cgroups;
+pub mod cli;
+pub mod compile;
+pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod decode;
+pub mod doctor;
+pub mod events;
 pub mod loader;
 pub mod mounts;
-pub mod tracefs;
-pub mod doctor;
 pub mod policy;
+pub mod procfs;
+pub mod tracefs;

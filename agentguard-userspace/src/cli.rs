@@ -1,0 +1,163 @@
+//! The subcommands behind `main`: each turns arguments into a call on the
+//! library or a request to the daemon, and renders the answer.
+use std::{
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+use crate::{
+    config::Config,
+    control::{self, Request},
+    doctor, policy,
+};
+
+pub struct Ctx {
+    pub config_path: PathBuf,
+    pub socket: Option<PathBuf>,
+}
+
+impl Ctx {
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let mut c = Config::load(&self.config_path)?;
+        if let Some(s) = &self.socket {
+            c.socket = s.clone();
+        }
+        Ok(c)
+    }
+}
+
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("AGENTGUARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+pub fn daemon(ctx: &Ctx, policy_dir: Option<PathBuf>, events_log: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let mut config = ctx.config()?;
+    if let Some(p) = policy_dir {
+        config.policy_dir = p;
+    }
+    if let Some(e) = events_log {
+        config.events_log = e;
+    }
+    crate::daemon::run(config)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn doctor(json: bool) -> anyhow::Result<ExitCode> {
+    let report = doctor::run();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", doctor::render(&report));
+    }
+    Ok(if report.daemon_can_run { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+pub fn policy_check(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    if paths.is_empty() {
+        anyhow::bail!("give one or more policy files or directories");
+    }
+    let mut failed = false;
+    for path in paths {
+        let result = if path.is_dir() {
+            policy::load_dir(path).map(|set| set.agents.len())
+        } else {
+            policy::load_file(path).map(|_| 1)
+        };
+        match result {
+            Ok(n) => println!("{}: ok ({n} agent{})", path.display(), if n == 1 { "" } else { "s" }),
+            Err(e) => {
+                failed = true;
+                eprintln!("{e}");
+            }
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+pub fn run(ctx: &Ctx, agent: &str, workspace: Option<PathBuf>, cmd: &[String]) -> anyhow::Result<ExitCode> {
+    let config = ctx.config()?;
+    let workspace = workspace
+        .map(|w| std::fs::canonicalize(&w).with_context(|| format!("workspace {}", w.display())))
+        .transpose()?;
+    // The daemon creates the session and moves this process into its cgroup;
+    // the exec below is then what the kernel tags.
+    let answer = control::request(
+        &config.socket,
+        &Request::NewSession { agent: agent.to_owned(), workspace: workspace.clone() },
+    )?;
+    tracing::debug!(?answer, "session created");
+    let mut command = std::process::Command::new(&cmd[0]);
+    command.args(&cmd[1..]);
+    if let Some(w) = &workspace {
+        command.current_dir(w);
+    }
+    let err = command.exec();
+    Err(anyhow::anyhow!("cannot execute {}: {err}", cmd[0]))
+}
+
+fn ask(ctx: &Ctx, req: &Request) -> anyhow::Result<Value> {
+    Ok(control::request(&ctx.config()?.socket, req)?)
+}
+
+pub fn ps(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
+    let v = ask(ctx, &Request::Ps)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let procs = v["processes"].as_array().cloned().unwrap_or_default();
+    if procs.is_empty() {
+        println!("no agent processes");
+    }
+    println!("{:<16} {:>10} {:>8} {:>8}  {}", "AGENT", "SESSION", "PID", "PPID", "COMMAND");
+    let mut rows: Vec<_> = procs.iter().collect();
+    rows.sort_by_key(|p| (p["agent"].as_str().unwrap_or("").to_owned(), p["session"].as_u64(), p["pid"].as_u64()));
+    for p in rows {
+        let argv: Vec<&str> = p["argv"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        println!(
+            "{:<16} {:>10} {:>8} {:>8}  {}",
+            p["agent"].as_str().unwrap_or("?"),
+            session_label(p["session"].as_u64().unwrap_or(0)),
+            p["pid"].as_u64().unwrap_or(0),
+            p["ppid"].as_u64().unwrap_or(0),
+            argv.join(" ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn session_label(id: u64) -> String {
+    crate::cgroups::session_name(u32::try_from(id).unwrap_or(0))
+}
+
+pub fn status(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
+    let v = ask(ctx, &Request::Status)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("agentguard {}", v["version"].as_str().unwrap_or("?"));
+        println!("agents:   {}", v["agents"]);
+        println!("sessions: {}", v["sessions"]);
+        println!("events logged: {}, decode errors: {}", v["events_logged"], v["decode_errors"]);
+        println!("kernel counters: {}", v["kernel_counters"]);
+        for p in v["probes"].as_array().into_iter().flatten() {
+            println!("  {:<20} {:<8} {}", p["program"].as_str().unwrap_or("?"), p["class"].as_str().unwrap_or("?"), p["state"].as_str().unwrap_or("?"));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Used by tests and docs: the default policy shipped in the repo.
+pub fn shipped_policy_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"))
+}

@@ -1,0 +1,93 @@
+//! /etc/agentguard/agentguard.toml: every path AgentGuard uses, each one
+//! overridable (the tests run a daemon entirely inside a temporary directory).
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{PolicyError, PolicyErrors};
+
+pub const DEFAULT_CONFIG: &str = "/etc/agentguard/agentguard.toml";
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory of policy files (`*.toml`, one agent each).
+    pub policy_dir: PathBuf,
+    /// The event log (JSON lines).
+    pub events_log: PathBuf,
+    /// Where programs and maps are pinned.
+    pub pin_dir: PathBuf,
+    /// The control socket the CLI talks to.
+    pub socket: PathBuf,
+    /// Name of AgentGuard's subtree under the cgroup2 root.
+    pub cgroup_subtree: String,
+    /// A group (besides root) allowed on the control socket.
+    pub socket_group: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            policy_dir: PathBuf::from("/etc/agentguard/policies"),
+            events_log: PathBuf::from("/var/log/agentguard/events.jsonl"),
+            pin_dir: PathBuf::from("/sys/fs/bpf/agentguard"),
+            socket: PathBuf::from("/run/agentguard/agentguard.sock"),
+            cgroup_subtree: "agentguard".to_owned(),
+            socket_group: None,
+        }
+    }
+}
+
+impl Config {
+    /// Read `path`; a missing file at the default location means defaults.
+    pub fn load(path: &Path) -> Result<Self, PolicyErrors> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_CONFIG) => {
+                return Ok(Self::default())
+            }
+            Err(e) => {
+                return Err(PolicyErrors(vec![PolicyError {
+                    file: path.to_owned(),
+                    line: 1,
+                    column: 1,
+                    message: format!("cannot read configuration: {e}"),
+                }]))
+            }
+        };
+        toml::from_str(&text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map_or((1, 1), |s| crate::policy::line_col(&text, s.start));
+            PolicyErrors(vec![PolicyError {
+                file: path.to_owned(),
+                line,
+                column,
+                message: e.message().trim().to_owned(),
+            }])
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_config_keeps_defaults() {
+        let c: Config = toml::from_str("socket = \"/tmp/x.sock\"\n").expect("parses");
+        assert_eq!(c.socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(c.cgroup_subtree, "agentguard");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_position() {
+        let dir = std::env::temp_dir().join(format!("ag-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let f = dir.join("c.toml");
+        std::fs::write(&f, "socket = \"/x\"\nsokcet = 1\n").expect("write");
+        let e = Config::load(&f).unwrap_err();
+        assert_eq!((e.0[0].line, e.0[0].column), (2, 1), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

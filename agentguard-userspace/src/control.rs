@@ -1,0 +1,93 @@
+//! The control socket: one JSON request per connection, one JSON response.
+//! Only root (or the configured group) may connect, and never a tagged
+//! process: the daemon checks the peer's pid against the kernel's tag map.
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Ps,
+    /// Start an `agentguard run` session: the daemon creates its cgroup and
+    /// the kernel selector that tags whatever execs inside it.
+    NewSession {
+        agent: String,
+        workspace: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+impl Response {
+    pub fn ok(data: serde_json::Value) -> Self {
+        Self { ok: true, error: None, data }
+    }
+
+    pub fn err(msg: impl Into<String>) -> Self {
+        Self { ok: false, error: Some(msg.into()), data: serde_json::Value::Null }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("the AgentGuard daemon is not running (no socket at {0}); start it with `systemctl start agentguard` or `agentguard daemon`")]
+    NotRunning(PathBuf),
+    #[error("cannot talk to the daemon at {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("the daemon sent an unreadable answer: {0}")]
+    Decode(serde_json::Error),
+    #[error("the daemon refused: {0}")]
+    Refused(String),
+}
+
+/// Send one request and wait for its answer.
+pub fn request(socket: &Path, req: &Request) -> Result<serde_json::Value, ClientError> {
+    let io = |source| ClientError::Io { path: socket.to_owned(), source };
+    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            ClientError::NotRunning(socket.to_owned())
+        }
+        _ => io(e),
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io)?;
+    let mut line = serde_json::to_string(req).map_err(ClientError::Decode)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
+    let resp: Response = serde_json::from_str(&answer).map_err(ClientError::Decode)?;
+    if resp.ok {
+        Ok(resp.data)
+    } else {
+        Err(ClientError::Refused(resp.error.unwrap_or_else(|| "no reason given".into())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format() {
+        let r = Request::NewSession { agent: "claude".into(), workspace: None };
+        let s = serde_json::to_string(&r).expect("serialises");
+        assert_eq!(s, r#"{"op":"new_session","agent":"claude","workspace":null}"#);
+        let back: Request = serde_json::from_str(&s).expect("parses");
+        assert_eq!(back, r);
+    }
+}

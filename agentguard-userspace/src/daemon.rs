@@ -1,0 +1,635 @@
+//! `agentguard daemon`: load and attach the programs, compile the policies
+//! into the maps, tag agents that are already running, keep every tagged
+//! process in its session cgroup, write the event log, serve the CLI.
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use agentguard_common::{maps, Tag, RUN_SESSION_BIT};
+use anyhow::{bail, Context as _};
+use aya::{
+    maps::{HashMap, MapData, RingBuf},
+    Ebpf,
+};
+use serde::Serialize;
+use serde_json::json;
+use tokio::{
+    io::{unix::AsyncFd, AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use crate::{
+    cgroups::{self, CgroupTree},
+    compile,
+    config::Config,
+    control::{Request, Response},
+    decode::{decode, KernelEvent},
+    events::{self, Clock, EventLog},
+    loader::{self, ActionClass, ProbeState, ProbeStatus},
+    mounts,
+    policy::{self, AgentPolicy, PolicySet},
+    procfs,
+};
+
+/// A session: one `agentguard run`, or one process tree a selector matched.
+#[derive(Debug, Clone, Serialize)]
+pub struct Session {
+    pub id: u32,
+    pub agent: String,
+    pub agent_id: u32,
+    pub cgroup: PathBuf,
+    #[serde(skip)]
+    pub cgroup_id: u64,
+    pub workspace: Option<PathBuf>,
+    pub kind: &'static str,
+}
+
+pub struct State {
+    ebpf: Ebpf,
+    probes: Vec<ProbeStatus>,
+    policies: PolicySet,
+    config: Config,
+    tree: CgroupTree,
+    sessions: BTreeMap<u32, Session>,
+    next_run: u32,
+    log: EventLog,
+    clock: Clock,
+    decode_errors: u64,
+    events_logged: u64,
+}
+
+type Shared = Arc<Mutex<State>>;
+
+fn lock(s: &Shared) -> MutexGuard<'_, State> {
+    // A panic while holding the lock leaves the state usable: every update
+    // is a whole map write or a whole struct field.
+    s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Start-up, then serve until SIGINT or SIGTERM.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("agentguard daemon must run as root (it loads eBPF programs and manages cgroups)");
+    }
+    let policies = policy::load_dir(&config.policy_dir)
+        .map_err(|e| anyhow::anyhow!("{e}\npolicy rejected; nothing was loaded"))?;
+    if policies.agents.is_empty() {
+        tracing::warn!(dir = %config.policy_dir.display(), "no policy declares an agent: nothing will be tagged");
+    }
+    for (fstype, target) in [("bpf", "/sys/fs/bpf"), ("securityfs", "/sys/kernel/security")] {
+        if let Err(e) = mounts::ensure_mounted(fstype, target) {
+            tracing::warn!(fstype, target, error = %e, "cannot mount");
+        }
+    }
+    let cgroup_root = mounts::cgroup2_root()
+        .context("no cgroup2 hierarchy is mounted: mount one (`mount -t cgroup2 none /sys/fs/cgroup`)")?;
+    let tree = CgroupTree::new(&cgroup_root, &config.cgroup_subtree)?;
+
+    let mut ebpf = loader::load_object()?;
+    let probes = loader::attach_all(&mut ebpf, &cgroup_root)?;
+    report_probes(&probes);
+
+    let warnings = compile::apply(&mut ebpf, &policies, &cgroup_root, &BTreeMap::new())?;
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+
+    let ring = ebpf
+        .take_map(maps::EVENTS)
+        .context("the eBPF object has no events ring buffer")?;
+    let ring = RingBuf::try_from(ring).context("AG_EVENTS is not a ring buffer")?;
+    // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns
+    // the RingBuf, and as_raw_fd always returns that same fd.
+    let ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| anyhow::anyhow!("cannot poll the events ring buffer: {e}"))?;
+
+    let log = EventLog::open(&config.events_log)
+        .with_context(|| format!("cannot open event log {}", config.events_log.display()))?;
+    let listener = bind_socket(&config)?;
+
+    let state: Shared = Arc::new(Mutex::new(State {
+        ebpf,
+        probes,
+        policies,
+        config,
+        tree,
+        sessions: BTreeMap::new(),
+        next_run: 1,
+        log,
+        clock: Clock::new(),
+        decode_errors: 0,
+        events_logged: 0,
+    }));
+
+    let adopted = adopt_existing(&mut lock(&state));
+    {
+        let s = lock(&state);
+        tracing::info!(
+            agents = s.policies.agents.len(),
+            adopted,
+            socket = %s.config.socket.display(),
+            events = %s.config.events_log.display(),
+            "agentguard daemon ready"
+        );
+    }
+    println!("agentguard daemon ready");
+
+    let events_task = tokio::spawn(read_events(ring, state.clone()));
+    let socket_task = tokio::spawn(serve_socket(listener, state.clone()));
+    let reconcile_task = tokio::spawn(reconcile_loop(state.clone()));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        r = events_task => bail!("event reader stopped: {r:?}"),
+        r = socket_task => bail!("control socket stopped: {r:?}"),
+        r = reconcile_task => bail!("reconciler stopped: {r:?}"),
+    }
+    let mut s = lock(&state);
+    let _ = s.log.flush();
+    let _ = std::fs::remove_file(&s.config.socket);
+    Ok(())
+}
+
+fn report_probes(probes: &[ProbeStatus]) {
+    for p in probes {
+        match &p.state {
+            ProbeState::Attached => tracing::info!(program = p.program, "attached"),
+            ProbeState::Unavailable { reason } => tracing::warn!(program = p.program, %reason, "unavailable"),
+        }
+    }
+    if !loader::class_attached(probes, ActionClass::File) {
+        tracing::warn!(
+            "BPF-LSM programs cannot load on this kernel: file actions of agents are NOT vetoed in the kernel here. Run `agentguard doctor` for the reason and the remedy."
+        );
+    }
+}
+
+fn bind_socket(config: &Config) -> anyhow::Result<UnixListener> {
+    let path = &config.socket;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another agentguard daemon is already serving {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
+    // Root only, plus the configured group (SO_PEERCRED is checked as well).
+    let mode = if config.socket_group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    if let Some(group) = &config.socket_group {
+        let g = nix::unistd::Group::from_name(group)?
+            .with_context(|| format!("socket_group {group:?} does not exist"))?;
+        nix::unistd::chown(path, None, Some(g.gid))?;
+    }
+    Ok(listener)
+}
+
+// ---- events ----------------------------------------------------------------
+
+async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, state: Shared) -> anyhow::Result<()> {
+    loop {
+        let mut guard = ring.readable_mut().await?;
+        {
+            let mut s = lock(&state);
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                match decode(&item) {
+                    Ok(ev) => s.handle_event(&ev),
+                    Err(e) => {
+                        s.decode_errors += 1;
+                        tracing::error!(error = %e, "undecodable event record");
+                    }
+                }
+            }
+            if let Err(e) = s.log.flush() {
+                tracing::error!(error = %e, "cannot write the event log");
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+impl State {
+    fn handle_event(&mut self, ev: &KernelEvent) {
+        let h = *ev.header();
+        match ev {
+            KernelEvent::Exec(e) if e.newly_tagged == 1 => self.contain(h.pid, Tag { agent_id: h.agent_id, session_id: h.session_id }),
+            KernelEvent::Fork(f) => self.contain(f.child_tid, Tag { agent_id: h.agent_id, session_id: h.session_id }),
+            _ => {}
+        }
+        let record = events::record(ev, &self.policies, &self.clock);
+        match self.log.append(&record) {
+            Ok(_) => self.events_logged += 1,
+            Err(e) => tracing::error!(error = %e, "cannot append to the event log"),
+        }
+    }
+
+    fn agent(&self, id: u32) -> Option<&AgentPolicy> {
+        self.policies.by_id(id)
+    }
+
+    /// Make sure `pid` lives in its session's cgroup (creating the session
+    /// for a process a selector just matched).
+    fn contain(&mut self, pid: u32, tag: Tag) {
+        let Some(agent) = self.agent(tag.agent_id).map(|a| a.name.clone()) else {
+            return;
+        };
+        let dir = match self.sessions.get(&tag.session_id) {
+            Some(s) => s.cgroup.clone(),
+            None => match self.tree.ensure_session(&agent, tag.session_id) {
+                Ok((dir, id)) => {
+                    self.sessions.insert(
+                        tag.session_id,
+                        Session {
+                            id: tag.session_id,
+                            agent: agent.clone(),
+                            agent_id: tag.agent_id,
+                            cgroup: dir.clone(),
+                            cgroup_id: id,
+                            workspace: None,
+                            kind: "matched",
+                        },
+                    );
+                    dir
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, agent, "cannot create session cgroup");
+                    return;
+                }
+            },
+        };
+        let want = self.tree.relative(&dir);
+        let current = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok();
+        if current.as_deref().is_some_and(|c| c.lines().any(|l| l == format!("0::{want}"))) {
+            return;
+        }
+        if let Err(e) = CgroupTree::move_pid(&dir, pid) {
+            // ESRCH: it already exited; anything else is worth saying.
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                tracing::warn!(pid, error = %e, cgroup = %dir.display(), "cannot move tagged process into its session cgroup");
+            }
+        }
+    }
+
+    fn tags(&mut self) -> Option<HashMap<&mut MapData, u32, Tag>> {
+        let map = self.ebpf.map_mut(maps::TAGS)?;
+        HashMap::try_from(map).ok()
+    }
+
+    fn tag_tids(&mut self, pid: u32, tag: Tag) -> usize {
+        let tids = procfs::tids(pid);
+        let Some(mut tags) = self.tags() else { return 0 };
+        tids.iter()
+            .filter(|tid| tags.insert(**tid, tag, 0).is_ok())
+            .count()
+    }
+
+    fn is_tagged(&mut self, pid: u32) -> bool {
+        self.tags().is_some_and(|t| t.get(&pid, 0).is_ok())
+    }
+}
+
+/// Tag agents that were running before the daemon started, and all their
+/// descendants. Two passes: a child forked while the first pass ran is found
+/// by the second (after its parent was tagged, the kernel tags new children).
+fn adopt_existing(s: &mut State) -> usize {
+    let me = std::process::id();
+    let mut adopted = 0;
+    for _pass in 0..2 {
+        let procs: Vec<_> = procfs::pids().into_iter().filter(|p| *p != me).filter_map(procfs::read).collect();
+        let by_pid: BTreeMap<u32, &procfs::ProcInfo> = procs.iter().map(|p| (p.pid, p)).collect();
+        // Roots: processes a selector matches.
+        let mut tagged: BTreeMap<u32, Tag> = BTreeMap::new();
+        for p in &procs {
+            if let Some(agent) = match_selectors(&s.policies, p, &s.tree.root) {
+                let session = p.pid;
+                tagged.insert(p.pid, Tag { agent_id: agent, session_id: session });
+            }
+        }
+        // Descendants inherit, nearest tagged ancestor wins.
+        for p in &procs {
+            if tagged.contains_key(&p.pid) {
+                continue;
+            }
+            let mut cur = p.ppid;
+            let mut hops = 0;
+            while cur > 1 && hops < 64 {
+                if let Some(t) = tagged.get(&cur).copied() {
+                    tagged.insert(p.pid, t);
+                    break;
+                }
+                cur = by_pid.get(&cur).map_or(0, |q| q.ppid);
+                hops += 1;
+            }
+        }
+        for (pid, tag) in tagged {
+            let already = s.is_tagged(pid);
+            if s.tag_tids(pid, tag) > 0 && !already {
+                adopted += 1;
+                tracing::info!(pid, agent_id = tag.agent_id, "tagged an agent process that was already running");
+                let rec = json!({
+                    "time": events::rfc3339(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)),
+                    "kind": "tag",
+                    "agent": s.agent(tag.agent_id).map(|a| a.name.clone()),
+                    "agent_id": tag.agent_id,
+                    "session": tag.session_id,
+                    "pid": pid,
+                    "ppid": by_pid.get(&pid).map(|p| p.ppid),
+                    "reason": "already running when the daemon started",
+                });
+                let _ = s.log.append(&rec);
+            }
+            s.contain(pid, tag);
+        }
+    }
+    let _ = s.log.flush();
+    adopted
+}
+
+/// Which agent a running process belongs to, by the policy's selectors.
+pub fn match_selectors(set: &PolicySet, p: &procfs::ProcInfo, cgroup_root: &Path) -> Option<u32> {
+    set.agents.values().find_map(|a| {
+        let sel = &a.selectors;
+        let exe_hit = p.exe.as_ref().is_some_and(|exe| {
+            sel.exe.iter().any(|e| {
+                e == exe || std::fs::canonicalize(e).is_ok_and(|r| r.to_string_lossy() == *exe)
+            })
+        });
+        let comm_hit = sel.comm.iter().any(|c| {
+            let c = &c.as_bytes()[..c.len().min(agentguard_common::limits::COMM_LEN - 1)];
+            c == p.comm.as_bytes()
+        });
+        let uid_hit = sel.uid.contains(&p.uid);
+        let cg_hit = p.cgroup.as_ref().is_some_and(|cg| {
+            sel.cgroup.iter().any(|c| cg == c || cg.starts_with(&format!("{}/", c.trim_end_matches('/'))))
+                || sel.unit.iter().any(|u| {
+                    cgroups::find_unit(cgroup_root, u, 6).is_some_and(|dir| {
+                        let rel = format!("/{}", dir.strip_prefix(cgroup_root).unwrap_or(&dir).display());
+                        cg == &rel || cg.starts_with(&format!("{rel}/"))
+                    })
+                })
+        });
+        (exe_hit || comm_hit || uid_hit || cg_hit).then_some(a.id)
+    })
+}
+
+// ---- reconciliation -------------------------------------------------------
+
+async fn reconcile_loop(state: Shared) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        reconcile(&mut lock(&state));
+    }
+}
+
+/// Keep every tagged process in its session cgroup (moving back any that
+/// left, and logging the attempt), and drop sessions whose processes are gone.
+fn reconcile(s: &mut State) {
+    let tagged: Vec<(u32, Tag)> = match s.tags() {
+        Some(t) => t.iter().filter_map(Result::ok).collect(),
+        None => return,
+    };
+    for (tid, tag) in tagged {
+        let Some(pid) = procfs::tgid_of(tid) else { continue };
+        if pid != tid {
+            continue;
+        }
+        let Some(session) = s.sessions.get(&tag.session_id).cloned() else {
+            s.contain(pid, tag);
+            continue;
+        };
+        let want = format!("0::{}", s.tree.relative(&session.cgroup));
+        let current = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        if !current.lines().any(|l| l == want) && !current.is_empty() {
+            let left_to = current.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("?").to_owned();
+            tracing::warn!(pid, agent = session.agent, left_to, "tagged process left its session cgroup; moving it back");
+            let rec = json!({
+                "time": events::rfc3339(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)),
+                "kind": "cgroup_escape",
+                "agent": session.agent,
+                "agent_id": tag.agent_id,
+                "session": tag.session_id,
+                "pid": pid,
+                "left_to": left_to,
+                "enforcement": "contained",
+            });
+            let _ = s.log.append(&rec);
+            if let Err(e) = CgroupTree::move_pid(&session.cgroup, pid) {
+                tracing::error!(pid, error = %e, "cannot move the process back");
+            }
+        }
+    }
+    // Sessions whose cgroup emptied: forget them and their selector.
+    let gone: Vec<u32> = s
+        .sessions
+        .values()
+        .filter(|sess| !cgroups::populated(&sess.cgroup))
+        .map(|sess| sess.id)
+        .collect();
+    for id in gone {
+        if let Some(sess) = s.sessions.remove(&id) {
+            if std::fs::remove_dir(&sess.cgroup).is_err() {
+                // Something still lives there; keep tracking it.
+                s.sessions.insert(id, sess);
+                continue;
+            }
+            if sess.kind == "run" {
+                let _ = s.resync_selectors();
+            }
+        }
+    }
+    let _ = s.log.flush();
+}
+
+impl State {
+    fn run_session_selectors(&self) -> BTreeMap<u64, Tag> {
+        self.sessions
+            .values()
+            .filter(|s| s.kind == "run")
+            .map(|s| (s.cgroup_id, Tag { agent_id: s.agent_id, session_id: s.id }))
+            .collect()
+    }
+
+    fn resync_selectors(&mut self) -> anyhow::Result<()> {
+        let sessions = self.run_session_selectors();
+        let root = self.tree.root.clone();
+        compile::apply(&mut self.ebpf, &self.policies, &root, &sessions)?;
+        Ok(())
+    }
+
+    /// Create a run session and move the requesting process (the `agentguard
+    /// run` launcher, about to exec the agent) into its cgroup. The daemon
+    /// does the move so an unprivileged launcher needs no cgroup rights.
+    fn new_session(&mut self, agent_name: &str, workspace: Option<PathBuf>, peer: Option<i32>) -> anyhow::Result<Session> {
+        let peer = peer
+            .and_then(|p| u32::try_from(p).ok())
+            .context("cannot identify the launcher process (no SO_PEERCRED pid)")?;
+        let agent = self
+            .policies
+            .for_run(agent_name)
+            .with_context(|| format!("no policy declares agent {agent_name:?} and none is marked `fallback = true`"))?
+            .clone();
+        let id = RUN_SESSION_BIT | self.next_run;
+        self.next_run += 1;
+        // Named after what the user asked for, so `freeze NAME` finds it.
+        let (dir, cgroup_id) = self.tree.ensure_session(agent_name, id)?;
+        let session = Session {
+            id,
+            agent: agent_name.to_owned(),
+            agent_id: agent.id,
+            cgroup: dir,
+            cgroup_id,
+            workspace,
+            kind: "run",
+        };
+        self.sessions.insert(id, session.clone());
+        // The selector first, then the move: the launcher's exec, which comes
+        // after our answer, is what tags it.
+        self.resync_selectors()?;
+        CgroupTree::move_pid(&session.cgroup, peer)
+            .with_context(|| format!("cannot move launcher {peer} into {}", session.cgroup.display()))?;
+        Ok(session)
+    }
+
+    fn ps(&mut self) -> serde_json::Value {
+        let tagged: Vec<(u32, Tag)> = self.tags().map(|t| t.iter().filter_map(Result::ok).collect()).unwrap_or_default();
+        let mut procs = Vec::new();
+        for (tid, tag) in tagged {
+            if procfs::tgid_of(tid) != Some(tid) {
+                continue;
+            }
+            let Some(info) = procfs::read(tid) else { continue };
+            procs.push(json!({
+                "agent": self.agent(tag.agent_id).map(|a| a.name.clone()),
+                "agent_id": tag.agent_id,
+                "session": tag.session_id,
+                "pid": info.pid,
+                "ppid": info.ppid,
+                "exe": info.exe,
+                "argv": info.argv,
+                "start_ticks": info.start_ticks,
+                "cgroup": info.cgroup,
+                "threads": procfs::tids(tid).len(),
+            }));
+        }
+        json!({ "sessions": self.sessions.values().collect::<Vec<_>>(), "processes": procs })
+    }
+
+    fn status(&mut self) -> serde_json::Value {
+        let counters = read_counters(&self.ebpf);
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "agents": self.policies.agents.keys().collect::<Vec<_>>(),
+            "sessions": self.sessions.len(),
+            "probes": self.probes,
+            "events_logged": self.events_logged,
+            "decode_errors": self.decode_errors,
+            "kernel_counters": counters,
+        })
+    }
+}
+
+fn read_counters(ebpf: &Ebpf) -> serde_json::Value {
+    use agentguard_common::Counter;
+    let Some(map) = ebpf.map(maps::COUNTERS) else { return json!(null) };
+    let Ok(arr) = aya::maps::PerCpuArray::<_, u64>::try_from(map) else { return json!(null) };
+    let sum = |c: Counter| arr.get(&(c as u32), 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+    json!({
+        "ringbuf_drops": sum(Counter::RingbufDrops),
+        "tag_insert_failures": sum(Counter::TagInsertFailures),
+        "events_submitted": sum(Counter::EventsSubmitted),
+    })
+}
+
+// ---- control socket --------------------------------------------------------
+
+async fn serve_socket(listener: UnixListener, state: Shared) -> anyhow::Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let state = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle_client(stream, state).await {
+                tracing::debug!(error = %e, "control client");
+            }
+        });
+    }
+}
+
+async fn handle_client(stream: UnixStream, state: Shared) -> anyhow::Result<()> {
+    let cred = stream.peer_cred()?;
+    let (read, mut write) = stream.into_split();
+    let refusal = {
+        let mut s = lock(&state);
+        peer_refusal(&mut s, cred.uid(), cred.gid(), cred.pid())
+    };
+    let response = match refusal {
+        Some(why) => {
+            tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), why, "control request refused");
+            Response::err(why)
+        }
+        None => {
+            let mut line = String::new();
+            BufReader::new(read).read_line(&mut line).await?;
+            match serde_json::from_str::<Request>(&line) {
+                Err(e) => Response::err(format!("malformed request: {e}")),
+                Ok(req) => dispatch(&mut lock(&state), req, cred.pid()),
+            }
+        }
+    };
+    let mut out = serde_json::to_vec(&response)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    Ok(())
+}
+
+/// Why this peer may not use the socket, if it may not.
+fn peer_refusal(s: &mut State, uid: u32, gid: u32, pid: Option<i32>) -> Option<String> {
+    let group_ok = s.config.socket_group.as_ref().is_some_and(|g| {
+        nix::unistd::Group::from_name(g).ok().flatten().is_some_and(|g| g.gid.as_raw() == gid)
+    });
+    if uid != 0 && !group_ok {
+        return Some("only root or the configured socket_group may use the AgentGuard control socket".into());
+    }
+    let Some(pid) = pid.and_then(|p| u32::try_from(p).ok()) else {
+        return Some("cannot identify the calling process (no SO_PEERCRED pid)".into());
+    };
+    if s.is_tagged(pid) {
+        return Some("refused: the caller is a process of an agent; agents cannot control AgentGuard".into());
+    }
+    None
+}
+
+fn dispatch(s: &mut State, req: Request, peer: Option<i32>) -> Response {
+    match req {
+        Request::Status => Response::ok(s.status()),
+        Request::Ps => Response::ok(s.ps()),
+        Request::NewSession { agent, workspace } => match s.new_session(&agent, workspace, peer) {
+            Ok(session) => Response::ok(json!({
+                "session": session.id,
+                "agent": session.agent,
+                "agent_id": session.agent_id,
+                "cgroup": session.cgroup,
+            })),
+            Err(e) => Response::err(format!("{e:#}")),
+        },
+    }
+}
