@@ -512,6 +512,12 @@ impl State {
 
     fn ps(&mut self) -> serde_json::Value {
         let tagged: Vec<(u32, Tag)> = self.tags().map(|t| t.iter().filter_map(Result::ok).collect()).unwrap_or_default();
+        let mut threads_tagged: BTreeMap<u32, usize> = BTreeMap::new();
+        for (tid, _) in &tagged {
+            if let Some(pid) = procfs::tgid_of(*tid) {
+                *threads_tagged.entry(pid).or_default() += 1;
+            }
+        }
         let mut procs = Vec::new();
         for (tid, tag) in tagged {
             if procfs::tgid_of(tid) != Some(tid) {
@@ -529,6 +535,7 @@ impl State {
                 "start_ticks": info.start_ticks,
                 "cgroup": info.cgroup,
                 "threads": procfs::tids(tid).len(),
+                "threads_tagged": threads_tagged.get(&tid).copied().unwrap_or(0),
             }));
         }
         json!({ "sessions": self.sessions.values().collect::<Vec<_>>(), "processes": procs })

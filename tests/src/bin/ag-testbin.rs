@@ -1,0 +1,216 @@
+//! A small program the integration tests run as an "agent": it performs one
+//! action the way an improvising agent might (connect, sendto, threads,
+//! vfork, clone3, double fork, unlink...) and prints what the kernel said.
+//! The VM harness has no bash or python, so everything the tests need from a
+//! child process is here.
+//!
+//! Output: one `key=value` line per fact; exit 0 when the action succeeded,
+//! 1 when the kernel refused it (with `errno=NAME`), 2 on usage errors.
+use std::{
+    ffi::CString,
+    net::{SocketAddr, TcpStream, UdpSocket},
+    process::exit,
+    time::Duration,
+};
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: ag-testbin connect tcp|udp ADDR:PORT | sendto ADDR:PORT | sleep SECS | threads N SECS | \
+         vfork CMD... | clone3 CMD... | daemonize CMD... | unlink PATH | rmdir PATH | rename FROM TO | \
+         truncate PATH | open-trunc PATH | exec CMD..."
+    );
+    exit(2)
+}
+
+fn errno_name(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => "EPERM".into(),
+        Some(libc::EACCES) => "EACCES".into(),
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
+        Some(libc::ENOENT) => "ENOENT".into(),
+        Some(n) => format!("E{n}"),
+        None => e.to_string(),
+    }
+}
+
+fn report(r: std::io::Result<()>) -> ! {
+    match r {
+        Ok(()) => {
+            println!("result=ok");
+            exit(0)
+        }
+        Err(e) => {
+            println!("result=err");
+            println!("errno={}", errno_name(&e));
+            exit(1)
+        }
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap_or_else(|e| {
+        eprintln!("bad address {s}: {e}");
+        exit(2)
+    })
+}
+
+fn cstrings(args: &[String]) -> Vec<CString> {
+    args.iter()
+        .map(|a| CString::new(a.as_bytes()).unwrap_or_else(|_| usage()))
+        .collect()
+}
+
+/// exec argv (never returns on success).
+fn exec(args: &[String]) -> ! {
+    if args.is_empty() {
+        usage();
+    }
+    let c = cstrings(args);
+    let mut ptrs: Vec<*const libc::c_char> = c.iter().map(|s| s.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    // SAFETY: NUL-terminated argv of valid C strings.
+    unsafe { libc::execvp(ptrs[0], ptrs.as_ptr()) };
+    eprintln!("exec {}: {}", args[0], std::io::Error::last_os_error());
+    // SAFETY: leaving without running destructors (we may be a vfork child).
+    unsafe { libc::_exit(127) }
+}
+
+fn environ() -> *const *mut libc::c_char {
+    unsafe extern "C" {
+        static environ: *const *mut libc::c_char;
+    }
+    // SAFETY: reading the C runtime's environment pointer.
+    unsafe { environ }
+}
+
+fn wait_child(pid: libc::pid_t) -> i32 {
+    let mut status = 0;
+    // SAFETY: plain waitpid.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else { usage() };
+    println!("pid={}", std::process::id());
+    match (cmd.as_str(), &args[1..]) {
+        ("connect", [proto, a]) => {
+            let a = addr(a);
+            let r = match proto.as_str() {
+                "tcp" => TcpStream::connect_timeout(&a, Duration::from_secs(3)).map(drop),
+                "udp" => {
+                    let bind = if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+                    UdpSocket::bind(bind).and_then(|s| s.connect(a))
+                }
+                _ => usage(),
+            };
+            report(r)
+        }
+        ("sendto", [a]) => {
+            let a = addr(a);
+            let bind = if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            report(UdpSocket::bind(bind).and_then(|s| s.send_to(b"agentguard", a)).map(drop))
+        }
+        ("sleep", [secs]) => {
+            std::thread::sleep(Duration::from_secs_f64(secs.parse().unwrap_or_else(|_| usage())));
+            exit(0)
+        }
+        ("threads", [n, secs]) => {
+            let n: usize = n.parse().unwrap_or_else(|_| usage());
+            let secs: f64 = secs.parse().unwrap_or_else(|_| usage());
+            let handles: Vec<_> = (0..n)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        // SAFETY: gettid has no preconditions.
+                        println!("tid={}", unsafe { libc::gettid() });
+                        std::thread::sleep(Duration::from_secs_f64(secs));
+                    })
+                })
+                .collect();
+            for h in handles {
+                let _ = h.join();
+            }
+            exit(0)
+        }
+        ("vfork", rest) => {
+            // glibc's posix_spawn creates the child with clone(CLONE_VM |
+            // CLONE_VFORK): the vfork path, without libc::vfork's hazards.
+            let c = cstrings(rest);
+            let mut ptrs: Vec<*mut libc::c_char> = c.iter().map(|s| s.as_ptr().cast_mut()).collect();
+            ptrs.push(std::ptr::null_mut());
+            let mut pid: libc::pid_t = 0;
+            // SAFETY: valid NUL-terminated argv; environ is the process's own.
+            let rc = unsafe {
+                libc::posix_spawnp(&mut pid, ptrs[0], std::ptr::null(), std::ptr::null(), ptrs.as_ptr(), environ())
+            };
+            if rc != 0 {
+                eprintln!("posix_spawnp: {}", std::io::Error::from_raw_os_error(rc));
+                exit(2)
+            }
+            println!("child={pid}");
+            exit(wait_child(pid))
+        }
+        ("clone3", rest) => {
+            // struct clone_args with every field zero except exit_signal = SIGCHLD.
+            let mut cl = [0u64; 11];
+            cl[4] = libc::SIGCHLD as u64;
+            // SAFETY: clone3 without CLONE_VM behaves like fork.
+            let pid = unsafe { libc::syscall(libc::SYS_clone3, cl.as_mut_ptr(), std::mem::size_of_val(&cl)) };
+            if pid == 0 {
+                exec(rest);
+            }
+            if pid < 0 {
+                eprintln!("clone3: {}", std::io::Error::last_os_error());
+                exit(2)
+            }
+            println!("child={pid}");
+            exit(wait_child(pid as libc::pid_t))
+        }
+        ("daemonize", rest) => {
+            // The classic double fork + setsid: the grandchild is reparented
+            // away from us and leaves our session.
+            // SAFETY: fork in a single-threaded program.
+            match unsafe { libc::fork() } {
+                0 => {
+                    unsafe { libc::setsid() };
+                    match unsafe { libc::fork() } {
+                        0 => {
+                            println!("grandchild={}", std::process::id());
+                            // Like a real daemon: let go of the caller's stdio.
+                            let null = CString::new("/dev/null").unwrap_or_else(|_| usage());
+                            // SAFETY: plain open/dup2 on valid descriptors.
+                            unsafe {
+                                let fd = libc::open(null.as_ptr(), libc::O_RDWR);
+                                for target in 0..3 {
+                                    libc::dup2(fd, target);
+                                }
+                            }
+                            exec(rest)
+                        }
+                        _ => unsafe { libc::_exit(0) },
+                    }
+                }
+                pid => {
+                    wait_child(pid);
+                    // Give the grandchild time to print before we exit.
+                    std::thread::sleep(Duration::from_millis(100));
+                    exit(0)
+                }
+            }
+        }
+        ("exec", rest) => exec(rest),
+        ("unlink", [p]) => report(std::fs::remove_file(p)),
+        ("rmdir", [p]) => report(std::fs::remove_dir(p)),
+        ("rename", [a, b]) => report(std::fs::rename(a, b)),
+        ("truncate", [p]) => {
+            // truncate(2) on the path, not ftruncate on a descriptor.
+            let c = CString::new(p.as_bytes()).unwrap_or_else(|_| usage());
+            // SAFETY: valid C string.
+            let r = unsafe { libc::truncate(c.as_ptr(), 0) };
+            report(if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) })
+        }
+        ("open-trunc", [p]) => report(std::fs::OpenOptions::new().write(true).truncate(true).open(p).map(drop)),
+        _ => usage(),
+    }
+}

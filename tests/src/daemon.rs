@@ -1,0 +1,204 @@
+//! A real `agentguard daemon` for a test: its own policy directory, event
+//! log, socket and cgroup subtree under a temporary directory; stopped and
+//! cleaned up on drop.
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{agentguard_bin, guard::TempDir};
+
+pub struct Daemon {
+    pub dir: TempDir,
+    pub child: Option<Child>,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub events_log: PathBuf,
+    pub subtree: String,
+    stderr_log: PathBuf,
+}
+
+impl Daemon {
+    /// Start a daemon with these policies (file name, text) and wait until
+    /// it is ready.
+    pub fn start(policies: &[(&str, &str)]) -> Self {
+        crate::kernel::assert_root();
+        let dir = TempDir::new("daemon");
+        let policy_dir = dir.join("policies");
+        std::fs::create_dir_all(&policy_dir).expect("mkdir policies");
+        for (name, text) in policies {
+            std::fs::write(policy_dir.join(name), text).expect("write policy");
+        }
+        let socket = dir.join("agentguard.sock");
+        let events_log = dir.join("events.jsonl");
+        let subtree = format!("agentguard-test-{}", std::process::id());
+        let config = dir.join("agentguard.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "policy_dir = {:?}\nevents_log = {:?}\nsocket = {:?}\ncgroup_subtree = {:?}\npin_dir = {:?}\n",
+                policy_dir,
+                events_log,
+                socket,
+                subtree,
+                dir.join("pins"),
+            ),
+        )
+        .expect("write config");
+        let stderr_log = dir.join("daemon.stderr");
+        let mut child = Command::new(agentguard_bin())
+            .args(["--config"])
+            .arg(&config)
+            .arg("daemon")
+            .env("AGENTGUARD_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_log).expect("stderr log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", agentguard_bin().display()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = lines.next().and_then(Result::ok).unwrap_or_default();
+        let d = Self { dir, child: Some(child), config, socket, events_log, subtree, stderr_log };
+        assert_eq!(ready, "agentguard daemon ready", "daemon did not start; its log:\n{}", d.stderr());
+        // Keep draining stdout so the daemon never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        d
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// Run the CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(agentguard_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run agentguard CLI")
+    }
+
+    /// A `Command` for `agentguard run --agent AGENT -- args...`.
+    pub fn run_cmd(&self, agent: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(agentguard_bin());
+        c.arg("--config").arg(&self.config).args(["run", "--agent", agent, "--"]).args(args);
+        c
+    }
+
+    pub fn ps(&self) -> Value {
+        let out = self.cli(&["ps", "--json"]);
+        assert!(out.status.success(), "ps failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("ps --json is JSON")
+    }
+
+    /// The (agent, session) ps reports for `pid`, if it is tagged.
+    pub fn tag_of(&self, pid: u32) -> Option<(String, u64)> {
+        let ps = self.ps();
+        ps["processes"].as_array()?.iter().find(|p| p["pid"] == pid).map(|p| {
+            (p["agent"].as_str().unwrap_or("").to_owned(), p["session"].as_u64().unwrap_or(0))
+        })
+    }
+
+    /// Poll until `pred` holds on `ps`, or panic after `timeout`.
+    pub fn wait_ps(&self, timeout: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let ps = self.ps();
+            if pred(&ps) {
+                return ps;
+            }
+            assert!(start.elapsed() < timeout, "timed out waiting for {what}; ps: {ps:#}\ndaemon log:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every line of the event log, parsed.
+    pub fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.events_log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l}: {e}")))
+            .collect()
+    }
+
+    /// Poll the event log until an event satisfies `pred`.
+    pub fn wait_event(&self, timeout: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            if let Some(e) = self.events().into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            assert!(start.elapsed() < timeout, "timed out waiting for event {what}; log:\n{:#?}\ndaemon:\n{}", self.events(), self.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn cgroup_subtree(&self) -> PathBuf {
+        agentguard::mounts::cgroup2_root().expect("cgroup2").join(&self.subtree)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        remove_cgroup_tree(&self.cgroup_subtree());
+    }
+}
+
+/// Kill everything in a cgroup tree and remove it, deepest first.
+pub fn remove_cgroup_tree(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    let mut dirs = agentguard::cgroups::with_descendants(dir, 16);
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for d in dirs {
+        for _ in 0..100 {
+            if std::fs::remove_dir(&d).is_ok() || !d.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The ag-testbin helper: `$AGENTGUARD_TESTBIN`, else next to `agentguard`.
+pub fn testbin() -> PathBuf {
+    std::env::var_os("AGENTGUARD_TESTBIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| agentguard_bin().with_file_name("ag-testbin"))
+}
+
+/// Parse `key=value` lines of ag-testbin output.
+pub fn facts(out: &[u8]) -> Vec<(String, String)> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect()
+}
+
+pub fn fact(out: &[u8], key: &str) -> Option<String> {
+    facts(out).into_iter().find(|(k, _)| k == key).map(|(_, v)| v)
+}
