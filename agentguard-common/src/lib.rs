@@ -24,6 +24,12 @@ pub mod maps {
     pub const SEL_COMM: &str = "AG_SEL_COMM";
     /// User id → [`crate::Tag`].
     pub const SEL_UID: &str = "AG_SEL_UID";
+    /// LPM trie: (agent id, IPv4 prefix) → [`crate::NetRuleList`].
+    pub const NET_V4: &str = "AG_NET_V4";
+    /// LPM trie: (agent id, IPv6 prefix) → [`crate::NetRuleList`].
+    pub const NET_V6: &str = "AG_NET_V6";
+    /// Array of u32 flags about which hooks are attached, indexed by [`crate::HookFlag`].
+    pub const HOOKS: &str = "AG_HOOKS";
 }
 
 /// Names of the programs (the Rust function names in agentguard-ebpf).
@@ -62,6 +68,11 @@ pub mod limits {
     pub const PATH_MAX: usize = 256;
     /// Length of a kernel command name (`TASK_COMM_LEN`).
     pub const COMM_LEN: usize = 16;
+    /// Prefixes per address family in the network tries (all agents together).
+    pub const MAX_NET_PREFIXES: u32 = 16_384;
+    /// Rules that can apply to one prefix of one agent (its own and those of
+    /// every enclosing prefix, in policy order).
+    pub const NET_RULES_PER_PREFIX: usize = 16;
 }
 
 /// Kinds of event. The first field of every event record.
@@ -116,6 +127,18 @@ impl Decision {
         matches!(self, Self::Deny | Self::Approve)
     }
 }
+
+/// Slots of [`maps::HOOKS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookFlag {
+    /// 1 while the network programs are attached. When 0, a process that
+    /// becomes tagged at exec is stopped (SIGSTOP) by the exec hook so it
+    /// cannot act before the daemon has attached them and resumes it.
+    NetAttached = 0,
+}
+
+pub const HOOK_SLOTS: u32 = 4;
 
 /// Per-CPU counters in [`maps::COUNTERS`].
 #[repr(u32)]
@@ -211,6 +234,51 @@ pub struct AgentConfig {
 }
 const _: () = assert!(core::mem::size_of::<AgentConfig>() == 16);
 
+/// Key data of [`maps::NET_V4`]: agent id (big-endian, so it is the first 32
+/// bits of every prefix) then the IPv4 address (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetKeyV4 {
+    pub agent_be: [u8; 4],
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<NetKeyV4>() == 8);
+
+/// Key data of [`maps::NET_V6`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetKeyV6 {
+    pub agent_be: [u8; 4],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<NetKeyV6>() == 20);
+
+/// One rule as the kernel checks it: a port range, a protocol, a decision.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetRuleEntry {
+    pub first_port: u16,
+    pub last_port: u16,
+    /// IPPROTO_TCP, IPPROTO_UDP, or 0 for any.
+    pub protocol: u32,
+    /// [`Decision`].
+    pub decision: u32,
+    /// 1-based index of the rule in its policy's `[[network.rule]]` list.
+    pub rule_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<NetRuleEntry>() == 16);
+
+/// Every rule that may apply to a destination inside one prefix, in policy
+/// order; the first that matches port and protocol decides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetRuleList {
+    pub count: u32,
+    pub _pad: u32,
+    pub entries: [NetRuleEntry; limits::NET_RULES_PER_PREFIX],
+}
+const _: () = assert!(core::mem::size_of::<NetRuleList>() == 8 + 16 * 16);
+
 /// A NUL-padded path used as a map key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -252,13 +320,18 @@ pub struct ExecEvent {
     pub header: EventHeader,
     /// Process id before the exec (differs when a non-leader thread execs).
     pub old_pid: u32,
-    /// 1 when this exec is what tagged the process (a selector matched).
+    /// 0: already tagged; 1: this exec is what tagged the process (a
+    /// selector matched); [`EXEC_TAGGED_AND_HELD`]: tagged, and stopped with
+    /// SIGSTOP because the network hooks were not attached yet.
     pub newly_tagged: u32,
     pub comm: [u8; limits::COMM_LEN],
     /// The path given to execve, NUL-terminated.
     pub filename: [u8; limits::PATH_MAX],
 }
 const _: () = assert!(core::mem::size_of::<ExecEvent>() == 32 + 8 + 16 + 256);
+
+/// See [`ExecEvent::newly_tagged`].
+pub const EXEC_TAGGED_AND_HELD: u32 = 2;
 
 /// A tagged task created a child task, which inherited the tag.
 #[repr(C)]
@@ -331,4 +404,7 @@ mod pod {
     unsafe impl aya::Pod for super::Tag {}
     unsafe impl aya::Pod for super::AgentConfig {}
     unsafe impl aya::Pod for super::PathKey {}
+    unsafe impl aya::Pod for super::NetKeyV4 {}
+    unsafe impl aya::Pod for super::NetKeyV6 {}
+    unsafe impl aya::Pod for super::NetRuleList {}
 }

@@ -11,12 +11,12 @@
 //! kernel_clone(), after copy_process() and before wake_up_new_task(), so the
 //! child is tagged before it runs its first instruction.
 use agentguard_common::{
-    limits, Counter, EventKind, ExecEvent, ExitEvent, ForkEvent, PathKey, Tag,
+    limits, Counter, EventKind, ExecEvent, ExitEvent, ForkEvent, HookFlag, PathKey, Tag,
 };
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_probe_read_kernel_str_bytes,
+        bpf_get_current_uid_gid, bpf_probe_read_kernel_str_bytes, generated::bpf_send_signal,
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -24,8 +24,13 @@ use aya_ebpf::{
 };
 
 use crate::shared::{
-    count, emit, header, reserve, SCRATCH, SEL_CGROUP, SEL_COMM, SEL_EXE, SEL_UID, TAGS,
+    count, emit, header, hook_flag, reserve, SCRATCH, SEL_CGROUP, SEL_COMM, SEL_EXE, SEL_UID,
+    TAGS,
 };
+
+const SIGSTOP: u32 = 19;
+/// `ExecEvent::newly_tagged` when the process was also stopped (see above).
+const EXEC_TAGGED_AND_HELD: u32 = agentguard_common::EXEC_TAGGED_AND_HELD;
 
 #[unsafe(no_mangle)]
 static FORK_CHILD_PID_OFF: Global<u32> = Global::new(0);
@@ -106,7 +111,18 @@ fn try_exec(ctx: &TracePointContext) -> Result<(), ()> {
             if TAGS.insert(&tid, &tag, 0).is_err() {
                 count(Counter::TagInsertFailures);
             }
-            (tag, 1)
+            // The network hooks are attached only while some agent is live.
+            // A first agent must not act before they are: stop it here, at
+            // its first instruction; the daemon attaches and resumes it. The
+            // flag is read after the tag insert (the daemon's detach clears
+            // the flag, then checks the tag map: see daemon.rs).
+            if hook_flag(HookFlag::NetAttached) == 0 {
+                // SAFETY: signals the current task; no pointers involved.
+                unsafe { bpf_send_signal(SIGSTOP) };
+                (tag, EXEC_TAGGED_AND_HELD)
+            } else {
+                (tag, 1)
+            }
         }
     };
 

@@ -2,18 +2,34 @@
 //! connect4/6 and sendmsg4/6 (unconnected UDP sends), attached at the cgroup2
 //! root. Untagged processes are let through after one map lookup.
 //!
+//! The decision comes from the agent's prefix in an LPM trie keyed by
+//! (agent id, address): the longest matching prefix holds, in policy order,
+//! every rule that can apply to it (the compiler copies enclosing prefixes'
+//! rules in), and the first rule whose port and protocol match decides. No
+//! match: the agent's default. IPv4-mapped IPv6 destinations are judged as
+//! the IPv4 address they carry.
+//!
 //! Return 1 lets the call proceed; 0 makes the syscall fail with EPERM before
 //! any packet leaves (kernel/bpf/cgroup.c, __cgroup_bpf_run_filter_sock_addr).
-use agentguard_common::{Decision, EventKind, NetEvent, NetHook};
+use agentguard_common::{
+    limits, Decision, EventKind, NetEvent, NetHook, NetKeyV4, NetKeyV6, NetRuleList,
+};
 use aya_ebpf::{
-    macros::cgroup_sock_addr,
+    macros::{cgroup_sock_addr, map},
+    maps::{lpm_trie::Key, LpmTrie},
     programs::SockAddrContext,
 };
 
-use crate::shared::{agent_config, current_tag, emit, header};
+use crate::shared::{agent_config, current_tag, decide_unreadable, emit, header};
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
+
+#[map(name = "AG_NET_V4")]
+static NET_V4: LpmTrie<NetKeyV4, NetRuleList> = LpmTrie::with_max_entries(limits::MAX_NET_PREFIXES, 0);
+
+#[map(name = "AG_NET_V6")]
+static NET_V6: LpmTrie<NetKeyV6, NetRuleList> = LpmTrie::with_max_entries(limits::MAX_NET_PREFIXES, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -35,6 +51,25 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     decide(&ctx, NetHook::Sendmsg6)
 }
 
+/// First rule in `list` that matches the port and protocol.
+#[inline(always)]
+fn first_match(list: &NetRuleList, port: u16, protocol: u32) -> Option<(Decision, u32)> {
+    let count = list.count as usize;
+    for i in 0..limits::NET_RULES_PER_PREFIX {
+        if i >= count {
+            break;
+        }
+        let e = &list.entries[i];
+        if port >= e.first_port
+            && port <= e.last_port
+            && (e.protocol == 0 || e.protocol == protocol)
+        {
+            return Some((Decision::from_u32(e.decision).unwrap_or(decide_unreadable()), e.rule_id));
+        }
+    }
+    None
+}
+
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, hook: NetHook) -> i32 {
     let Some(tag) = current_tag() else {
@@ -42,32 +77,53 @@ fn decide(ctx: &SockAddrContext, hook: NetHook) -> i32 {
     };
     // SAFETY: the context pointer is the kernel's bpf_sock_addr for this call.
     let sa = unsafe { &*ctx.sock_addr };
+    let port = u16::from_be(sa.user_port as u16);
+    let protocol = sa.protocol;
+    let agent_be = tag.agent_id.to_be_bytes();
+
     let mut addr = [0u8; 16];
-    let family = match hook {
+    let (family, list) = match hook {
         NetHook::Connect4 | NetHook::Sendmsg4 => {
-            addr[..4].copy_from_slice(&sa.user_ip4.to_ne_bytes());
-            AF_INET
+            let v4 = sa.user_ip4.to_ne_bytes();
+            addr[..4].copy_from_slice(&v4);
+            let key = Key::new(64, NetKeyV4 { agent_be, addr: v4 });
+            (AF_INET, NET_V4.get(&key))
         }
         NetHook::Connect6 | NetHook::Sendmsg6 => {
             let ip6 = sa.user_ip6;
-            addr[0..4].copy_from_slice(&ip6[0].to_ne_bytes());
-            addr[4..8].copy_from_slice(&ip6[1].to_ne_bytes());
-            addr[8..12].copy_from_slice(&ip6[2].to_ne_bytes());
-            addr[12..16].copy_from_slice(&ip6[3].to_ne_bytes());
-            AF_INET6
+            let w0 = ip6[0].to_ne_bytes();
+            let w1 = ip6[1].to_ne_bytes();
+            let w2 = ip6[2].to_ne_bytes();
+            let w3 = ip6[3].to_ne_bytes();
+            // ::ffff:a.b.c.d is judged as a.b.c.d.
+            if ip6[0] == 0 && ip6[1] == 0 && w2 == [0, 0, 0xff, 0xff] {
+                addr[..4].copy_from_slice(&w3);
+                let key = Key::new(64, NetKeyV4 { agent_be, addr: w3 });
+                (AF_INET, NET_V4.get(&key))
+            } else {
+                addr[0..4].copy_from_slice(&w0);
+                addr[4..8].copy_from_slice(&w1);
+                addr[8..12].copy_from_slice(&w2);
+                addr[12..16].copy_from_slice(&w3);
+                let key = Key::new(160, NetKeyV6 { agent_be, addr });
+                (AF_INET6, NET_V6.get(&key))
+            }
         }
     };
-    let port = u16::from_be(sa.user_port as u16);
-    let protocol = sa.protocol;
 
-    let decision = Decision::from_u32(agent_config(tag.agent_id).net_default)
-        .unwrap_or(crate::shared::decide_unreadable());
+    let (decision, rule_id) = match list.and_then(|l| first_match(l, port, protocol)) {
+        Some(hit) => hit,
+        None => (
+            Decision::from_u32(agent_config(tag.agent_id).net_default).unwrap_or(decide_unreadable()),
+            0,
+        ),
+    };
 
     emit(NetEvent {
         header: header(EventKind::Net, tag),
         hook: hook as u32,
         decision: decision as u32,
-        rule_id: 0,
+        rule_id,
         protocol,
         family,
         port,

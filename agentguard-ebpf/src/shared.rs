@@ -1,11 +1,12 @@
 //! Maps shared by every program, the event emitter and the counters.
 use agentguard_common::{
-    limits, AgentConfig, Counter, Decision, EventHeader, EventKind, PathKey, Tag, COUNTER_SLOTS,
+    limits, AgentConfig, Counter, Decision, EventHeader, EventKind, HookFlag, PathKey, Tag,
+    COUNTER_SLOTS, HOOK_SLOTS,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns},
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 
 #[map(name = "AG_EVENTS")]
@@ -32,6 +33,15 @@ pub static SEL_COMM: HashMap<[u8; limits::COMM_LEN], Tag> =
 
 #[map(name = "AG_SEL_UID")]
 pub static SEL_UID: HashMap<u32, Tag> = HashMap::with_max_entries(limits::MAX_SELECTORS, 0);
+
+#[map(name = "AG_HOOKS")]
+pub static HOOKS: Array<u32> = Array::with_max_entries(HOOK_SLOTS, 0);
+
+/// A [`HookFlag`] slot of the hooks map (0 when unset).
+#[inline(always)]
+pub fn hook_flag(flag: HookFlag) -> u32 {
+    HOOKS.get(flag as u32).copied().unwrap_or(0)
+}
 
 /// One path-sized scratch buffer per CPU (the BPF stack is only 512 bytes).
 #[map(name = "AG_SCRATCH")]

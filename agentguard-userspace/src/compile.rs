@@ -4,15 +4,20 @@
 //! policy never disappears, even for an instant.
 use std::{collections::BTreeMap, path::Path};
 
-use agentguard_common::{limits, maps, AgentConfig, Decision, PathKey, Tag};
+use agentguard_common::{limits, maps, AgentConfig, Decision, NetKeyV4, NetKeyV6, NetRuleList, PathKey, Tag};
 use aya::{
-    maps::{HashMap, MapData},
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        HashMap, MapData,
+    },
     Ebpf, Pod,
 };
+use ipnet::IpNet;
 use thiserror::Error;
 
 use crate::{
     cgroups,
+    netrules::{self, Resolved},
     policy::{AgentPolicy, PolicySet},
 };
 
@@ -25,6 +30,8 @@ pub enum CompileError {
         map: &'static str,
         source: aya::maps::MapError,
     },
+    #[error(transparent)]
+    TooManyRules(#[from] crate::netrules::TooManyRules),
 }
 
 /// Selectors that resolve to a cgroup (policy `cgroup` and `unit` entries)
@@ -87,12 +94,14 @@ pub fn comm_key(comm: &str) -> [u8; limits::COMM_LEN] {
     key
 }
 
-/// Write the whole policy (and the given run sessions) into the maps.
+/// Write the whole policy (and the given run sessions, and the addresses
+/// its host names resolved to) into the maps.
 pub fn apply(
     ebpf: &mut Ebpf,
     set: &PolicySet,
     cgroup_root: &Path,
     sessions: &BTreeMap<u64, Tag>,
+    resolved: &Resolved,
 ) -> Result<Vec<String>, CompileError> {
     let agents: BTreeMap<u32, AgentConfig> =
         set.agents.values().map(|a| (a.id, agent_config(a))).collect();
@@ -124,12 +133,69 @@ pub fn apply(
     let (mut cgroups_sel, warnings) = cgroup_selectors(set, cgroup_root);
     cgroups_sel.extend(sessions.iter().map(|(k, v)| (*k, *v)));
 
+    // Rules first, then defaults: an agent's rules are in place before any
+    // change to what its unmatched traffic gets.
+    apply_network(ebpf, set, resolved)?;
     sync::<u32, AgentConfig>(ebpf, maps::AGENTS, &agents)?;
     sync::<u64, Tag>(ebpf, maps::SEL_CGROUP, &cgroups_sel)?;
     sync_path(ebpf, &exe)?;
     sync::<[u8; limits::COMM_LEN], Tag>(ebpf, maps::SEL_COMM, &comm)?;
     sync::<u32, Tag>(ebpf, maps::SEL_UID, &uid)?;
     Ok(warnings)
+}
+
+/// Every agent's network rules into the two LPM tries.
+pub fn apply_network(ebpf: &mut Ebpf, set: &PolicySet, resolved: &Resolved) -> Result<(), CompileError> {
+    let mut v4 = BTreeMap::new();
+    let mut v6 = BTreeMap::new();
+    for agent in set.agents.values() {
+        let agent_be = agent.id.to_be_bytes();
+        for (net, list) in netrules::compile_agent(agent, resolved)? {
+            match net {
+                IpNet::V4(n) => {
+                    let key = NetKeyV4 { agent_be, addr: n.network().octets() };
+                    v4.insert((32 + u32::from(n.prefix_len()), key.agent_be, key.addr.to_vec()), (key, list));
+                }
+                IpNet::V6(n) => {
+                    let key = NetKeyV6 { agent_be, addr: n.network().octets() };
+                    v6.insert((32 + u32::from(n.prefix_len()), key.agent_be, key.addr.to_vec()), (key, list));
+                }
+            }
+        }
+    }
+    sync_trie(ebpf, maps::NET_V4, &v4, |k: &NetKeyV4| (k.agent_be, k.addr.to_vec()))?;
+    sync_trie(ebpf, maps::NET_V6, &v6, |k: &NetKeyV6| (k.agent_be, k.addr.to_vec()))?;
+    Ok(())
+}
+
+type TrieOrd = (u32, [u8; 4], Vec<u8>);
+
+/// Bring an LPM trie to exactly `desired`: insert/update first, then delete.
+fn sync_trie<K: Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    desired: &BTreeMap<TrieOrd, (K, NetRuleList)>,
+    ord: impl Fn(&K) -> ([u8; 4], Vec<u8>),
+) -> Result<(), CompileError> {
+    let map = ebpf.map_mut(name).ok_or(CompileError::MissingMap(name))?;
+    let mut trie: LpmTrie<&mut MapData, K, NetRuleList> =
+        LpmTrie::try_from(map).map_err(|source| CompileError::Map { map: name, source })?;
+    for ((prefix, _, _), (key, list)) in desired {
+        trie.insert(&Key::new(*prefix, *key), *list, 0)
+            .map_err(|source| CompileError::Map { map: name, source })?;
+    }
+    let stale: Vec<Key<K>> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| {
+            let (a, d) = ord(&k.data());
+            !desired.contains_key(&(k.prefix_len(), a, d))
+        })
+        .collect();
+    for k in stale {
+        let _ = trie.remove(&k);
+    }
+    Ok(())
 }
 
 fn sync_path(ebpf: &mut Ebpf, desired: &BTreeMap<[u8; limits::PATH_MAX], Tag>) -> Result<(), CompileError> {

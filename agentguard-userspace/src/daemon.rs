@@ -29,8 +29,9 @@ use crate::{
     control::{Request, Response},
     decode::{decode, KernelEvent},
     events::{self, Clock, EventLog},
-    loader::{self, ActionClass, ProbeState, ProbeStatus},
+    loader::{self, ActionClass, LiveHooks, ProbeState, ProbeStatus},
     mounts,
+    netrules::{self, Resolved},
     policy::{self, AgentPolicy, PolicySet},
     procfs,
 };
@@ -60,6 +61,10 @@ pub struct State {
     clock: Clock,
     decode_errors: u64,
     events_logged: u64,
+    /// Addresses the policies' host names resolved to (refreshed periodically).
+    resolved: Resolved,
+    /// The network hooks, attached only while an agent is live.
+    live: LiveHooks,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -101,7 +106,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let probes = loader::attach_all(&mut ebpf, &cgroup_root)?;
     report_probes(&probes);
 
-    let warnings = compile::apply(&mut ebpf, &policies, &cgroup_root, &BTreeMap::new())?;
+    let (resolved, dns_problems) = netrules::resolve_hosts(policies.hosts(), &Resolved::new());
+    for p in dns_problems {
+        tracing::warn!("{p}");
+    }
+    let warnings = compile::apply(&mut ebpf, &policies, &cgroup_root, &BTreeMap::new(), &resolved)?;
     for w in warnings {
         tracing::warn!("{w}");
     }
@@ -131,6 +140,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         clock: Clock::new(),
         decode_errors: 0,
         events_logged: 0,
+        resolved,
+        live: LiveHooks::default(),
     }));
 
     let adopted = adopt_existing(&mut lock(&state));
@@ -168,6 +179,7 @@ fn report_probes(probes: &[ProbeStatus]) {
     for p in probes {
         match &p.state {
             ProbeState::Attached => tracing::info!(program = p.program, "attached"),
+            ProbeState::Ready => tracing::info!(program = p.program, "verified; attached while an agent is live"),
             ProbeState::Unavailable { reason } => tracing::warn!(program = p.program, %reason, "unavailable"),
         }
     }
@@ -231,6 +243,15 @@ impl State {
     fn handle_event(&mut self, ev: &KernelEvent) {
         let h = *ev.header();
         match ev {
+            KernelEvent::Exec(e) if e.newly_tagged == agentguard_common::EXEC_TAGGED_AND_HELD => {
+                // The first agent: the exec hook stopped it until the network
+                // hooks are attached. Attach, contain, then let it run.
+                self.ensure_live_hooks();
+                self.contain(h.pid, Tag { agent_id: h.agent_id, session_id: h.session_id });
+                if self.live.attached() {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(h.pid as i32), nix::sys::signal::Signal::SIGCONT);
+                }
+            }
             KernelEvent::Exec(e) if e.newly_tagged == 1 => self.contain(h.pid, Tag { agent_id: h.agent_id, session_id: h.session_id }),
             KernelEvent::Fork(f) => self.contain(f.child_tid, Tag { agent_id: h.agent_id, session_id: h.session_id }),
             _ => {}
@@ -239,6 +260,30 @@ impl State {
         match self.log.append(&record) {
             Ok(_) => self.events_logged += 1,
             Err(e) => tracing::error!(error = %e, "cannot append to the event log"),
+        }
+    }
+
+    /// Attach the on-demand hooks (an agent is live). A failure leaves the
+    /// held process stopped: better stopped than unjudged.
+    fn ensure_live_hooks(&mut self) {
+        let root = self.tree.root.clone();
+        if let Err(e) = self.live.attach(&mut self.ebpf, &root) {
+            tracing::error!(error = %e, "cannot attach the network hooks; agents stay stopped");
+        }
+    }
+
+    /// Detach the on-demand hooks once no agent is live (see LiveHooks::detach_if).
+    fn release_live_hooks_if_idle(&mut self) {
+        if !self.live.attached() || self.sessions.values().any(|s| s.kind == "run") {
+            return;
+        }
+        let detached = self.live.detach_if(&mut self.ebpf, |ebpf| {
+            ebpf.map_mut(maps::TAGS)
+                .and_then(|m| HashMap::<&mut MapData, u32, Tag>::try_from(m).ok())
+                .is_some_and(|t| t.keys().next().is_none())
+        });
+        if detached {
+            tracing::info!("no agent is live: network hooks detached");
         }
     }
 
@@ -312,6 +357,10 @@ impl State {
 /// by the second (after its parent was tagged, the kernel tags new children).
 fn adopt_existing(s: &mut State) -> usize {
     let me = std::process::id();
+    // Judge from the first moment: hooks before tags.
+    if s.policies.agents.values().any(|a| !a.selectors.is_empty()) {
+        s.ensure_live_hooks();
+    }
     let mut adopted = 0;
     for _pass in 0..2 {
         let procs: Vec<_> = procfs::pids().into_iter().filter(|p| *p != me).filter_map(procfs::read).collect();
@@ -438,6 +487,7 @@ fn reconcile(s: &mut State) {
             }
         }
     }
+    s.release_live_hooks_if_idle();
     // Sessions whose cgroup emptied: forget them and their selector.
     let gone: Vec<u32> = s
         .sessions
@@ -472,7 +522,7 @@ impl State {
     fn resync_selectors(&mut self) -> anyhow::Result<()> {
         let sessions = self.run_session_selectors();
         let root = self.tree.root.clone();
-        compile::apply(&mut self.ebpf, &self.policies, &root, &sessions)?;
+        compile::apply(&mut self.ebpf, &self.policies, &root, &sessions, &self.resolved)?;
         Ok(())
     }
 
@@ -502,6 +552,10 @@ impl State {
             kind: "run",
         };
         self.sessions.insert(id, session.clone());
+        self.ensure_live_hooks();
+        if !self.live.attached() {
+            anyhow::bail!("the network hooks cannot be attached; refusing to start an unjudged agent");
+        }
         // The selector first, then the move: the launcher's exec, which comes
         // after our answer, is what tags it.
         self.resync_selectors()?;

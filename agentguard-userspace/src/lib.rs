@@ -11,6 +11,7 @@ pub mod doctor;
 pub mod events;
 pub mod loader;
 pub mod mounts;
+pub mod netrules;
 pub mod policy;
 pub mod procfs;
 pub mod tracefs;

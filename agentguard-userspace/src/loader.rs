@@ -5,9 +5,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agentguard_common::{globals, programs};
+use agentguard_common::{globals, maps, programs, HookFlag};
 use aya::{
-    programs::{CgroupAttachMode, CgroupSockAddr, Lsm, TracePoint},
+    programs::{
+        cgroup_sock_addr::CgroupSockAddrLinkId, CgroupAttachMode, CgroupSockAddr, Lsm, TracePoint,
+    },
     Btf, Ebpf, EbpfLoader,
 };
 use serde::Serialize;
@@ -64,6 +66,20 @@ pub struct ProbeSpec {
     /// A required probe that fails stops the daemon; an optional one degrades
     /// its action class, loudly.
     pub required: bool,
+    pub lifetime: Lifetime,
+}
+
+/// When a probe is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifetime {
+    /// From daemon start to stop.
+    Always,
+    /// Only while some agent is live: the hook costs processes that are not
+    /// agents (cgroup_sock_addr makes the kernel lock every UDP socket on
+    /// connect and unconnected send, host-wide; ../shared/TOOLCHAIN.md).
+    /// Loaded and verified at start, attached by [`LiveHooks`].
+    WhileAgentLive,
 }
 
 pub const PROBES: &[ProbeSpec] = &[
@@ -72,48 +88,56 @@ pub const PROBES: &[ProbeSpec] = &[
         kind: ProbeKind::TracePoint { category: "sched", name: "sched_process_fork" },
         class: ActionClass::Tagging,
         required: true,
+        lifetime: Lifetime::Always,
     },
     ProbeSpec {
         program: programs::SCHED_PROCESS_EXEC,
         kind: ProbeKind::TracePoint { category: "sched", name: "sched_process_exec" },
         class: ActionClass::Tagging,
         required: true,
+        lifetime: Lifetime::Always,
     },
     ProbeSpec {
         program: programs::SCHED_PROCESS_EXIT,
         kind: ProbeKind::TracePoint { category: "sched", name: "sched_process_exit" },
         class: ActionClass::Tagging,
         required: true,
+        lifetime: Lifetime::Always,
     },
     ProbeSpec {
         program: programs::CONNECT4,
         kind: ProbeKind::CgroupSockAddr,
         class: ActionClass::Network,
         required: true,
+        lifetime: Lifetime::WhileAgentLive,
     },
     ProbeSpec {
         program: programs::CONNECT6,
         kind: ProbeKind::CgroupSockAddr,
         class: ActionClass::Network,
         required: true,
+        lifetime: Lifetime::WhileAgentLive,
     },
     ProbeSpec {
         program: programs::SENDMSG4,
         kind: ProbeKind::CgroupSockAddr,
         class: ActionClass::Network,
         required: true,
+        lifetime: Lifetime::WhileAgentLive,
     },
     ProbeSpec {
         program: programs::SENDMSG6,
         kind: ProbeKind::CgroupSockAddr,
         class: ActionClass::Network,
         required: true,
+        lifetime: Lifetime::WhileAgentLive,
     },
     ProbeSpec {
         program: programs::LSM_PATH_UNLINK,
         kind: ProbeKind::Lsm { hook: "path_unlink" },
         class: ActionClass::File,
         required: false,
+        lifetime: Lifetime::Always,
     },
 ];
 
@@ -121,6 +145,8 @@ pub const PROBES: &[ProbeSpec] = &[
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum ProbeState {
     Attached,
+    /// Verified and ready; attached while an agent is live.
+    Ready,
     Unavailable { reason: String },
 }
 
@@ -161,6 +187,20 @@ pub fn load_object() -> Result<Ebpf, LoadError> {
         .override_global(globals::EXEC_FILENAME_OFF, &exec_filename, true)
         .load(EBPF_OBJECT)?;
     Ok(ebpf)
+}
+
+/// Load one probe into the kernel (verify it) without attaching it.
+pub fn load_probe(ebpf: &mut Ebpf, spec: &ProbeSpec) -> Result<(), String> {
+    let program = ebpf
+        .program_mut(spec.program)
+        .ok_or_else(|| LoadError::MissingProgram(spec.program).to_string())?;
+    match spec.kind {
+        ProbeKind::CgroupSockAddr => {
+            let prog: &mut CgroupSockAddr = program.try_into().map_err(|e| format!("{e}"))?;
+            prog.load().map_err(|e| describe(&e))
+        }
+        _ => Err(format!("{}: only cgroup_sock_addr probes are attached on demand", spec.program)),
+    }
 }
 
 /// Load and attach one probe. Returns a human reason on failure.
@@ -213,8 +253,12 @@ fn describe(e: &dyn std::error::Error) -> String {
 pub fn attach_all(ebpf: &mut Ebpf, cgroup_root: &Path) -> Result<Vec<ProbeStatus>, LoadError> {
     let mut statuses = Vec::with_capacity(PROBES.len());
     for spec in PROBES {
-        let state = match attach_probe(ebpf, spec, cgroup_root) {
-            Ok(()) => ProbeState::Attached,
+        let result = match spec.lifetime {
+            Lifetime::Always => attach_probe(ebpf, spec, cgroup_root).map(|()| ProbeState::Attached),
+            Lifetime::WhileAgentLive => load_probe(ebpf, spec).map(|()| ProbeState::Ready),
+        };
+        let state = match result {
+            Ok(state) => state,
             Err(reason) if spec.required => {
                 return Err(LoadError::Required {
                     program: spec.program,
@@ -232,12 +276,82 @@ pub fn attach_all(ebpf: &mut Ebpf, cgroup_root: &Path) -> Result<Vec<ProbeStatus
     Ok(statuses)
 }
 
-/// Whether every probe of `class` is attached.
+/// Whether every probe of `class` is attached or ready to be.
 pub fn class_attached(statuses: &[ProbeStatus], class: ActionClass) -> bool {
     statuses
         .iter()
         .filter(|s| s.class == class)
-        .all(|s| matches!(s.state, ProbeState::Attached))
+        .all(|s| matches!(s.state, ProbeState::Attached | ProbeState::Ready))
+}
+
+/// The on-demand probes ([`Lifetime::WhileAgentLive`]) and the kernel flag
+/// that tells the exec hook whether they are attached.
+#[derive(Debug, Default)]
+pub struct LiveHooks {
+    links: Vec<(&'static str, CgroupSockAddrLinkId)>,
+}
+
+impl LiveHooks {
+    pub fn attached(&self) -> bool {
+        !self.links.is_empty()
+    }
+
+    /// Attach every on-demand probe at the cgroup2 root, then raise the flag.
+    pub fn attach(&mut self, ebpf: &mut Ebpf, cgroup_root: &Path) -> Result<(), LoadError> {
+        if self.attached() {
+            return Ok(());
+        }
+        let cgroup = File::open(cgroup_root).map_err(|e| LoadError::Required {
+            program: "network hooks",
+            reason: format!("cannot open cgroup {}: {e}", cgroup_root.display()),
+        })?;
+        for spec in PROBES.iter().filter(|p| p.lifetime == Lifetime::WhileAgentLive) {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(spec.program)
+                .ok_or(LoadError::MissingProgram(spec.program))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| LoadError::Required { program: spec.program, reason: describe(&e) })?;
+            // See attach_probe: "Single" passes no flags to bpf_link_create.
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|e| LoadError::Required { program: spec.program, reason: describe(&e) })?;
+            self.links.push((spec.program, id));
+        }
+        set_hook_flag(ebpf, HookFlag::NetAttached, 1).map_err(|reason| LoadError::Required { program: maps::HOOKS, reason })
+    }
+
+    /// Lower the flag first (a process tagged from now on stops itself at
+    /// exec), then let `still_idle` confirm nothing became live meanwhile,
+    /// then detach. Returns whether it detached.
+    pub fn detach_if(&mut self, ebpf: &mut Ebpf, still_idle: impl FnOnce(&mut Ebpf) -> bool) -> bool {
+        if !self.attached() {
+            return false;
+        }
+        if set_hook_flag(ebpf, HookFlag::NetAttached, 0).is_err() {
+            return false;
+        }
+        if !still_idle(ebpf) {
+            let _ = set_hook_flag(ebpf, HookFlag::NetAttached, 1);
+            return false;
+        }
+        for (program, id) in self.links.drain(..) {
+            let Some(prog) = ebpf.program_mut(program) else { continue };
+            let prog: Result<&mut CgroupSockAddr, _> = prog.try_into();
+            if let Ok(prog) = prog {
+                if let Err(e) = prog.detach(id) {
+                    tracing::warn!(program, error = %describe(&e), "detach failed");
+                }
+            }
+        }
+        true
+    }
+}
+
+fn set_hook_flag(ebpf: &mut Ebpf, flag: HookFlag, value: u32) -> Result<(), String> {
+    let map = ebpf.map_mut(maps::HOOKS).ok_or_else(|| format!("map {} missing", maps::HOOKS))?;
+    let mut arr: aya::maps::Array<&mut aya::maps::MapData, u32> =
+        aya::maps::Array::try_from(map).map_err(|e| describe(&e))?;
+    arr.set(flag as u32, value, 0).map_err(|e| describe(&e))
 }
 
 /// The pin directory for AgentGuard's maps and links.

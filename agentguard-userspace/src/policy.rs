@@ -255,6 +255,13 @@ impl PolicySet {
             .or_else(|| self.agents.values().find(|a| a.fallback))
     }
 
+    /// Every host name any network rule mentions.
+    pub fn hosts(&self) -> impl Iterator<Item = &String> {
+        self.agents
+            .values()
+            .flat_map(|a| a.net_rules.iter().flat_map(|r| r.hosts.iter()))
+    }
+
     pub fn by_id(&self, id: u32) -> Option<&AgentPolicy> {
         self.agents.values().find(|a| a.id == id)
     }

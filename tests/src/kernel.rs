@@ -14,17 +14,28 @@ use aya::{maps::RingBuf, Ebpf};
 pub struct Loaded {
     pub ebpf: Ebpf,
     pub probes: Vec<ProbeStatus>,
+    pub live: loader::LiveHooks,
 }
 
 impl Loaded {
-    /// Load and attach every probe; panics (with the kernel's reason) when a
-    /// required one fails.
+    /// Load and attach every probe, the on-demand network hooks included (as
+    /// the daemon does while an agent is live); panics (with the kernel's
+    /// reason) when a required one fails.
     pub fn attach_all() -> Self {
+        let mut l = Self::attach_always();
+        let root = agentguard::mounts::cgroup2_root().expect("no cgroup2 mount");
+        l.live.attach(&mut l.ebpf, &root).unwrap_or_else(|e| panic!("attach network hooks: {e}"));
+        l
+    }
+
+    /// Like [`Self::attach_all`] but leaves the on-demand hooks detached, as
+    /// the daemon does while no agent is live.
+    pub fn attach_always() -> Self {
         assert_root();
         let mut ebpf = loader::load_object().unwrap_or_else(|e| panic!("load: {e}"));
         let root = agentguard::mounts::cgroup2_root().expect("no cgroup2 mount");
         let probes = loader::attach_all(&mut ebpf, &root).unwrap_or_else(|e| panic!("attach: {e}"));
-        Self { ebpf, probes }
+        Self { ebpf, probes, live: loader::LiveHooks::default() }
     }
 
     pub fn file_veto(&self) -> bool {
@@ -37,7 +48,7 @@ impl Loaded {
             .filter(|p| p.class == class)
             .find_map(|p| match &p.state {
                 ProbeState::Unavailable { reason } => Some(format!("{}: {reason}", p.program)),
-                ProbeState::Attached => None,
+                ProbeState::Attached | ProbeState::Ready => None,
             })
             .unwrap_or_default()
     }

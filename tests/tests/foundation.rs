@@ -93,12 +93,19 @@ fn connect_by_tagged_process_is_denied_and_reported_untagged_allowed() {
     // A listener on loopback that both clients try to reach.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let script = format!("exec 3<>/dev/tcp/127.0.0.1/{port}");
+    let testbin = agentguard_tests::daemon::testbin();
+    let target = format!("127.0.0.1:{port}");
+    let connect = || {
+        let mut c = Command::new(&testbin);
+        c.args(["connect", "tcp", &target]);
+        c
+    };
 
-    let tagged = spawn_in_cgroup(Command::new("/bin/bash").args(["-c", &script]), &cgroup)
+    let tagged = spawn_in_cgroup(connect().stdout(std::process::Stdio::piped()), &cgroup)
         .wait_with_output()
         .expect("wait");
     assert!(!tagged.status.success(), "tagged connect must fail");
+    assert!(String::from_utf8_lossy(&tagged.stdout).contains("errno=EPERM"), "the caller sees EPERM");
 
     let seen = wait_for_event(&mut ring, Duration::from_secs(5), |ev| {
         matches!(ev, KernelEvent::Net(n) if n.port == port)
@@ -114,8 +121,8 @@ fn connect_by_tagged_process_is_denied_and_reported_untagged_allowed() {
     listener.set_nonblocking(true).expect("nonblocking");
     assert!(listener.accept().is_err(), "a denied connect must not reach the listener");
 
-    let untagged = Command::new("/bin/bash").args(["-c", &script]).status().expect("run");
-    assert!(untagged.success(), "an untagged process must be unaffected");
+    let untagged = connect().output().expect("run");
+    assert!(untagged.status.success(), "an untagged process must be unaffected: {untagged:?}");
 }
 
 #[test]
@@ -151,4 +158,47 @@ fn lsm_vetoes_unlink_for_tagged_process_only() {
 
     let untagged = Command::new("/bin/rm").arg(&victim).status().expect("rm");
     assert!(untagged.success() && !victim.exists(), "an untagged rm must succeed");
+}
+
+#[test]
+fn first_agent_is_held_at_exec_until_network_hooks_are_attached() {
+    // No agent live: the network hooks are detached (B0: nothing paid).
+    let mut loaded = Loaded::attach_always();
+    let mut ring = loaded.events();
+    configure_agent(&mut loaded, Decision::Deny, Decision::Allow);
+    let cgroup = CgroupGuard::new("held");
+    tag_cgroup(&mut loaded, &cgroup);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+
+    let testbin = agentguard_tests::daemon::testbin();
+    let mut child = spawn_in_cgroup(
+        Command::new(&testbin)
+            .args(["connect", "tcp", &format!("127.0.0.1:{port}")])
+            .stdout(std::process::Stdio::piped()),
+        &cgroup,
+    );
+    let pid = child.id();
+    let seen = wait_for_event(&mut ring, Duration::from_secs(5), |ev| {
+        matches!(ev, KernelEvent::Exec(e) if e.header.pid == pid)
+    });
+    let KernelEvent::Exec(exec) = seen.last().copied().expect("event") else { unreachable!() };
+    assert_eq!(exec.newly_tagged, agentguard_common::EXEC_TAGGED_AND_HELD);
+    // Stopped at its first instruction: state T, and it has not connected.
+    std::thread::sleep(Duration::from_millis(200));
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()).unwrap_or("?");
+    assert_eq!(state, "T", "the first agent must be stopped until the hooks are attached: {stat}");
+    listener.set_nonblocking(true).expect("nonblocking");
+    assert!(listener.accept().is_err(), "nothing may connect while held");
+
+    // The daemon's part: attach, then resume. The very first connect is judged.
+    let root = agentguard::mounts::cgroup2_root().expect("cgroup2");
+    loaded.live.attach(&mut loaded.ebpf, &root).expect("attach network hooks");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGCONT)
+        .expect("SIGCONT");
+    let out = child.wait_with_output().expect("wait");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("errno=EPERM"), "the first connect must be denied: {stdout}");
+    assert!(listener.accept().is_err(), "a denied connect must not reach the listener");
 }
