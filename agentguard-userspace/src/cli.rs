@@ -109,6 +109,15 @@ fn ask(ctx: &Ctx, req: &Request) -> anyhow::Result<Value> {
     Ok(control::request(&ctx.config()?.socket, req)?)
 }
 
+pub fn reload(ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let v = ask(ctx, &Request::Reload)?;
+    println!("policy reloaded: agents {}", v["agents"]);
+    for w in v["warnings"].as_array().into_iter().flatten() {
+        eprintln!("warning: {}", w.as_str().unwrap_or_default());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn ps(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
     let v = ask(ctx, &Request::Ps)?;
     if json {

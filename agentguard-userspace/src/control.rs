@@ -22,6 +22,9 @@ pub enum Request {
         agent: String,
         workspace: Option<PathBuf>,
     },
+    /// Re-read, check and apply the policy directory; on any error the
+    /// policy in force stays.
+    Reload,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -162,7 +162,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let reconcile_task = tokio::spawn(reconcile_loop(state.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let hup_state = state.clone();
+    let hup_task = tokio::spawn(async move {
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        while hup.recv().await.is_some() {
+            if let Err(e) = lock(&hup_state).reload() {
+                tracing::error!("SIGHUP reload failed: {e:#}");
+            }
+        }
+        anyhow::Ok(())
+    });
     tokio::select! {
+        r = hup_task => bail!("SIGHUP handler stopped: {r:?}"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
         r = events_task => bail!("event reader stopped: {r:?}"),
@@ -564,6 +575,32 @@ impl State {
         Ok(session)
     }
 
+    /// Parse, check and compile the policy directory, then switch to it. An
+    /// invalid policy changes nothing: the error names file:line:column.
+    fn reload(&mut self) -> anyhow::Result<serde_json::Value> {
+        let policies = policy::load_dir(&self.config.policy_dir)
+            .map_err(|e| anyhow::anyhow!("{e}
+policy rejected; the previous policy stays in force"))?;
+        let (resolved, problems) = netrules::resolve_hosts(policies.hosts(), &self.resolved);
+        for p in &problems {
+            tracing::warn!("{p}");
+        }
+        let sessions = self.run_session_selectors();
+        let root = self.tree.root.clone();
+        compile::apply(&mut self.ebpf, &policies, &root, &sessions, &resolved)?;
+        self.policies = policies;
+        self.resolved = resolved;
+        let agents: Vec<_> = self.policies.agents.keys().cloned().collect();
+        tracing::info!(?agents, "policy reloaded");
+        let _ = self.log.append(&json!({
+            "time": events::rfc3339(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)),
+            "kind": "policy_reload",
+            "agents": agents,
+        }));
+        let _ = self.log.flush();
+        Ok(json!({ "agents": agents, "warnings": problems }))
+    }
+
     fn ps(&mut self) -> serde_json::Value {
         let tagged: Vec<(u32, Tag)> = self.tags().map(|t| t.iter().filter_map(Result::ok).collect()).unwrap_or_default();
         let mut threads_tagged: BTreeMap<u32, usize> = BTreeMap::new();
@@ -682,6 +719,10 @@ fn peer_refusal(s: &mut State, uid: u32, gid: u32, pid: Option<i32>) -> Option<S
 fn dispatch(s: &mut State, req: Request, peer: Option<i32>) -> Response {
     match req {
         Request::Status => Response::ok(s.status()),
+        Request::Reload => match s.reload() {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::err(format!("{e:#}")),
+        },
         Request::Ps => Response::ok(s.ps()),
         Request::NewSession { agent, workspace } => match s.new_session(&agent, workspace, peer) {
             Ok(session) => Response::ok(json!({

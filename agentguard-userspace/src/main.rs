@@ -53,6 +53,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Re-read and apply the policies (as SIGHUP does); an invalid policy keeps the old one.
+    Reload,
     /// Policy tools.
     Policy {
         #[command(subcommand)]
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
         Command::Doctor { json } => cli::doctor(json),
         Command::Run { agent, workspace, cmd } => cli::run(&ctx, &agent, workspace, &cmd),
         Command::Ps { json } => cli::ps(&ctx, json),
+        Command::Reload => cli::reload(&ctx),
         Command::Status { json } => cli::status(&ctx, json),
         Command::Policy { command: PolicyCommand::Check { paths } } => cli::policy_check(&paths),
     };

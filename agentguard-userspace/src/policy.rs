@@ -241,6 +241,18 @@ pub struct AgentPolicy {
     pub source: PathBuf,
 }
 
+impl AgentPolicy {
+    /// The network rule the kernel reports as `rule_id` (1-based; 0 is the default).
+    pub fn net_rule(&self, rule_id: u32) -> Option<&NetRule> {
+        self.net_rules.get(usize::try_from(rule_id).ok()?.checked_sub(1)?)
+    }
+
+    /// The file rule the kernel reports as `rule_id` (1-based; 0 is the default).
+    pub fn file_rule(&self, rule_id: u32) -> Option<&FileRule> {
+        self.file_rules.get(usize::try_from(rule_id).ok()?.checked_sub(1)?)
+    }
+}
+
 /// Every agent the policy directory declares, by name.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PolicySet {

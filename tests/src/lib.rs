@@ -56,3 +56,11 @@ pub fn agentguard_bin() -> PathBuf {
         .expect("test binary has a parent directory");
     dir.join("agentguard")
 }
+
+/// The repo's shipped policies: `$AGENTGUARD_POLICY_DIR` (the VM harness
+/// copies them into its image), else `policies/` in the source tree.
+pub fn shipped_policy_dir() -> PathBuf {
+    std::env::var_os("AGENTGUARD_POLICY_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies")))
+}

@@ -107,6 +107,25 @@ fn main() {
             };
             report(r)
         }
+        ("connect-twice", [proto, a, gate]) => {
+            // Connect, wait for the gate file to appear, connect again: the
+            // same tagged process across a policy change.
+            let a = addr(a);
+            let once = || match proto.as_str() {
+                "tcp" => TcpStream::connect_timeout(&a, Duration::from_secs(3)).map(drop),
+                _ => UdpSocket::bind(if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).and_then(|s| s.connect(a)),
+            };
+            let show = |n: u32, r: std::io::Result<()>| match r {
+                Ok(()) => println!("try{n}=ok"),
+                Err(e) => println!("try{n}={}", errno_name(&e)),
+            };
+            show(1, once());
+            while !std::path::Path::new(gate).exists() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            show(2, once());
+            exit(0)
+        }
         ("sendto", [a]) => {
             let a = addr(a);
             let bind = if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };

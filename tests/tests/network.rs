@@ -1,0 +1,248 @@
+//! Network enforcement: connect and sendmsg of agents decided in the kernel
+//! from the policy's rules, on loopback. What the agent sees (EPERM or not),
+//! whether the listener got a connection, and what the log says.
+use std::{
+    net::{TcpListener, UdpSocket},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use agentguard_tests::{
+    daemon::{fact, testbin, Daemon},
+    guard::TempDir,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Listeners on loopback that accept anything: TCP v4 + v6 and UDP v4 + v6,
+/// on one port number each.
+struct Listeners {
+    tcp4: TcpListener,
+    tcp6: Option<TcpListener>,
+    _udp4: UdpSocket,
+}
+
+impl Listeners {
+    fn new() -> Self {
+        let tcp4 = TcpListener::bind("127.0.0.1:0").expect("bind tcp4");
+        let port = tcp4.local_addr().expect("addr").port();
+        let tcp6 = TcpListener::bind(format!("[::1]:{port}")).ok();
+        let udp4 = UdpSocket::bind(format!("127.0.0.1:{port}")).expect("bind udp4");
+        tcp4.set_nonblocking(true).expect("nonblocking");
+        if let Some(t) = &tcp6 {
+            t.set_nonblocking(true).expect("nonblocking");
+        }
+        Self { tcp4, tcp6, _udp4: udp4 }
+    }
+
+    fn port(&self) -> u16 {
+        self.tcp4.local_addr().expect("addr").port()
+    }
+
+    /// Whether a connection arrived (and drain it).
+    fn accepted4(&self) -> bool {
+        self.tcp4.accept().is_ok()
+    }
+}
+
+fn errno(out: &Output) -> String {
+    fact(&out.stdout, "errno").unwrap_or_else(|| fact(&out.stdout, "result").unwrap_or_default())
+}
+
+fn agent_run(d: &Daemon, agent: &str, args: &[&str]) -> Output {
+    let tb = testbin();
+    let mut full = vec![tb.to_str().expect("utf-8 path")];
+    full.extend_from_slice(args);
+    d.run_cmd(agent, &full).stdout(Stdio::piped()).output().expect("run agent")
+}
+
+fn net_events(d: &Daemon, port: u16) -> Vec<Value> {
+    d.events().into_iter().filter(|e| e["kind"] == "net" && e["port"] == port).collect()
+}
+
+fn policy(deny_tcp: u16, deny_udp: u16, deny_v6: u16, approve: u16) -> String {
+    format!(
+        r#"[agent]
+name = "netagent"
+
+[network]
+default = "allow"
+
+[[network.rule]]
+id = "deny-tcp"
+decision = "deny"
+cidr = ["127.0.0.1/32"]
+ports = [{deny_tcp}]
+protocol = "tcp"
+
+[[network.rule]]
+id = "deny-udp"
+decision = "deny"
+cidr = ["127.0.0.0/8"]
+ports = [{deny_udp}]
+protocol = "udp"
+
+[[network.rule]]
+id = "deny-v6"
+decision = "deny"
+cidr = ["::1/128"]
+ports = [{deny_v6}]
+
+[[network.rule]]
+id = "hold-db"
+decision = "approve"
+ports = [{approve}]
+"#
+    )
+}
+
+const STRICT: &str = r#"[agent]
+name = "strict"
+
+[network]
+default = "deny"
+
+[[network.rule]]
+id = "only-localhost"
+decision = "allow"
+hosts = ["localhost"]
+protocol = "tcp"
+"#;
+
+#[test]
+fn tcp_and_udp_v4_v6_and_mapped_are_decided_per_rule() {
+    let (a, b, c, e) = (Listeners::new(), Listeners::new(), Listeners::new(), Listeners::new());
+    let d = Daemon::start(&[("net.toml", &policy(a.port(), b.port(), c.port(), e.port()))]);
+    let pa = a.port();
+
+    // TCP v4 to a denied port: EPERM, nothing reaches the listener.
+    let out = agent_run(&d, "netagent", &["connect", "tcp", &format!("127.0.0.1:{pa}")]);
+    assert_eq!(errno(&out), "EPERM", "{out:?}");
+    assert!(!a.accepted4(), "a denied connect must not reach the listener");
+
+    // The same destination through IPv4-mapped IPv6 is judged as IPv4.
+    let out = agent_run(&d, "netagent", &["connect", "tcp", &format!("[::ffff:127.0.0.1]:{pa}")]);
+    assert_eq!(errno(&out), "EPERM", "v4-mapped must not bypass the v4 rule: {out:?}");
+    assert!(!a.accepted4());
+
+    // A port no rule names: the agent's default (allow) → it connects.
+    let out = agent_run(&d, "netagent", &["connect", "tcp", &format!("127.0.0.1:{}", b.port())]);
+    assert_eq!(errno(&out), "ok", "{out:?}");
+    assert!(b.accepted4(), "an allowed connect reaches the listener");
+
+    // UDP: connect and unconnected sendto are both judged.
+    let pb = b.port();
+    let out = agent_run(&d, "netagent", &["connect", "udp", &format!("127.0.0.1:{pb}")]);
+    assert_eq!(errno(&out), "EPERM", "udp connect: {out:?}");
+    let out = agent_run(&d, "netagent", &["sendto", &format!("127.0.0.1:{pb}")]);
+    assert_eq!(errno(&out), "EPERM", "udp sendto: {out:?}");
+    let out = agent_run(&d, "netagent", &["sendto", &format!("127.0.0.1:{pa}")]);
+    assert_eq!(errno(&out), "ok", "the tcp-only rule does not touch udp: {out:?}");
+
+    // IPv6.
+    assert!(c.tcp6.is_some() && a.tcp6.is_some(), "IPv6 loopback is needed for this test");
+    let out = agent_run(&d, "netagent", &["connect", "tcp", &format!("[::1]:{}", c.port())]);
+    assert_eq!(errno(&out), "EPERM", "v6: {out:?}");
+    let out = agent_run(&d, "netagent", &["connect", "tcp", &format!("[::1]:{pa}")]);
+    assert_eq!(errno(&out), "ok", "the v4 rule does not apply to ::1: {out:?}");
+
+    // approve holds (denies until approvals exist) and says so in the log.
+    let out = agent_run(&d, "netagent", &["connect", "tcp", &format!("127.0.0.1:{}", e.port())]);
+    assert_eq!(errno(&out), "EPERM", "approve must not let it through: {out:?}");
+    let ev = d.wait_event(WAIT, "approve event", |v| v["kind"] == "net" && v["port"] == e.port());
+    assert_eq!(ev["decision"], "approve");
+
+    // An untagged process is never affected.
+    let out = Command::new(testbin()).args(["connect", "tcp", &format!("127.0.0.1:{pa}")]).output().expect("run");
+    assert_eq!(errno(&out), "ok", "untagged: {out:?}");
+    assert!(a.accepted4());
+
+    // Each denial reaches the daemon exactly once, with its destination.
+    d.wait_event(WAIT, "denials logged", |v| v["kind"] == "net" && v["port"] == pb && v["action"] == "sendmsg");
+    let denied_a = net_events(&d, pa);
+    let tcp_denials: Vec<_> = denied_a.iter().filter(|v| v["decision"] == "deny" && v["protocol"] == "tcp").collect();
+    assert_eq!(tcp_denials.len(), 2, "two denied TCP attempts to {pa} (v4 and v4-mapped), each logged once: {denied_a:#?}");
+    assert_eq!(tcp_denials[0]["address"], "127.0.0.1");
+    assert_eq!(tcp_denials[0]["agent"], "netagent");
+    assert_eq!(tcp_denials[1]["address"], "127.0.0.1", "the mapped address is logged as IPv4");
+}
+
+#[test]
+fn deny_by_default_agent_reaches_only_named_hosts() {
+    let l = Listeners::new();
+    let d = Daemon::start(&[("strict.toml", STRICT)]);
+    let ok = agent_run(&d, "strict", &["connect", "tcp", &format!("127.0.0.1:{}", l.port())]);
+    assert_eq!(errno(&ok), "ok", "localhost resolves to 127.0.0.1, which the host rule allows: {ok:?}");
+    let denied = agent_run(&d, "strict", &["connect", "udp", &format!("127.0.0.1:{}", l.port())]);
+    assert_eq!(errno(&denied), "EPERM", "udp is not in the host rule: the default denies");
+    let denied = agent_run(&d, "strict", &["connect", "tcp", &format!("127.0.0.2:{}", l.port())]);
+    assert_eq!(errno(&denied), "EPERM", "127.0.0.2 is not localhost");
+}
+
+#[test]
+fn dns_traffic_is_visible_with_its_server() {
+    let d = Daemon::start(&[("net.toml", "[agent]\nname = \"dnsagent\"\n[network]\ndefault = \"allow\"\n")]);
+    let out = agent_run(&d, "dnsagent", &["sendto", "127.0.0.53:53"]);
+    assert_eq!(errno(&out), "ok", "{out:?}");
+    let ev = d.wait_event(WAIT, "dns event", |v| v["kind"] == "net" && v["port"] == 53);
+    assert_eq!(ev["address"], "127.0.0.53");
+    assert_eq!(ev["protocol"], "udp");
+}
+
+#[test]
+fn a_rule_change_applies_to_a_running_agent_without_restart() {
+    let l = Listeners::new();
+    let port = l.port();
+    let open = "[agent]\nname = \"live\"\n[network]\ndefault = \"allow\"\n";
+    let d = Daemon::start(&[("live.toml", open)]);
+    let gate = TempDir::new("gate");
+    let gate_file = gate.join("go");
+    let tb = testbin();
+    let child = d
+        .run_cmd(
+            "live",
+            &[tb.to_str().expect("utf-8"), "connect-twice", "tcp", &format!("127.0.0.1:{port}"), gate_file.to_str().expect("utf-8")],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn agent");
+    // Wait for the first (allowed) attempt before changing the policy.
+    d.wait_event(WAIT, "first connect", |v| v["kind"] == "net" && v["port"] == port);
+    let closed = format!("{open}[[network.rule]]\nid = \"close\"\ndecision = \"deny\"\nports = [{port}]\n");
+    std::fs::write(d.dir.join("policies").join("live.toml"), closed).expect("rewrite policy");
+    let out = d.cli(&["reload"]);
+    assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&gate_file, "").expect("open gate");
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(fact(&out.stdout, "try1").as_deref(), Some("ok"), "{out:?}");
+    assert_eq!(fact(&out.stdout, "try2").as_deref(), Some("EPERM"), "the new rule applies to the running agent: {out:?}");
+
+    // An invalid policy is rejected with file:line:column; the rule in force stays.
+    std::fs::write(d.dir.join("policies").join("live.toml"), "[agent]\nname = \"live\"\n[network]\ndefault = \"alow\"\n")
+        .expect("write bad policy");
+    let out = d.cli(&["reload"]);
+    assert!(!out.status.success(), "an invalid policy must be refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("live.toml:4:"), "error names file and line: {err}");
+    let again = agent_run(&d, "live", &["connect", "tcp", &format!("127.0.0.1:{port}")]);
+    assert_eq!(errno(&again), "EPERM", "the previous policy stays in force: {again:?}");
+}
+
+#[test]
+fn policy_check_reports_file_line_column() {
+    let dir = TempDir::new("check");
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[agent]\nname = \"x\"\ncolour = 1\n[network]\ndefault = \"deny\"\n[[network.rule]]\nid = \"r\"\ndecision = \"allow\"\ncidr = [\"300.1.1.1/8\"]\n",
+    )
+    .expect("write");
+    let out = Command::new(agentguard_tests::agentguard_bin()).args(["policy", "check"]).arg(&bad).output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:3:1"), "unknown key located: {err}");
+    let shipped = agentguard_tests::shipped_policy_dir();
+    let out = Command::new(agentguard_tests::agentguard_bin()).args(["policy", "check"]).arg(&shipped).arg(shipped.join("examples")).output().expect("run");
+    assert!(out.status.success(), "shipped policies must pass: {}", String::from_utf8_lossy(&out.stderr));
+}
