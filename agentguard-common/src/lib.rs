@@ -30,6 +30,9 @@ pub mod maps {
     pub const NET_V6: &str = "AG_NET_V6";
     /// Array of u32 flags about which hooks are attached, indexed by [`crate::HookFlag`].
     pub const HOOKS: &str = "AG_HOOKS";
+    /// Array of u32 flags about the event log, indexed by [`crate::StateSlot`]:
+    /// what the fail-closed recording mode consults (docs/events.md).
+    pub const STATE: &str = "AG_STATE";
 }
 
 /// Names of the programs (the Rust function names in agentguard-ebpf).
@@ -44,6 +47,9 @@ pub mod programs {
     pub const LSM_PATH_UNLINK: &str = "path_unlink";
     /// A program that does nothing, loaded by `doctor` to prove BPF-LSM is loadable.
     pub const LSM_PROBE: &str = "lsm_probe";
+    /// Empty cgroup_sock_addr programs: benchmark floors, never attached by the daemon.
+    pub const FLOOR_CONNECT4: &str = "floor_connect4";
+    pub const FLOOR_SENDMSG4: &str = "floor_sendmsg4";
 }
 
 /// Names of the read-only globals the loader sets before loading.
@@ -153,6 +159,29 @@ pub enum Counter {
 }
 
 pub const COUNTER_SLOTS: u32 = 8;
+
+/// Slots of [`maps::STATE`] (nonzero means set): whether events can be
+/// recorded, for the fail-closed mode. While `LogFailed` or `RingFull` is
+/// set, the network and file programs deny the actions of tagged tasks.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateSlot {
+    /// The daemon runs in fail-closed mode (set at start from the configuration).
+    FailClosed = 0,
+    /// The daemon cannot write the event log (disk full, I/O error); set and
+    /// cleared by the daemon, only in fail-closed mode.
+    LogFailed = 1,
+    /// A ring-buffer reservation failed while `FailClosed` was set: events are
+    /// being lost. Latched by the kernel, cleared by the daemon once it has
+    /// drained the ring.
+    RingFull = 2,
+}
+
+pub const STATE_SLOTS: u32 = 4;
+
+/// The `rule_id` of an action denied because it could not be recorded
+/// (fail-closed mode).
+pub const RULE_FAIL_CLOSED: u32 = u32::MAX;
 
 /// The network hook that produced a [`NetEvent`].
 #[repr(u32)]

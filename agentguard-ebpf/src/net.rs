@@ -118,6 +118,13 @@ fn decide(ctx: &SockAddrContext, hook: NetHook) -> i32 {
             0,
         ),
     };
+    // Fail-closed recording (events, issue 7): while events cannot be
+    // recorded, a tagged task's connects and sends are denied.
+    let (decision, rule_id) = if crate::shared::recording_failed() {
+        (Decision::Deny, agentguard_common::RULE_FAIL_CLOSED)
+    } else {
+        (decision, rule_id)
+    };
 
     emit(NetEvent {
         header: header(EventKind::Net, tag),
@@ -131,4 +138,17 @@ fn decide(ctx: &SockAddrContext, hook: NetHook) -> i32 {
         addr,
     });
     if decision.blocks() { 0 } else { 1 }
+}
+
+/// Empty programs at the same attach points, for benchmarks: the cost of the
+/// mechanism itself (the "floor" B2u is stated against). Never attached by
+/// the daemon.
+#[cgroup_sock_addr(connect4)]
+pub fn floor_connect4(_ctx: SockAddrContext) -> i32 {
+    1
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn floor_sendmsg4(_ctx: SockAddrContext) -> i32 {
+    1
 }

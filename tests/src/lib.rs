@@ -49,12 +49,14 @@ pub fn agentguard_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    // target/debug/deps/<test> → target/debug/agentguard
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("test binary has a parent directory");
-    dir.join("agentguard")
+    // A bin (target/debug/ag-bench) sits next to it; a test binary
+    // (target/debug/deps/<test>) one level below.
+    let dir = exe.parent().expect("binary has a parent directory");
+    let sibling = dir.join("agentguard");
+    if sibling.exists() {
+        return sibling;
+    }
+    dir.parent().unwrap_or(dir).join("agentguard")
 }
 
 /// The repo's shipped policies: `$AGENTGUARD_POLICY_DIR` (the VM harness

@@ -1,0 +1,365 @@
+//! Benchmarks B0, B2, B2u and B3 (../shared/DESIGN.md): the same workload
+//! with and without AgentGuard, alternating, as ratios on this machine.
+//!
+//! Each measurement runs the workload in a fresh child process (so "tagged"
+//! differs from "untagged" only in how the child is started) and takes the
+//! child's own ns/op. Configurations alternate round by round; the report
+//! gives the median over rounds, the spread (min..max), and the overhead
+//! against the baseline of the same round set.
+//!
+//!     ag-bench [--quick] [--json FILE] [b0|b2|b2u|b3]...
+//!     ag-bench loop WORKLOAD ITERATIONS [PORT]     (child mode)
+use std::{
+    io::Write as _,
+    net::{TcpListener, TcpStream, UdpSocket},
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use agentguard_tests::daemon::Daemon;
+use serde_json::{json, Value};
+
+const POLICY: &str = "[agent]\nname = \"bench\"\n[network]\ndefault = \"allow\"\n[files]\ndefault = \"allow\"\n";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Workload {
+    Getppid,
+    ForkExec,
+    TcpConnect,
+    UdpConnect,
+    UdpSendto,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Getppid => "getppid",
+            Self::ForkExec => "fork-exec",
+            Self::TcpConnect => "tcp-connect",
+            Self::UdpConnect => "udp-connect",
+            Self::UdpSendto => "udp-sendto",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Self::Getppid, Self::ForkExec, Self::TcpConnect, Self::UdpConnect, Self::UdpSendto]
+            .into_iter()
+            .find(|w| w.name() == s)
+    }
+
+    fn iterations(self, quick: bool) -> u64 {
+        let n = match self {
+            Self::Getppid => 2_000_000,
+            Self::ForkExec => 2_000,
+            Self::TcpConnect => 20_000,
+            Self::UdpConnect | Self::UdpSendto => 200_000,
+        };
+        if quick { n / 10 } else { n }
+    }
+}
+
+/// Child mode: run the workload and print ns/op.
+fn child_loop(w: Workload, n: u64, port: u16) -> f64 {
+    let start = Instant::now();
+    match w {
+        Workload::Getppid => {
+            for _ in 0..n {
+                // SAFETY: no preconditions.
+                std::hint::black_box(unsafe { libc::getppid() });
+            }
+        }
+        Workload::ForkExec => {
+            for _ in 0..n {
+                let st = Command::new("/bin/true").status().expect("spawn /bin/true");
+                assert!(st.success());
+            }
+        }
+        Workload::TcpConnect => {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let start = Instant::now();
+            for _ in 0..n {
+                let c = TcpStream::connect(addr).expect("connect");
+                let (s, _) = listener.accept().expect("accept");
+                drop(c);
+                drop(s);
+            }
+            return start.elapsed().as_nanos() as f64 / n as f64;
+        }
+        Workload::UdpConnect => {
+            let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+            for _ in 0..n {
+                sock.connect(("127.0.0.1", port)).expect("udp connect");
+            }
+        }
+        Workload::UdpSendto => {
+            let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+            for _ in 0..n {
+                sock.send_to(b"x", ("127.0.0.1", port)).expect("sendto");
+            }
+        }
+    }
+    start.elapsed().as_nanos() as f64 / n as f64
+}
+
+/// How a measurement's child is started.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Setup {
+    /// No AgentGuard at all.
+    Baseline,
+    /// An empty program at the cgroup_sock_addr attach points (the floor).
+    Floor,
+    /// The daemon running, no agent live.
+    DaemonIdle,
+    /// The daemon running with an agent live (hooks attached); the child untagged.
+    Untagged,
+    /// The child itself is an agent (started by `agentguard run`).
+    Tagged,
+}
+
+impl Setup {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Baseline => "no agentguard",
+            Self::Floor => "empty program (floor)",
+            Self::DaemonIdle => "daemon, no agent live",
+            Self::Untagged => "agent live, untagged",
+            Self::Tagged => "tagged, allowed",
+        }
+    }
+}
+
+struct Bench {
+    id: &'static str,
+    what: &'static str,
+    workload: Workload,
+    setups: &'static [Setup],
+    /// Target per setup (overhead vs baseline or floor), as text.
+    targets: &'static [(Setup, &'static str)],
+}
+
+const BENCHES: &[Bench] = &[
+    Bench {
+        id: "B0",
+        what: "getppid with the daemon idle (no agent live)",
+        workload: Workload::Getppid,
+        setups: &[Setup::Baseline, Setup::DaemonIdle],
+        targets: &[(Setup::DaemonIdle, "0 % added")],
+    },
+    Bench {
+        id: "B0",
+        what: "UDP connect with the daemon idle (no agent live)",
+        workload: Workload::UdpConnect,
+        setups: &[Setup::Baseline, Setup::DaemonIdle],
+        targets: &[(Setup::DaemonIdle, "0 % added")],
+    },
+    Bench {
+        id: "B2",
+        what: "TCP loopback connect+accept+close",
+        workload: Workload::TcpConnect,
+        setups: &[Setup::Baseline, Setup::Untagged, Setup::Tagged],
+        targets: &[(Setup::Untagged, "<= 1 %"), (Setup::Tagged, "<= 2 %")],
+    },
+    Bench {
+        id: "B2u",
+        what: "UDP connect",
+        workload: Workload::UdpConnect,
+        setups: &[Setup::Baseline, Setup::Floor, Setup::Untagged, Setup::Tagged],
+        targets: &[(Setup::Untagged, "<= floor + 20 ns"), (Setup::Tagged, "<= floor + 100 ns")],
+    },
+    Bench {
+        id: "B2u",
+        what: "UDP unconnected sendto",
+        workload: Workload::UdpSendto,
+        setups: &[Setup::Baseline, Setup::Floor, Setup::Untagged, Setup::Tagged],
+        targets: &[(Setup::Untagged, "<= floor + 20 ns"), (Setup::Tagged, "<= floor + 100 ns")],
+    },
+    Bench {
+        id: "B3",
+        what: "fork + exec(/bin/true) + wait",
+        workload: Workload::ForkExec,
+        setups: &[Setup::Baseline, Setup::Untagged, Setup::Tagged],
+        targets: &[(Setup::Untagged, "<= 1 %"), (Setup::Tagged, "<= 3 %")],
+    },
+];
+
+/// The environment a setup needs, kept alive while measuring.
+enum Env {
+    None,
+    // Held only to keep the floor programs attached.
+    Floor(#[expect(dead_code, reason = "kept alive to keep the programs attached")] agentguard_tests::kernel::Loaded),
+    Daemon(Daemon, Option<std::process::Child>),
+}
+
+fn enter(setup: Setup) -> Env {
+    match setup {
+        Setup::Baseline => Env::None,
+        Setup::Floor => {
+            let mut l = agentguard_tests::kernel::Loaded::attach_always();
+            let root = agentguard::mounts::cgroup2_root().expect("cgroup2");
+            let cg = std::fs::File::open(&root).expect("open cgroup2 root");
+            for name in [agentguard_common::programs::FLOOR_CONNECT4, agentguard_common::programs::FLOOR_SENDMSG4] {
+                let p: &mut aya::programs::CgroupSockAddr =
+                    l.ebpf.program_mut(name).expect("floor program").try_into().expect("sock_addr");
+                p.load().expect("load floor");
+                p.attach(&cg, aya::programs::CgroupAttachMode::Single).expect("attach floor");
+            }
+            Env::Floor(l)
+        }
+        Setup::DaemonIdle => {
+            let d = Daemon::start(&[("bench.toml", POLICY)]);
+            // Let the daemon settle (it detaches idle hooks within 0.5 s).
+            std::thread::sleep(std::time::Duration::from_millis(800));
+            Env::Daemon(d, None)
+        }
+        Setup::Untagged | Setup::Tagged => {
+            let d = Daemon::start(&[("bench.toml", POLICY)]);
+            // A live agent keeps the network hooks attached.
+            let keeper = d
+                .run_cmd("bench", &["/bin/sleep", "3600"])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("start a live agent");
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            Env::Daemon(d, Some(keeper))
+        }
+    }
+}
+
+fn leave(env: Env) {
+    if let Env::Daemon(_, Some(mut k)) = env {
+        let _ = k.kill();
+        let _ = k.wait();
+    }
+}
+
+fn measure(setup: Setup, env: &Env, w: Workload, n: u64, port: u16) -> f64 {
+    let me = std::env::current_exe().expect("current_exe");
+    let args = ["loop".to_owned(), w.name().to_owned(), n.to_string(), port.to_string()];
+    let out = match (setup, env) {
+        (Setup::Tagged, Env::Daemon(d, _)) => {
+            let mut full = vec![me.to_str().expect("utf-8 path")];
+            full.extend(args.iter().map(String::as_str));
+            d.run_cmd("bench", &full).output()
+        }
+        _ => Command::new(&me).args(&args).output(),
+    }
+    .expect("run workload child");
+    assert!(out.status.success(), "workload failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("ns_per_op="))
+        .and_then(|v| v.parse().ok())
+        .expect("child prints ns_per_op")
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn run_bench(b: &Bench, rounds: usize, quick: bool) -> Value {
+    let sink = UdpSocket::bind("127.0.0.1:0").expect("bind sink");
+    let port = sink.local_addr().expect("addr").port();
+    let n = b.workload.iterations(quick);
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); b.setups.len()];
+    for _ in 0..rounds {
+        for (i, s) in b.setups.iter().enumerate() {
+            let env = enter(*s);
+            samples[i].push(measure(*s, &env, b.workload, n, port));
+            leave(env);
+        }
+    }
+    let medians: Vec<f64> = samples.iter_mut().map(|v| median(v)).collect();
+    let base = medians[0];
+    let floor = b.setups.iter().position(|s| *s == Setup::Floor).map(|i| medians[i]);
+    let rows: Vec<Value> = b
+        .setups
+        .iter()
+        .zip(&samples)
+        .zip(&medians)
+        .map(|((s, v), m)| {
+            let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+            let target = b.targets.iter().find(|(t, _)| t == s).map(|(_, t)| *t);
+            let vs_base = (m / base - 1.0) * 100.0;
+            let verdict = target.map(|t| {
+                let pass = if t.contains("floor") {
+                    let allowed: f64 = t.split('+').nth(1).and_then(|x| x.trim().trim_end_matches(" ns").parse().ok()).unwrap_or(0.0);
+                    floor.is_some_and(|f| *m <= f + allowed)
+                } else {
+                    let pct: f64 = t.trim_start_matches("<= ").trim_end_matches(" % added").trim_end_matches(" %").parse().unwrap_or(0.0);
+                    vs_base <= pct
+                };
+                if pass { "pass" } else { "miss" }
+            });
+            json!({
+                "setup": s.name(),
+                "median_ns": m,
+                "min_ns": lo,
+                "max_ns": hi,
+                "vs_baseline_pct": vs_base,
+                "vs_floor_ns": floor.map(|f| m - f),
+                "target": target,
+                "verdict": verdict,
+            })
+        })
+        .collect();
+    json!({ "id": b.id, "what": b.what, "workload": b.workload.name(), "iterations": n, "rounds": rounds, "rows": rows })
+}
+
+fn print_table(results: &[Value]) {
+    println!("{:<4} {:<46} {:<24} {:>11} {:>21} {:>9} {:>10}  {}", "id", "what", "setup", "median", "spread", "vs base", "vs floor", "target");
+    for r in results {
+        for row in r["rows"].as_array().into_iter().flatten() {
+            let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "{:<4} {:<46} {:<24} {:>9.0}ns {:>9.0}..{:<9.0}ns {:>+8.1}% {:>10}  {} {}",
+                r["id"].as_str().unwrap_or(""),
+                r["what"].as_str().unwrap_or(""),
+                row["setup"].as_str().unwrap_or(""),
+                f("median_ns"),
+                f("min_ns"),
+                f("max_ns"),
+                f("vs_baseline_pct"),
+                row["vs_floor_ns"].as_f64().map(|v| format!("{v:+.0}ns")).unwrap_or_default(),
+                row["target"].as_str().unwrap_or(""),
+                row["verdict"].as_str().unwrap_or(""),
+            );
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("loop") {
+        let w = args.get(1).and_then(|s| Workload::parse(s)).expect("workload");
+        let n: u64 = args.get(2).and_then(|s| s.parse().ok()).expect("iterations");
+        let port: u16 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(9);
+        println!("ns_per_op={}", child_loop(w, n, port));
+        return;
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let json_out = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
+    let wanted: Vec<String> = args
+        .iter()
+        .enumerate()
+        .filter(|(i, a)| !a.starts_with("--") && json_out.as_ref().is_none_or(|j| !(*a == j && *i > 0 && args[i - 1] == "--json")))
+        .map(|(_, a)| a.to_lowercase())
+        .collect();
+    let rounds = if quick { 3 } else { 7 };
+    let mut results = Vec::new();
+    for b in BENCHES {
+        if !wanted.is_empty() && !wanted.iter().any(|w| *w == b.id.to_lowercase()) {
+            continue;
+        }
+        eprintln!("running {} {} ({} rounds)...", b.id, b.what, rounds);
+        results.push(run_bench(b, rounds, quick));
+    }
+    print_table(&results);
+    if let Some(path) = json_out {
+        let doc = json!({ "bench": "ag-bench", "quick": quick, "results": results });
+        let mut f = std::fs::File::create(&path).unwrap_or_else(|e| panic!("cannot write {path}: {e}"));
+        writeln!(f, "{}", serde_json::to_string_pretty(&doc).expect("json")).expect("write json");
+    }
+}
