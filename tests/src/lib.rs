@@ -64,5 +64,9 @@ pub fn agentguard_bin() -> PathBuf {
 pub fn shipped_policy_dir() -> PathBuf {
     std::env::var_os("AGENTGUARD_POLICY_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies")))
+        .unwrap_or_else(|| {
+            // No `..`: the VM image holds <repo>/policies but not <repo>/tests.
+            let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+            manifest.parent().unwrap_or(manifest).join("policies")
+        })
 }

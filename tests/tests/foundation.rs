@@ -20,7 +20,7 @@ fn configure_agent(loaded: &mut Loaded, net: Decision, file: Decision) {
     agents
         .insert(
             AGENT,
-            AgentConfig { net_default: net as u32, file_default: file as u32, flags: 0, _pad: 0 },
+            AgentConfig { net_default: net as u32, file_default: file as u32, ..AgentConfig::default() },
             0,
         )
         .expect("insert agent config");
@@ -141,12 +141,16 @@ fn lsm_vetoes_unlink_for_tagged_process_only() {
     let victim = dir.join("victim");
     std::fs::write(&victim, b"keep me").expect("write");
 
-    let out = spawn_in_cgroup(Command::new("/bin/rm").arg(&victim), &cgroup)
-        .wait_with_output()
-        .expect("wait");
-    assert!(!out.status.success(), "tagged rm must fail");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("Operation not permitted"), "rm said: {stderr}");
+    let testbin = agentguard_tests::daemon::testbin();
+    let out = spawn_in_cgroup(
+        Command::new(&testbin).arg("unlink").arg(&victim).stdout(std::process::Stdio::piped()),
+        &cgroup,
+    )
+    .wait_with_output()
+    .expect("wait");
+    assert!(!out.status.success(), "tagged unlink must fail");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("errno=EPERM"), "the agent sees EPERM: {said}");
     assert!(victim.exists(), "the file must still be on disk");
 
     let seen = wait_for_event(&mut ring, Duration::from_secs(5), |ev| {
@@ -156,8 +160,8 @@ fn lsm_vetoes_unlink_for_tagged_process_only() {
     assert_eq!(file.decision, Decision::Deny as u32);
     assert_eq!(c_str(&file.dir), dir.path.to_string_lossy());
 
-    let untagged = Command::new("/bin/rm").arg(&victim).status().expect("rm");
-    assert!(untagged.success() && !victim.exists(), "an untagged rm must succeed");
+    let untagged = Command::new(&testbin).arg("unlink").arg(&victim).output().expect("unlink");
+    assert!(untagged.status.success() && !victim.exists(), "an untagged unlink must succeed: {untagged:?}");
 }
 
 #[test]

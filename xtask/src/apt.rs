@@ -2,11 +2,7 @@
 //! installing missing ones, downloading a .deb, and running `apt-get update`
 //! at most once per xtask run and only when something is actually missing.
 
-use std::{
-    collections::BTreeSet,
-    path::Path,
-    process::Command,
-};
+use std::{collections::BTreeSet, path::Path, process::Command};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -51,8 +47,12 @@ impl Apt {
         }
         require_root(&format!("install {}", packages.join(" ")))?;
         self.update()?;
-        cmd::run(apt_get().args(["install", "-y", "--no-install-recommends"]).args(packages))
-            .with_context(|| format!("installing {} failed", packages.join(" ")))
+        cmd::run(
+            apt_get()
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(packages),
+        )
+        .with_context(|| format!("installing {} failed", packages.join(" ")))
     }
 
     /// The package `meta` depends on whose name starts with `prefix`
@@ -164,14 +164,18 @@ mod tests {
         let out = "cpio\tinstall ok installed\nzlib1g-dev:amd64\tinstall ok installed\n\
                    busybox-static\tdeinstall ok config-files\n";
         assert_eq!(
-            missing_from_status(&["cpio", "zlib1g-dev", "busybox-static", "qemu-system-x86"], out),
+            missing_from_status(
+                &["cpio", "zlib1g-dev", "busybox-static", "qemu-system-x86"],
+                out
+            ),
             vec!["busybox-static", "qemu-system-x86"]
         );
     }
 
     #[test]
     fn dependency_from_apt_cache() {
-        let out = "linux-image-6.12-cloud-amd64\n  Depends: linux-image-6.12.117+deb12-cloud-amd64\n";
+        let out =
+            "linux-image-6.12-cloud-amd64\n  Depends: linux-image-6.12.117+deb12-cloud-amd64\n";
         assert_eq!(
             depends_on(out, "linux-image-").as_deref(),
             Some("linux-image-6.12.117+deb12-cloud-amd64")

@@ -13,20 +13,29 @@ pub fn describe(cmd: &Command) -> String {
 
 /// Run with inherited stdio; fail unless it exits 0.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start `{}`: is it installed and on PATH?", describe(cmd)))?;
+    let status = cmd.status().with_context(|| {
+        format!(
+            "cannot start `{}`: is it installed and on PATH?",
+            describe(cmd)
+        )
+    })?;
     if !status.success() {
-        bail!("`{}` failed ({status}); see its output above", describe(cmd));
+        bail!(
+            "`{}` failed ({status}); see its output above",
+            describe(cmd)
+        );
     }
     Ok(())
 }
 
 /// Run capturing stdout and stderr; the exit status is the caller's business.
 pub fn output(cmd: &mut Command) -> Result<Output> {
-    cmd.stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot start `{}`: is it installed and on PATH?", describe(cmd)))
+    cmd.stdin(Stdio::null()).output().with_context(|| {
+        format!(
+            "cannot start `{}`: is it installed and on PATH?",
+            describe(cmd)
+        )
+    })
 }
 
 /// Run capturing stdout; fail (showing stderr) unless it exits 0.

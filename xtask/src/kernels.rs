@@ -20,8 +20,14 @@ pub struct Kernel {
 }
 
 pub const KERNELS: &[Kernel] = &[
-    Kernel { label: "6.12", meta: "linux-image-6.12-cloud-amd64" },
-    Kernel { label: "6.1", meta: "linux-image-cloud-amd64" },
+    Kernel {
+        label: "6.12",
+        meta: "linux-image-6.12-cloud-amd64",
+    },
+    Kernel {
+        label: "6.1",
+        meta: "linux-image-cloud-amd64",
+    },
 ];
 
 /// The labels, for messages.
@@ -31,7 +37,10 @@ pub fn labels() -> Vec<&'static str> {
 
 pub fn find(label: &str) -> Result<&'static Kernel> {
     KERNELS.iter().find(|k| k.label == label).with_context(|| {
-        format!("unknown kernel label {label:?}: use one of {}", labels().join(", "))
+        format!(
+            "unknown kernel label {label:?}: use one of {}",
+            labels().join(", ")
+        )
     })
 }
 
@@ -54,7 +63,11 @@ pub fn package(root: &Path, label: &str) -> Option<String> {
 pub fn ensure_all(root: &Path, apt: &mut Apt) -> Result<()> {
     for k in KERNELS {
         let item = |pkg: Option<String>| {
-            format!("kernel {} ({})", k.label, pkg.unwrap_or_else(|| k.meta.to_owned()))
+            format!(
+                "kernel {} ({})",
+                k.label,
+                pkg.unwrap_or_else(|| k.meta.to_owned())
+            )
         };
         if vmlinuz(root, k.label).is_file() {
             setup::status("ok", &item(package(root, k.label)));
@@ -71,15 +84,21 @@ pub fn ensure_all(root: &Path, apt: &mut Apt) -> Result<()> {
 fn fetch(root: &Path, k: &Kernel, apt: &mut Apt) -> Result<String> {
     let pkg = apt.resolve_dependency(k.meta, "linux-image-")?;
     let dest = dir(root, k.label);
-    let tmp = repo::build_dir(root).join("kernels").join(format!("tmp-{}", k.label));
+    let tmp = repo::build_dir(root)
+        .join("kernels")
+        .join(format!("tmp-{}", k.label));
     if tmp.exists() {
         fs::remove_dir_all(&tmp)
             .with_context(|| format!("cannot remove the stale download dir {}", tmp.display()))?;
     }
     fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     apt.download(&pkg, &tmp)?;
-    let deb = only_entry(&tmp, |n| n.ends_with(".deb"))
-        .with_context(|| format!("apt-get download {pkg} left no single .deb in {}", tmp.display()))?;
+    let deb = only_entry(&tmp, |n| n.ends_with(".deb")).with_context(|| {
+        format!(
+            "apt-get download {pkg} left no single .deb in {}",
+            tmp.display()
+        )
+    })?;
     let unpacked = tmp.join("root");
     cmd::run(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpacked))
         .with_context(|| format!("cannot unpack {}", deb.display()))?;
@@ -97,8 +116,13 @@ fn fetch(root: &Path, k: &Kernel, apt: &mut Apt) -> Result<String> {
     let partial = dest.join("vmlinuz.partial");
     copy(&image, &partial)?;
     let final_path = vmlinuz(root, k.label);
-    fs::rename(&partial, &final_path)
-        .with_context(|| format!("cannot rename {} to {}", partial.display(), final_path.display()))?;
+    fs::rename(&partial, &final_path).with_context(|| {
+        format!(
+            "cannot rename {} to {}",
+            partial.display(),
+            final_path.display()
+        )
+    })?;
     fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
     Ok(pkg)
 }
@@ -121,6 +145,10 @@ fn only_entry(dir: &Path, matches: impl Fn(&str) -> bool) -> Result<PathBuf> {
     match found.len() {
         1 => Ok(found.remove(0)),
         0 => bail!("nothing matching in {}", dir.display()),
-        _ => bail!("{} matching entries in {}, expected one", found.len(), dir.display()),
+        _ => bail!(
+            "{} matching entries in {}, expected one",
+            found.len(),
+            dir.display()
+        ),
     }
 }

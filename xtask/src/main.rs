@@ -4,13 +4,14 @@
 //! This file owns only the command line and the dispatch; each command lives
 //! in its own module.
 
+mod apt;
 mod build;
 mod cmd;
 mod host;
 mod kernels;
 mod libtest;
-mod report;
 mod repo;
+mod report;
 mod run;
 mod setup;
 mod test;
@@ -77,7 +78,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Run { args } => {
             setup::run(&root)?;
-            build::run(&root)?;
+            build::programs_only(&root)?;
             run::daemon(&root, &args)
         }
         Command::Test(args) => test::run(&root, &args),

@@ -40,7 +40,11 @@ fn apt_packages(apt: &mut Apt) -> Result<()> {
     let missing = apt.missing(APT_PACKAGES)?;
     apt.install(&missing)?;
     for p in APT_PACKAGES {
-        let state = if missing.iter().any(|m| m == p) { "installed" } else { "ok" };
+        let state = if missing.iter().any(|m| m == p) {
+            "installed"
+        } else {
+            "ok"
+        };
         status(state, &format!("apt {p}"));
     }
     Ok(())
@@ -60,8 +64,14 @@ fn rust_src() -> Result<()> {
         status("ok", item);
         return Ok(());
     }
-    cmd::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
-        .context("cannot add rust-src to the nightly toolchain")?;
+    cmd::run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
+    .context("cannot add rust-src to the nightly toolchain")?;
     status("installed", item);
     Ok(())
 }

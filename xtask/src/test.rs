@@ -1,0 +1,165 @@
+//! `cargo xtask test`: setup and build, then host unit tests, host
+//! integration tests and VM integration tests (one qemu VM per kernel), then
+//! the report. Exits non-zero if anything failed, crashed or timed out.
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    build::{self, TestExe, INTEGRATION_PACKAGE},
+    host, kernels,
+    report::{self, Counts, EnvResults, Outcome},
+    setup,
+    vm::{self, Executable},
+};
+
+#[derive(clap::Args)]
+pub struct TestArgs {
+    /// Only the host: unit tests and integration tests, no VM.
+    #[arg(long, conflicts_with = "vm_only")]
+    host_only: bool,
+    /// Only the integration tests in the VMs.
+    #[arg(long)]
+    vm_only: bool,
+    /// Boot only this kernel (6.12 or 6.1); default: all, one after the other.
+    #[arg(long, value_name = "LABEL")]
+    kernel: Option<String>,
+    /// Kill a VM that runs longer than this and count it as a failure.
+    #[arg(long, value_name = "SECS", default_value_t = 900)]
+    vm_timeout: u64,
+    /// Also run this test executable as an integration test (host and VM);
+    /// for exercising the harness.
+    #[arg(long, value_name = "PATH")]
+    extra_test_bin: Vec<PathBuf>,
+}
+
+pub fn run(root: &Path, args: &TestArgs) -> Result<ExitCode> {
+    let labels: Vec<&str> = match &args.kernel {
+        Some(label) => vec![kernels::find(label)?.label],
+        None => kernels::labels(),
+    };
+    setup::run(root)?;
+    let built = build::run(root)?;
+    let mut integration: Vec<TestExe> = built
+        .tests
+        .iter()
+        .filter(|t| t.is_integration())
+        .cloned()
+        .collect();
+    for path in &args.extra_test_bin {
+        integration.push(extra(path)?);
+    }
+
+    let mut envs = Vec::new();
+    if !args.vm_only {
+        let mut outcomes = Vec::new();
+        for exe in built.tests.iter().filter(|t| !t.is_integration()) {
+            outcomes.extend(host::run_unit(exe));
+        }
+        for exe in &integration {
+            outcomes.extend(host::run_integration(root, exe));
+        }
+        envs.push(EnvResults {
+            env: "host".into(),
+            outcomes,
+            notes: Vec::new(),
+        });
+    }
+    if !args.host_only {
+        let programs: Vec<Executable> = built
+            .programs
+            .iter()
+            .map(|p| Executable {
+                name: p.name.clone(),
+                path: p.path.clone(),
+            })
+            .collect();
+        let timeout = Duration::from_secs(args.vm_timeout);
+        envs.extend(vm_envs(root, &labels, &integration, &programs, timeout));
+    }
+
+    println!();
+    print!("{}", report::render(&envs));
+    let totals = Counts::of(envs.iter().flat_map(|e| &e.outcomes));
+    Ok(if totals.failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn vm_envs(
+    root: &Path,
+    labels: &[&str],
+    integration: &[TestExe],
+    programs: &[Executable],
+    timeout: Duration,
+) -> Vec<EnvResults> {
+    if integration.is_empty() {
+        println!(
+            "xtask: vm: no integration test executables in {INTEGRATION_PACKAGE}; no VM booted"
+        );
+        return Vec::new();
+    }
+    let tests: Vec<Executable> = integration
+        .iter()
+        .map(|t| Executable {
+            name: t.label(),
+            path: t.path.clone(),
+        })
+        .collect();
+    let failed_env = |label: &str, err: anyhow::Error| {
+        let env = format!("vm-{label}");
+        EnvResults {
+            outcomes: vec![Outcome::binary_failure(&env, format!("{err:#}"))],
+            env,
+            notes: Vec::new(),
+        }
+    };
+    let prepared = match vm::prepare(root, &tests, programs) {
+        Ok(p) => p,
+        Err(err) => {
+            let err = format!("{err:#}");
+            return labels
+                .iter()
+                .map(|l| failed_env(l, anyhow::anyhow!("{err}")))
+                .collect();
+        }
+    };
+    labels
+        .iter()
+        .map(|label| {
+            vm::run(root, label, &prepared, timeout).unwrap_or_else(|e| failed_env(label, e))
+        })
+        .collect()
+}
+
+/// A test executable given on the command line, treated as an integration test.
+fn extra(path: &Path) -> Result<TestExe> {
+    let path = path
+        .canonicalize()
+        .with_context(|| format!("--extra-test-bin {}: no such file", path.display()))?;
+    let file = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .with_context(|| format!("--extra-test-bin {}: not a file", path.display()))?;
+    // target/debug/deps/<name>-<16 hex digits>: drop cargo's hash.
+    let name = match file.rsplit_once('-') {
+        Some((stem, hash)) if hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()) => {
+            stem.to_owned()
+        }
+        _ => file,
+    };
+    Ok(TestExe {
+        package: INTEGRATION_PACKAGE.into(),
+        target: name,
+        kind: "test".into(),
+        manifest_dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        path,
+    })
+}
