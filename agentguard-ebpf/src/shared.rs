@@ -1,7 +1,7 @@
 //! Maps shared by every program, the event emitter and the counters.
 use agentguard_common::{
-    limits, AgentConfig, Counter, Decision, EventHeader, EventKind, HookFlag, PathKey, Tag,
-    COUNTER_SLOTS, HOOK_SLOTS,
+    limits, AgentConfig, Counter, Decision, EventHeader, EventKind, HookFlag, PathKey, StateSlot,
+    Tag, COUNTER_SLOTS, HOOK_SLOTS, STATE_SLOTS,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns},
@@ -41,6 +41,24 @@ pub static HOOKS: Array<u32> = Array::with_max_entries(HOOK_SLOTS, 0);
 #[inline(always)]
 pub fn hook_flag(flag: HookFlag) -> u32 {
     HOOKS.get(flag as u32).copied().unwrap_or(0)
+}
+
+#[map(name = "AG_STATE")]
+pub static STATE: Array<u32> = Array::with_max_entries(STATE_SLOTS, 0);
+
+#[inline(always)]
+fn state_set(slot: StateSlot) -> bool {
+    STATE.get(slot as u32).is_some_and(|v| *v != 0)
+}
+
+/// Fail-closed recording (docs/events.md): true while the event of an action
+/// could not be recorded, because the daemon cannot write its log or the ring
+/// buffer overflowed and has not been drained yet. Both flags are only ever
+/// set in fail-closed mode. The network and file programs deny a tagged
+/// task's action while this holds: an agent must not act unrecorded.
+#[inline(always)]
+pub fn recording_failed() -> bool {
+    state_set(StateSlot::LogFailed) || state_set(StateSlot::RingFull)
 }
 
 /// One path-sized scratch buffer per CPU (the BPF stack is only 512 bytes).
@@ -103,6 +121,14 @@ pub fn reserve<T: 'static>() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<T>
     let entry = EVENTS.reserve::<T>(0);
     if entry.is_none() {
         count(Counter::RingbufDrops);
+        // Latch the fail-closed flag at the first lost event; the daemon
+        // clears it once it has drained the ring.
+        if state_set(StateSlot::FailClosed) {
+            if let Some(slot) = STATE.get_ptr_mut(StateSlot::RingFull as u32) {
+                // SAFETY: a u32 array slot; a racing writer writes the same value.
+                unsafe { *slot = 1 };
+            }
+        }
     }
     entry
 }
