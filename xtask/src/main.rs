@@ -5,6 +5,7 @@
 //! in its own module.
 
 mod apt;
+mod bench;
 mod build;
 mod cmd;
 mod host;
@@ -46,6 +47,9 @@ enum Command {
     /// Setup and build, then run unit tests and integration tests on the host
     /// and in qemu VMs (Debian cloud kernels 6.12 and 6.1).
     Test(test::TestArgs),
+    /// Build in release and run the benchmark harnesses (B0-B9 as far as
+    /// they exist); results go to bench/results/*.json.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,5 +86,6 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             run::daemon(&root, &args)
         }
         Command::Test(args) => test::run(&root, &args),
+        Command::Bench(args) => bench::run(&root, &args),
     }
 }
