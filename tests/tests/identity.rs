@@ -227,9 +227,20 @@ fn agents_running_before_the_daemon_are_tagged_with_their_descendants() {
 fn a_process_that_leaves_its_cgroup_is_moved_back_and_recorded() {
     let d = Daemon::start(&[("a.toml", &policy("tester", ""))]);
     let root = agentguard::mounts::cgroup2_root().expect("cgroup2");
-    let escape = format!("echo $$ > {}/cgroup.procs; exec {} sleep 5", root.display(), tb());
+    // The agent moves itself to the root cgroup; what its shell saw goes to a
+    // file so a failure says whether the move itself worked.
+    let trace = TempDir::new("escape");
+    let trace_file = trace.join("trace");
+    let escape = format!(
+        "{{ echo $$ > {root}/cgroup.procs && echo moved || echo move-failed; cat /proc/self/cgroup; }} > {trace} 2>&1; exec {tb} sleep 5",
+        root = root.display(),
+        trace = trace_file.display(),
+        tb = tb()
+    );
     let mut c = d.run_cmd("tester", &["/bin/sh", "-c", &escape]).stdout(Stdio::piped()).spawn().expect("spawn");
     let pid = read_fact(&mut c, "pid");
+    let said = std::fs::read_to_string(&trace_file).unwrap_or_default();
+    assert!(said.starts_with("moved"), "the agent's own move did not happen: {said}");
     let ev = d.wait_event(WAIT, "cgroup_escape", |e| e["kind"] == "cgroup_escape" && e["pid"] == pid);
     assert_eq!(ev["agent"], "tester");
     d.wait_ps(WAIT, "escaped process back in its session cgroup", |ps| {
