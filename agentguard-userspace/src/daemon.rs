@@ -479,7 +479,8 @@ fn reconcile(s: &mut State) {
         };
         let want = format!("0::{}", s.tree.relative(&session.cgroup));
         let current = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        if !current.lines().any(|l| l == want) && !current.is_empty() {
+        // A zombie reports the root cgroup: it has left, but not by moving.
+        if !current.lines().any(|l| l == want) && !current.is_empty() && !procfs::is_zombie(pid) {
             let left_to = current.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("?").to_owned();
             tracing::warn!(pid, agent = session.agent, left_to, "tagged process left its session cgroup; moving it back");
             let rec = json!({

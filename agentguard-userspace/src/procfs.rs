@@ -96,6 +96,14 @@ pub fn tids(pid: u32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// Whether the process has exited and waits to be reaped (state Z or X).
+pub fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])))
+        .unwrap_or(true)
+}
+
 /// The thread-group id of a task id.
 pub fn tgid_of(tid: u32) -> Option<u32> {
     std::fs::read_to_string(format!("/proc/{tid}/status"))

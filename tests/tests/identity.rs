@@ -65,7 +65,7 @@ fn read_fact(child: &mut std::process::Child, key: &str) -> u32 {
 fn run_tags_the_command_in_a_fresh_session_cgroup() {
     let d = Daemon::start(&[("a.toml", &policy("tester", ""))]);
     let mut child = d
-        .run_cmd("tester", &[&tb(), "sleep", "5"])
+        .run_cmd("tester", &[&tb(), "sleep", "30"])
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn run");
@@ -95,7 +95,7 @@ fn run_tags_the_command_in_a_fresh_session_cgroup() {
 fn undeclared_name_runs_under_the_fallback_policy() {
     let fallback = "[agent]\nname = \"coding-agent\"\nfallback = true\n";
     let d = Daemon::start(&[("default.toml", fallback)]);
-    let mut child = d.run_cmd("my-new-agent", &[&tb(), "sleep", "5"]).stdout(Stdio::piped()).spawn().expect("spawn");
+    let mut child = d.run_cmd("my-new-agent", &[&tb(), "sleep", "30"]).stdout(Stdio::piped()).spawn().expect("spawn");
     let pid = read_fact(&mut child, "pid");
     let p = wait_tagged(&d, pid, "coding-agent");
     assert!(
@@ -118,19 +118,19 @@ fn tag_follows_double_fork_setsid_threads_vfork_clone3_and_exec() {
     let tb = tb();
 
     // Double fork + setsid: the grandchild is reparented and in a new session.
-    let out = d.run_cmd("tester", &[&tb, "daemonize", &tb, "sleep", "5"]).output().expect("run");
+    let out = d.run_cmd("tester", &[&tb, "daemonize", &tb, "sleep", "30"]).output().expect("run");
     let grandchild: u32 = fact(&out.stdout, "grandchild").expect("grandchild pid").parse().expect("pid");
     let p = wait_tagged(&d, grandchild, "tester");
     assert_ne!(p["ppid"], fact(&out.stdout, "pid").expect("pid").parse::<u32>().expect("n"), "grandchild was reparented");
 
     // Threads: every thread carries the tag.
-    let mut threads = d.run_cmd("tester", &[&tb, "threads", "3", "4"]).stdout(Stdio::piped()).spawn().expect("spawn");
+    let mut threads = d.run_cmd("tester", &[&tb, "threads", "3", "30"]).stdout(Stdio::piped()).spawn().expect("spawn");
     let pid = read_fact(&mut threads, "pid");
     d.wait_ps(WAIT, "4 tagged threads", |ps| proc_of(ps, pid).is_some_and(|p| p["threads_tagged"] == 4));
 
     // vfork (posix_spawn's CLONE_VM|CLONE_VFORK) and clone3 children.
     for how in ["vfork", "clone3"] {
-        let mut c = d.run_cmd("tester", &[&tb, how, &tb, "sleep", "4"]).stdout(Stdio::piped()).spawn().expect("spawn");
+        let mut c = d.run_cmd("tester", &[&tb, how, &tb, "sleep", "30"]).stdout(Stdio::piped()).spawn().expect("spawn");
         let child = read_fact(&mut c, "child");
         wait_tagged(&d, child, "tester");
         let _ = c.kill();
@@ -138,7 +138,7 @@ fn tag_follows_double_fork_setsid_threads_vfork_clone3_and_exec() {
 
     // An exec chain through a shell keeps the tag.
     let mut c = d
-        .run_cmd("tester", &["/bin/sh", "-c", &format!("{tb} exec /bin/sh -c 'exec {tb} sleep 4'")])
+        .run_cmd("tester", &["/bin/sh", "-c", &format!("{tb} exec /bin/sh -c 'exec {tb} sleep 30'")])
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn");
@@ -171,19 +171,19 @@ fn each_selector_kind_tags_at_exec_and_siblings_stay_untagged() {
         let pid = read_fact(&mut c, "pid");
         (c, pid)
     };
-    let (mut a, pa) = spawn(Command::new(&by_comm).args(["sleep", "5"]));
-    let (mut b, pb) = spawn(Command::new(&by_exe).args(["sleep", "5"]));
+    let (mut a, pa) = spawn(Command::new(&by_comm).args(["sleep", "30"]));
+    let (mut b, pb) = spawn(Command::new(&by_exe).args(["sleep", "30"]));
     let mut as_uid = Command::new(testbin());
-    as_uid.args(["sleep", "5"]).uid(54321).gid(54321);
+    as_uid.args(["sleep", "30"]).uid(54321).gid(54321);
     let (mut c, pc) = spawn(&mut as_uid);
     let (mut e, pe) = {
         let mut cmd = Command::new(testbin());
-        cmd.args(["sleep", "5"]);
+        cmd.args(["sleep", "30"]);
         let mut child = agentguard_tests::kernel::spawn_in_cgroup(cmd.stdout(Stdio::piped()), &cg);
         let pid = read_fact(&mut child, "pid");
         (child, pid)
     };
-    let (mut sibling, ps_) = spawn(Command::new(testbin()).args(["sleep", "5"]));
+    let (mut sibling, ps_) = spawn(Command::new(testbin()).args(["sleep", "30"]));
 
     for (pid, agent) in [(pa, "by-comm"), (pb, "by-exe"), (pc, "by-uid"), (pe, "by-cgroup")] {
         let p = wait_tagged(&d, pid, agent);
@@ -208,7 +208,7 @@ fn agents_running_before_the_daemon_are_tagged_with_their_descendants() {
     let agent = testbin_as(&bins, "agt-pre-sel");
     // The agent and a child it spawned, both alive before the daemon starts.
     let mut parent = Command::new(&agent)
-        .args(["vfork", &tb(), "sleep", "8"])
+        .args(["vfork", &tb(), "sleep", "30"])
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn agent");
@@ -232,7 +232,7 @@ fn a_process_that_leaves_its_cgroup_is_moved_back_and_recorded() {
     let trace = TempDir::new("escape");
     let trace_file = trace.join("trace");
     let escape = format!(
-        "{{ echo $$ > {root}/cgroup.procs && echo moved || echo move-failed; cat /proc/self/cgroup; }} > {trace} 2>&1; exec {tb} sleep 5",
+        "{{ echo $$ > {root}/cgroup.procs && echo moved || echo move-failed; cat /proc/self/cgroup; }} > {trace} 2>&1; exec {tb} sleep 30",
         root = root.display(),
         trace = trace_file.display(),
         tb = tb()
