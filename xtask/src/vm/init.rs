@@ -72,7 +72,7 @@ run_test() {
     rm -f "$skips"
     echo
     echo "@@AG BEGIN $name"
-    AGENTGUARD_BIN=/bin/agentguard AGENTGUARD_SKIP_FILE=$skips AGENTGUARD_ENV=$AG_ENV \
+    AGENTGUARD_BIN=/bin/agentguard AGENTGUARD_POLICY_DIR=/policies AGENTGUARD_SKIP_FILE=$skips AGENTGUARD_ENV=$AG_ENV \
         "/tests/$name" --test-threads=1 --color never </dev/null 2>&1
     code=$?
     echo

@@ -74,8 +74,8 @@ pub fn static_archive(vm_dir: &Path) -> Result<PathBuf> {
 /// The per-run payload: tests under /tests, programs (the daemon, test
 /// helpers) under /bin, all without debug info (the VM has 1 GiB; symbols
 /// stay, so backtraces keep function names), their shared libraries at the
-/// paths `ldd` names, and the policy tree at its host path (so compile-time
-/// paths to it work in the VM).
+/// paths `ldd` names, and the policy tree at /policies (the tests find it
+/// through AGENTGUARD_POLICY_DIR).
 pub fn payload_archive(
     vm_dir: &Path,
     tests: &[Executable],
@@ -101,7 +101,7 @@ pub fn payload_archive(
         c.file_from(&lib.to_string_lossy(), 0o755, lib)?;
     }
     if policies.is_dir() {
-        add_tree(&mut c, policies)?;
+        add_tree(&mut c, policies, Path::new("policies"))?;
     }
     c.finish()?;
     Ok(archive)
@@ -154,8 +154,9 @@ fn create(path: &Path) -> Result<BufWriter<File>> {
     Ok(BufWriter::with_capacity(1 << 20, f))
 }
 
-fn add_tree(c: &mut Cpio<BufWriter<File>>, dir: &Path) -> Result<()> {
-    c.dir(&dir.to_string_lossy())?;
+/// `dir` and everything below it, at `at` in the image.
+fn add_tree(c: &mut Cpio<BufWriter<File>>, dir: &Path, at: &Path) -> Result<()> {
+    c.dir(&at.to_string_lossy())?;
     let mut entries: Vec<_> = fs::read_dir(dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
         .collect::<io::Result<_>>()
@@ -163,10 +164,11 @@ fn add_tree(c: &mut Cpio<BufWriter<File>>, dir: &Path) -> Result<()> {
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let path = e.path();
+        let inside = at.join(e.file_name());
         if path.is_dir() {
-            add_tree(c, &path)?;
+            add_tree(c, &path, &inside)?;
         } else if path.is_file() {
-            c.file_from(&path.to_string_lossy(), 0o644, &path)?;
+            c.file_from(&inside.to_string_lossy(), 0o644, &path)?;
         }
     }
     Ok(())
