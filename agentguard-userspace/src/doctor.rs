@@ -8,10 +8,7 @@ use std::{
 };
 
 use agentguard_common::programs;
-use aya::{
-    programs::{CgroupAttachMode, CgroupSockAddr, Lsm},
-    Btf,
-};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use serde::Serialize;
 
 use crate::{loader, mounts};
@@ -161,16 +158,15 @@ fn probe_sock_addr(ebpf: &mut aya::Ebpf, cgroup: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Load and attach the real file programs, not a stand-in: a kernel can load
+/// a trivial LSM program yet refuse a helper the real ones need (6.1 refuses
+/// bpf_d_path in path_unlink). Doctor's maps hold no tags, so attaching them
+/// for the probe affects no process.
 fn probe_lsm(ebpf: &mut aya::Ebpf) -> Result<(), String> {
-    let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
-    let prog: &mut Lsm = ebpf
-        .program_mut(programs::LSM_PROBE)
-        .ok_or("program lsm_probe missing")?
-        .try_into()
-        .map_err(|e| format!("{e}"))?;
-    prog.load("path_unlink", &btf).map_err(|e| chain(&e))?;
-    prog.attach().map_err(|e| chain(&e))?;
-    Ok(())
+    loader::PROBES
+        .iter()
+        .filter(|p| matches!(p.kind, loader::ProbeKind::Lsm { .. }))
+        .try_for_each(|p| loader::attach_probe(ebpf, p, Path::new("/")).map_err(|e| format!("{}: {e}", p.program)))
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
