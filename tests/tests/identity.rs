@@ -39,10 +39,10 @@ fn proc_of(ps: &Value, pid: u32) -> Option<&Value> {
 }
 
 fn wait_tagged(d: &Daemon, pid: u32, agent: &str) -> Value {
-    d.wait_ps(WAIT, &format!("pid {pid} tagged as {agent}"), |ps| {
+    let ps = d.wait_ps(WAIT, &format!("pid {pid} tagged as {agent}"), |ps| {
         proc_of(ps, pid).is_some_and(|p| p["agent"] == agent)
     });
-    proc_of(&d.ps(), pid).cloned().expect("present")
+    proc_of(&ps, pid).cloned().expect("present in the snapshot that matched")
 }
 
 /// Read `key=value` lines from a child's stdout until `key` appears.
