@@ -159,6 +159,7 @@ pub fn status(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
         println!("sessions: {}", v["sessions"]);
         println!("events logged: {}, decode errors: {}", v["events_logged"], v["decode_errors"]);
         println!("kernel counters: {}", v["kernel_counters"]);
+        print!("{}", crate::events::cli::render_status(&v["audit"]));
         for p in v["probes"].as_array().into_iter().flatten() {
             println!("  {:<20} {:<8} {}", p["program"].as_str().unwrap_or("?"), p["class"].as_str().unwrap_or("?"), p["state"].as_str().unwrap_or("?"));
         }

@@ -15,6 +15,18 @@ pub struct Config {
     pub policy_dir: PathBuf,
     /// The event log (JSON lines).
     pub events_log: PathBuf,
+    /// The chain-head checkpoint of the event log, kept apart from it
+    /// (docs/events.md).
+    pub chain_head: PathBuf,
+    /// Rotate the event log when a file would grow beyond this (0: never).
+    pub events_rotate_bytes: u64,
+    /// Rotated event-log files to keep (0: all).
+    pub events_rotate_keep: u32,
+    /// fdatasync the event log at most this often (0: after every batch).
+    pub events_fsync_interval_ms: u64,
+    /// Deny agents' network and file actions while their events cannot be
+    /// recorded (log unwritable, ring buffer overflowing).
+    pub fail_closed: bool,
     /// Where programs and maps are pinned.
     pub pin_dir: PathBuf,
     /// The control socket the CLI talks to.
@@ -30,6 +42,11 @@ impl Default for Config {
         Self {
             policy_dir: PathBuf::from("/etc/agentguard/policies"),
             events_log: PathBuf::from("/var/log/agentguard/events.jsonl"),
+            chain_head: PathBuf::from("/var/lib/agentguard/chain-head"),
+            events_rotate_bytes: 64 << 20,
+            events_rotate_keep: 10,
+            events_fsync_interval_ms: 100,
+            fail_closed: true,
             pin_dir: PathBuf::from("/sys/fs/bpf/agentguard"),
             socket: PathBuf::from("/run/agentguard/agentguard.sock"),
             cgroup_subtree: "agentguard".to_owned(),

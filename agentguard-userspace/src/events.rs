@@ -1,22 +1,30 @@
-//! Turning decoded kernel events into log records (enriched with agent names
-//! and process details) and appending them to the event log as JSON lines.
-//! The schema is documented in docs/events.md.
+//! Turning decoded kernel events into log records: enriched with the agent's
+//! name, the process's parent and lineage, the rule that decided and its
+//! reversibility class and rollback note. The schema is documented in
+//! docs/events.md and docs/events.schema.json; [`log::EventLog`] appends the
+//! records to the hash-chained log ([`crate::audit`]).
 use std::{
-    fs::{File, OpenOptions},
-    io::{BufWriter, Write as _},
-    path::Path,
+    borrow::Cow,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use agentguard_common::{Decision, Enforcement, FileOp, NetHook};
-use serde::Serialize;
-use serde_json::{json, Value};
-
+use agentguard_common::{Decision, Enforcement, NetHook, RULE_FAIL_CLOSED};
 use crate::{
     decode::{c_str, KernelEvent},
-    policy::PolicySet,
-    procfs,
+    policy::{AgentPolicy, PolicySet, Reversibility},
 };
+
+pub mod blast;
+pub mod cli;
+pub mod json;
+pub mod latency;
+pub mod lineage;
+pub mod log;
+pub mod query;
+
+pub use log::EventLog;
 
 /// Converts the kernel's monotonic timestamps to wall-clock time.
 #[derive(Debug, Clone, Copy)]
@@ -30,11 +38,7 @@ impl Clock {
         let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
             .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
             .unwrap_or(0);
-        let real = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i128)
-            .unwrap_or(0);
-        Self { offset_ns: real - mono }
+        Self { offset_ns: now_ns() - mono }
     }
 
     pub fn wall_ns(&self, ktime_ns: u64) -> i128 {
@@ -48,11 +52,20 @@ impl Default for Clock {
     }
 }
 
-/// RFC 3339 UTC with milliseconds, from nanoseconds since the epoch.
+/// Wall-clock nanoseconds since the epoch.
+pub fn now_ns() -> i128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)
+}
+
+pub fn now_rfc3339() -> String {
+    rfc3339(now_ns())
+}
+
+/// RFC 3339 UTC with microseconds, from nanoseconds since the epoch.
 pub fn rfc3339(ns: i128) -> String {
-    let ms_total = ns.div_euclid(1_000_000);
-    let secs = ms_total.div_euclid(1000);
-    let ms = ms_total.rem_euclid(1000);
+    let us_total = ns.div_euclid(1_000);
+    let secs = us_total.div_euclid(1_000_000);
+    let us = us_total.rem_euclid(1_000_000);
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     // Howard Hinnant's days-to-civil.
@@ -65,15 +78,52 @@ pub fn rfc3339(ns: i128) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i128::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
-        sod / 3600,
-        (sod % 3600) / 60,
-        sod % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{us:06}Z", sod / 3600, (sod % 3600) / 60, sod % 60)
 }
 
-fn decision_name(d: u32) -> &'static str {
+/// Nanoseconds since the epoch from `YYYY-MM-DDTHH:MM:SS[.frac]Z` (the log's
+/// form; a numeric offset instead of Z is accepted too).
+pub fn parse_rfc3339(s: &str) -> Option<i128> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i128> { s.get(r)?.parse::<u32>().ok().map(i128::from) };
+    let (y, mo, d, h, mi, se) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    let mut rest = &s[19..];
+    let mut frac_ns: i128 = 0;
+    if let Some(f) = rest.strip_prefix('.') {
+        let digits = f.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let padded = format!("{:0<9}", &f[..digits.min(9)]);
+        frac_ns = padded.parse::<i128>().ok()?;
+        rest = &f[digits..];
+    }
+    let offset_s: i128 = match rest {
+        "Z" | "z" => 0,
+        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) && &o[3..4] == ":" => {
+            let v = o[1..3].parse::<i128>().ok()? * 3600 + o[4..6].parse::<i128>().ok()? * 60;
+            if o.starts_with('-') { -v } else { v }
+        }
+        _ => return None,
+    };
+    // Howard Hinnant's days-from-civil.
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400 + h * 3600 + mi * 60 + se) - offset_s) * 1_000_000_000 + frac_ns)
+}
+
+pub fn decision_name(d: u32) -> &'static str {
     match Decision::from_u32(d) {
         Some(Decision::Allow) => "allow",
         Some(Decision::Deny) => "deny",
@@ -83,48 +133,258 @@ fn decision_name(d: u32) -> &'static str {
     }
 }
 
-/// One log line, before the sequence number and chain are added.
-#[derive(Debug, Clone, Serialize)]
-pub struct Record {
-    pub time: String,
+/// The log's name of a [`agentguard_common::FileOp`], by its stable number (every operation
+/// the kernel reports has one: see the test).
+pub fn file_action(op: u32) -> &'static str {
+    match op {
+        1 => "unlink",
+        2 => "rmdir",
+        3 => "rename",
+        4 => "truncate",
+        5 => "link",
+        6 => "rename_over",
+        _ => "unknown",
+    }
+}
+
+pub fn reversibility_name(r: Reversibility) -> &'static str {
+    match r {
+        Reversibility::Reversible => "reversible",
+        Reversibility::Compensable => "compensable",
+        Reversibility::Irreversible => "irreversible",
+    }
+}
+
+/// One log line before the writer adds `seq`, `prev` and `host`: borrowed
+/// from the policy where it can be, written straight into the batch buffer
+/// by [`Record::write_fields`]. The fields every line carries come first, in
+/// this order; `detail` adds the kind's own.
+#[derive(Debug, Clone)]
+pub struct Record<'a> {
+    /// When the hook ran, nanoseconds since the epoch.
+    pub wall_ns: i128,
     pub kind: &'static str,
-    pub agent: Option<String>,
+    pub action: &'static str,
+    pub agent: Option<&'a str>,
     pub agent_id: u32,
     pub session: u32,
     pub pid: u32,
     pub tid: u32,
     pub ppid: Option<u32>,
+    /// Ancestors up to the session's root, nearest first.
+    pub lineage: Vec<u32>,
     pub uid: u32,
-    #[serde(flatten)]
-    pub detail: Value,
+    pub target: Target,
+    pub decision: Option<&'static str>,
+    pub rule: Option<Cow<'a, str>>,
+    pub reversibility: Option<&'static str>,
+    pub rollback: Option<&'a str>,
+    pub enforcement: Option<&'static str>,
+    pub detail: Detail,
 }
 
-/// Build the record for a kernel event. Reads /proc for details the kernel
-/// did not carry (argv, parent); a process that has already exited has none.
-pub fn record(ev: &KernelEvent, policies: &PolicySet, clock: &Clock) -> Record {
+#[derive(Debug, Clone)]
+pub enum Target {
+    None,
+    Text(String),
+    Socket(IpAddr, u16),
+}
+
+#[derive(Debug, Clone)]
+pub enum Detail {
+    Exec {
+        exe: String,
+        comm: String,
+        argv: Option<Vec<String>>,
+        cwd: Option<PathBuf>,
+        old_pid: u32,
+        newly_tagged: bool,
+    },
+    Fork {
+        child_tid: u32,
+    },
+    Exit,
+    Net {
+        ip: IpAddr,
+        port: u16,
+        protocol: &'static str,
+        /// The kernel's 1-based rule index (0: the agent's default).
+        rule_index: u32,
+    },
+    File {
+        path: String,
+        rule_index: u32,
+    },
+}
+
+impl Record<'_> {
+    /// Append the fields, each as `,"key":value` (see [`crate::audit::compose_head`]).
+    pub fn write_fields(&self, out: &mut Vec<u8>) {
+        use json::{key, opt_raw_str, opt_str, opt_uint, raw_str, uint};
+        key(out, "time");
+        json::time(out, self.wall_ns);
+        key(out, "kind");
+        raw_str(out, self.kind);
+        key(out, "action");
+        raw_str(out, self.action);
+        key(out, "agent");
+        opt_str(out, self.agent);
+        key(out, "agent_id");
+        uint(out, u64::from(self.agent_id));
+        key(out, "session");
+        uint(out, u64::from(self.session));
+        key(out, "pid");
+        uint(out, u64::from(self.pid));
+        key(out, "tid");
+        uint(out, u64::from(self.tid));
+        key(out, "ppid");
+        opt_uint(out, self.ppid.map(u64::from));
+        key(out, "lineage");
+        json::uint_array(out, &self.lineage);
+        key(out, "uid");
+        uint(out, u64::from(self.uid));
+        key(out, "target");
+        match &self.target {
+            Target::None => json::null(out),
+            Target::Text(t) => json::str(out, t),
+            Target::Socket(ip, port) => json::sockaddr(out, *ip, *port),
+        }
+        key(out, "decision");
+        opt_raw_str(out, self.decision);
+        key(out, "rule");
+        opt_str(out, self.rule.as_deref());
+        key(out, "reversibility");
+        opt_raw_str(out, self.reversibility);
+        key(out, "rollback");
+        opt_str(out, self.rollback);
+        key(out, "enforcement");
+        opt_raw_str(out, self.enforcement);
+        match &self.detail {
+            Detail::Exec { exe, comm, argv, cwd, old_pid, newly_tagged } => {
+                key(out, "exe");
+                json::str(out, exe);
+                key(out, "comm");
+                json::str(out, comm);
+                key(out, "argv");
+                match argv {
+                    Some(args) => {
+                        out.push(b'[');
+                        for (i, a) in args.iter().enumerate() {
+                            if i > 0 {
+                                out.push(b',');
+                            }
+                            json::str(out, a);
+                        }
+                        out.push(b']');
+                    }
+                    None => json::null(out),
+                }
+                key(out, "cwd");
+                opt_str(out, cwd.as_ref().map(|c| c.to_string_lossy()).as_deref());
+                key(out, "old_pid");
+                uint(out, u64::from(*old_pid));
+                key(out, "newly_tagged");
+                json::bool(out, *newly_tagged);
+            }
+            Detail::Fork { child_tid } => {
+                key(out, "child_tid");
+                uint(out, u64::from(*child_tid));
+            }
+            Detail::Exit => {}
+            Detail::Net { ip, port, protocol, rule_index } => {
+                key(out, "address");
+                out.push(b'"');
+                json::ip_text(out, *ip);
+                out.push(b'"');
+                key(out, "port");
+                uint(out, u64::from(*port));
+                key(out, "protocol");
+                raw_str(out, protocol);
+                key(out, "rule_index");
+                uint(out, u64::from(*rule_index));
+            }
+            Detail::File { path, rule_index } => {
+                key(out, "path");
+                json::str(out, path);
+                key(out, "rule_index");
+                uint(out, u64::from(*rule_index));
+            }
+        }
+    }
+}
+
+/// What the policy says about the rule that decided: (rule id, class, rollback).
+/// An action no rule classifies (the agent's default decided) is treated as
+/// irreversible, the same conservative default the policy parser gives a rule
+/// without a class.
+fn classify<'a>(
+    agent: Option<&'a AgentPolicy>,
+    rule_id: u32,
+    rule: impl Fn(&'a AgentPolicy, u32) -> Option<(&'a str, Reversibility, Option<&'a str>)>,
+) -> (Cow<'a, str>, &'static str, Option<&'a str>) {
+    if rule_id == RULE_FAIL_CLOSED {
+        return (Cow::Borrowed("fail-closed"), "irreversible", None);
+    }
+    if rule_id == 0 {
+        return (Cow::Borrowed("default"), "irreversible", None);
+    }
+    match agent.and_then(|a| rule(a, rule_id)) {
+        Some((id, class, rollback)) => (Cow::Borrowed(id), reversibility_name(class), rollback),
+        None => (Cow::Owned(format!("#{rule_id}")), "irreversible", None),
+    }
+}
+
+/// Build the record for a kernel event. `ppid` and `lineage` come from the
+/// daemon's process table ([`lineage::ProcTable`]); an exec also reads /proc
+/// for argv and cwd (a process that already exited has none).
+pub fn record<'a>(ev: &KernelEvent, policies: &'a PolicySet, clock: &Clock, ppid: Option<u32>, lineage: Vec<u32>) -> Record<'a> {
     let h = ev.header();
-    let agent = policies.by_id(h.agent_id).map(|a| a.name.clone());
-    let info = procfs::read(h.pid);
-    let (kind, detail) = match ev {
-        KernelEvent::Exec(e) => (
-            "exec",
-            json!({
-                "exe": c_str(&e.filename),
-                "comm": c_str(&e.comm),
-                "argv": info.as_ref().map(|i| i.argv.clone()),
-                "cwd": std::fs::read_link(format!("/proc/{}/cwd", h.pid)).ok(),
-                "old_pid": e.old_pid,
-                "newly_tagged": e.newly_tagged == 1,
-            }),
-        ),
-        KernelEvent::Fork(f) => ("fork", json!({ "child_tid": f.child_tid })),
-        KernelEvent::Exit(_) => ("exit", json!({})),
-        KernelEvent::Net(n) => {
-            let addr: std::net::IpAddr = match n.family as i32 {
-                libc::AF_INET => std::net::Ipv4Addr::new(n.addr[0], n.addr[1], n.addr[2], n.addr[3]).into(),
-                _ => std::net::Ipv6Addr::from(n.addr).into(),
+    let agent = policies.by_id(h.agent_id);
+    let mut r = Record {
+        wall_ns: clock.wall_ns(h.ktime_ns),
+        kind: "exec",
+        action: "exec",
+        agent: agent.map(|a| a.name.as_str()),
+        agent_id: h.agent_id,
+        session: h.session_id,
+        pid: h.pid,
+        tid: h.tid,
+        ppid,
+        lineage,
+        uid: h.uid,
+        target: Target::None,
+        decision: None,
+        rule: None,
+        reversibility: None,
+        rollback: None,
+        enforcement: None,
+        detail: Detail::Exit,
+    };
+    match ev {
+        KernelEvent::Exec(e) => {
+            let exe = c_str(&e.filename);
+            r.target = Target::Text(exe.clone());
+            r.detail = Detail::Exec {
+                exe,
+                comm: c_str(&e.comm),
+                argv: crate::procfs::read(h.pid).map(|i| i.argv),
+                cwd: std::fs::read_link(format!("/proc/{}/cwd", h.pid)).ok(),
+                old_pid: e.old_pid,
+                newly_tagged: e.newly_tagged != 0,
             };
-            let hook = match NetHook::from_u32(n.hook) {
+        }
+        KernelEvent::Fork(f) => {
+            (r.kind, r.action) = ("fork", "fork");
+            r.detail = Detail::Fork { child_tid: f.child_tid };
+        }
+        KernelEvent::Exit(_) => (r.kind, r.action) = ("exit", "exit"),
+        KernelEvent::Net(n) => {
+            let ip: IpAddr = match i32::from(n.family) {
+                libc::AF_INET => Ipv4Addr::new(n.addr[0], n.addr[1], n.addr[2], n.addr[3]).into(),
+                _ => Ipv6Addr::from(n.addr).into(),
+            };
+            r.kind = "net";
+            r.action = match NetHook::from_u32(n.hook) {
                 Some(NetHook::Connect4 | NetHook::Connect6) => "connect",
                 Some(NetHook::Sendmsg4 | NetHook::Sendmsg6) => "sendmsg",
                 None => "unknown",
@@ -134,109 +394,108 @@ pub fn record(ev: &KernelEvent, policies: &PolicySet, clock: &Clock) -> Record {
                 libc::IPPROTO_UDP => "udp",
                 _ => "other",
             };
-            (
-                "net",
-                json!({
-                    "action": hook,
-                    "address": addr.to_string(),
-                    "port": n.port,
-                    "protocol": protocol,
-                    "decision": decision_name(n.decision),
-                    "rule": n.rule_id,
-                    "enforcement": "enforced",
-                }),
-            )
+            r.target = Target::Socket(ip, n.port);
+            let (rule, class, rollback) = classify(agent, n.rule_id, |a, id| {
+                a.net_rule(id).map(|r| (r.id.as_str(), r.reversibility, r.rollback.as_deref()))
+            });
+            (r.decision, r.rule, r.reversibility, r.rollback) = (Some(decision_name(n.decision)), Some(rule), Some(class), rollback);
+            r.enforcement = Some("enforced");
+            r.detail = Detail::Net { ip, port: n.port, protocol, rule_index: n.rule_id };
         }
         KernelEvent::File(f) => {
-            let op = match FileOp::from_u32(f.op) {
-                Some(FileOp::Unlink) => "unlink",
-                Some(FileOp::Rmdir) => "rmdir",
-                Some(FileOp::Rename) => "rename",
-                Some(FileOp::Truncate) => "truncate",
-                None => "unknown",
-            };
-            let enforcement = if f.enforcement == Enforcement::Observed as u32 {
-                "contained"
-            } else {
-                "enforced"
-            };
+            r.kind = "file";
+            r.action = file_action(f.op);
             let dir = c_str(&f.dir);
             let name = c_str(&f.name);
-            let target = if name.is_empty() { dir.clone() } else { format!("{}/{name}", dir.trim_end_matches('/')) };
-            (
-                "file",
-                json!({
-                    "action": op,
-                    "target": target,
-                    "decision": decision_name(f.decision),
-                    "rule": f.rule_id,
-                    "enforcement": enforcement,
-                }),
-            )
+            let path = if name.is_empty() { dir } else { format!("{}/{name}", dir.trim_end_matches('/')) };
+            r.target = Target::Text(path.clone());
+            let (rule, class, rollback) = classify(agent, f.rule_id, |a, id| {
+                a.file_rule(id).map(|r| (r.id.as_str(), r.reversibility, r.rollback.as_deref()))
+            });
+            (r.decision, r.rule, r.reversibility, r.rollback) = (Some(decision_name(f.decision)), Some(rule), Some(class), rollback);
+            r.enforcement = Some(if f.enforcement == Enforcement::Observed as u32 { "contained" } else { "enforced" });
+            r.detail = Detail::File { path, rule_index: f.rule_id };
         }
-    };
-    Record {
-        time: rfc3339(clock.wall_ns(h.ktime_ns)),
-        kind,
-        agent,
-        agent_id: h.agent_id,
-        session: h.session_id,
-        pid: h.pid,
-        tid: h.tid,
-        ppid: info.map(|i| i.ppid),
-        uid: h.uid,
-        detail,
     }
-}
-
-/// The append-only event log.
-pub struct EventLog {
-    out: BufWriter<File>,
-    seq: u64,
-    host: String,
-}
-
-impl EventLog {
-    pub fn open(path: &Path) -> std::io::Result<Self> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let seq = std::fs::read_to_string(path)
-            .map(|t| t.lines().count() as u64)
-            .unwrap_or(0);
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        let host = nix::unistd::gethostname()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        Ok(Self { out: BufWriter::new(file), seq, host })
-    }
-
-    pub fn append(&mut self, record: &impl Serialize) -> std::io::Result<u64> {
-        self.seq += 1;
-        let mut v = serde_json::to_value(record).map_err(std::io::Error::other)?;
-        if let Value::Object(m) = &mut v {
-            m.insert("seq".into(), self.seq.into());
-            m.insert("host".into(), self.host.clone().into());
-        }
-        serde_json::to_writer(&mut self.out, &v).map_err(std::io::Error::other)?;
-        self.out.write_all(b"\n")?;
-        Ok(self.seq)
-    }
-
-    pub fn flush(&mut self) -> std::io::Result<()> {
-        self.out.flush()
-    }
+    r
 }
 
 #[cfg(test)]
 mod tests {
+    use agentguard_common::{EventHeader, EventKind, NetEvent};
+
     use super::*;
+    use crate::schema::Schema;
 
     #[test]
-    fn formats_rfc3339() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
-        // 2026-11-24T15:42:07.123Z
-        assert_eq!(rfc3339(1_795_534_927_123_000_000), "2026-11-24T15:42:07.123Z");
-        assert_eq!(rfc3339(951_782_400_000_000_000), "2000-02-29T00:00:00.000Z");
+    fn formats_and_parses_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339(1_795_534_927_123_456_000), "2026-11-24T15:42:07.123456Z");
+        assert_eq!(rfc3339(951_782_400_000_000_000), "2000-02-29T00:00:00.000000Z");
+        for ns in [0, 1_795_534_927_123_456_000, 951_782_400_000_000_000, 4_102_444_799_999_999_000] {
+            assert_eq!(parse_rfc3339(&rfc3339(ns)), Some(ns));
+        }
+        assert_eq!(parse_rfc3339("2026-11-24T16:42:07+01:00"), Some(1_795_534_927_000_000_000));
+        assert_eq!(parse_rfc3339("2026-11-24T15:42:07.5Z"), Some(1_795_534_927_500_000_000));
+        for bad in ["", "2026-11-24", "2026-13-01T00:00:00Z", "2026-11-24T15:42:07", "2026-11-24T15:42:07.Z"] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_file_operation_has_a_name() {
+        for n in 0..64 {
+            if agentguard_common::FileOp::from_u32(n).is_some() {
+                assert_ne!(file_action(n), "unknown", "FileOp {n} needs a name in the log");
+            }
+        }
+        assert_eq!(file_action(agentguard_common::FileOp::Unlink as u32), "unlink");
+    }
+
+    fn policies() -> PolicySet {
+        let text = "[agent]\nname = \"a\"\n[network]\ndefault = \"allow\"\n[[network.rule]]\nid = \"db\"\ndecision = \"deny\"\ncidr = [\"10.0.0.0/8\"]\nreversibility = \"compensable\"\nrollback = \"restore it\"\n";
+        let a = crate::policy::parse(std::path::Path::new("a.toml"), text).expect("policy parses");
+        let mut set = PolicySet::default();
+        set.agents.insert(a.name.clone(), a);
+        set
+    }
+
+    fn net(rule_id: u32, decision: Decision) -> KernelEvent {
+        KernelEvent::Net(NetEvent {
+            header: EventHeader { kind: EventKind::Net as u32, agent_id: crate::policy::agent_id("a"), session_id: 5, pid: 10, tid: 10, uid: 0, ktime_ns: 1 },
+            hook: NetHook::Connect4 as u32,
+            decision: decision as u32,
+            rule_id,
+            protocol: libc::IPPROTO_TCP as u32,
+            family: libc::AF_INET as u16,
+            port: 5432,
+            _pad: 0,
+            addr: [10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        })
+    }
+
+    #[test]
+    fn net_records_carry_the_rule_class_and_rollback_and_fit_the_schema() {
+        let set = policies();
+        let schema = Schema::events().expect("schema");
+        let r = record(&net(1, Decision::Deny), &set, &Clock::new(), Some(1), vec![1]);
+        assert_eq!((r.kind, r.action), ("net", "connect"));
+        assert_eq!((r.rule.as_deref(), r.reversibility, r.rollback), (Some("db"), Some("compensable"), Some("restore it")));
+        assert_eq!((r.decision, r.enforcement, r.agent), (Some("deny"), Some("enforced"), Some("a")));
+        let d = record(&net(0, Decision::Allow), &set, &Clock::new(), None, vec![]);
+        assert_eq!((d.rule.as_deref(), d.reversibility), (Some("default"), Some("irreversible")));
+        let fc = record(&net(RULE_FAIL_CLOSED, Decision::Deny), &set, &Clock::new(), None, vec![]);
+        assert_eq!(fc.rule.as_deref(), Some("fail-closed"));
+        for rec in [r, d, fc] {
+            // As the writer emits it.
+            let mut line = Vec::new();
+            crate::audit::compose_head(&mut line, 1, &crate::audit::GENESIS, "\"h\"");
+            rec.write_fields(&mut line);
+            line.push(b'}');
+            let v: serde_json::Value = serde_json::from_slice(&line).expect("json");
+            assert_eq!(schema.validate(&v), Vec::<String>::new(), "{v}");
+            assert_eq!(v["target"], "10.1.2.3:5432");
+            assert_eq!(v["address"], "10.1.2.3");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The agentguard daemon and CLI, as a library so integration tests drive the
 //! same loader, decoder, policy compiler and daemon the binary uses.
+pub mod audit;
 pub mod cgroups;
 pub mod cli;
 pub mod compile;
@@ -14,4 +15,5 @@ pub mod mounts;
 pub mod netrules;
 pub mod policy;
 pub mod procfs;
+pub mod schema;
 pub mod tracefs;

@@ -2,6 +2,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use agentguard::{cli, config::DEFAULT_CONFIG};
+use agentguard::events::cli as events_cli;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -60,6 +61,63 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// The event log: readable for people (colour on a terminal), or the exact JSON lines.
+    Events(EventsArgs),
+    /// What an agent touched: processes, files, connections, grouped by reversibility.
+    BlastRadius {
+        agent: String,
+        /// Only events since then: a duration back from now (60s, 5m, 2h, 1d) or an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// The event log (default: the configuration's).
+        #[arg(long)]
+        log: Option<PathBuf>,
+    },
+    /// Audit-log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct EventsArgs {
+    /// Only this agent's events.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Only events since then: a duration back from now (60s, 5m, 2h, 1d) or an RFC 3339 time.
+    #[arg(long)]
+    since: Option<String>,
+    /// Keep printing new events as they are written.
+    #[arg(long, short)]
+    follow: bool,
+    /// The log's JSON lines, byte for byte.
+    #[arg(long)]
+    json: bool,
+    /// The event log (default: the configuration's).
+    #[arg(long)]
+    log: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain over every file of the log and against the chain-head
+    /// checkpoint; name the first bad line and exit non-zero.
+    Verify {
+        /// The event log (default: the configuration's).
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// The chain-head checkpoint (default: the configuration's).
+        #[arg(long)]
+        chain_head: Option<PathBuf>,
+        /// Also check every line against docs/events.schema.json.
+        #[arg(long)]
+        schema: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -81,6 +139,13 @@ fn main() -> ExitCode {
         Command::Reload => cli::reload(&ctx),
         Command::Status { json } => cli::status(&ctx, json),
         Command::Policy { command: PolicyCommand::Check { paths } } => cli::policy_check(&paths),
+        Command::Events(EventsArgs { agent, since, follow, json, log }) => {
+            events_cli::events(&ctx, events_cli::EventsArgs { agent, since, follow, json, log })
+        }
+        Command::BlastRadius { agent, since, json, log } => events_cli::blast_radius(&ctx, &agent, since.as_deref(), json, log),
+        Command::Audit { command: AuditCommand::Verify { log, chain_head, schema, json } } => {
+            events_cli::audit_verify(&ctx, log, chain_head, json, schema)
+        }
     };
     match result {
         Ok(code) => code,

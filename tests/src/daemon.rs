@@ -26,6 +26,12 @@ impl Daemon {
     /// Start a daemon with these policies (file name, text) and wait until
     /// it is ready.
     pub fn start(policies: &[(&str, &str)]) -> Self {
+        Self::start_with(policies, "")
+    }
+
+    /// Like [`Self::start`], with `extra` appended to the configuration
+    /// (top-level `key = value` lines; a key given there replaces the default).
+    pub fn start_with(policies: &[(&str, &str)], extra: &str) -> Self {
         crate::kernel::assert_root();
         let dir = TempDir::new("daemon");
         let policy_dir = dir.join("policies");
@@ -37,37 +43,77 @@ impl Daemon {
         let events_log = dir.join("events.jsonl");
         let subtree = format!("agentguard-test-{}", std::process::id());
         let config = dir.join("agentguard.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "policy_dir = {:?}\nevents_log = {:?}\nsocket = {:?}\ncgroup_subtree = {:?}\npin_dir = {:?}\n",
-                policy_dir,
-                events_log,
-                socket,
-                subtree,
-                dir.join("pins"),
-            ),
-        )
-        .expect("write config");
+        // A key in `extra` replaces the default line for it.
+        let overridden = |line: &&str| {
+            let key = line.split('=').next().unwrap_or("").trim();
+            extra.lines().any(|l| l.split('=').next().unwrap_or("").trim() == key)
+        };
+        let defaults = format!(
+            "policy_dir = {:?}\nevents_log = {:?}\nsocket = {:?}\ncgroup_subtree = {:?}\npin_dir = {:?}\nchain_head = {:?}\n",
+            policy_dir,
+            events_log,
+            socket,
+            subtree,
+            dir.join("pins"),
+            dir.join("chain-head"),
+        );
+        let kept: Vec<&str> = defaults.lines().filter(|l| !overridden(l)).collect();
+        std::fs::write(&config, format!("{}\n{extra}\n", kept.join("\n"))).expect("write config");
         let stderr_log = dir.join("daemon.stderr");
+        let mut d = Self { dir, child: None, config, socket, events_log, subtree, stderr_log };
+        d.spawn();
+        d
+    }
+
+    /// Start the daemon process again after [`Self::stop`], same configuration.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr_log)
+            .expect("stderr log");
         let mut child = Command::new(agentguard_bin())
             .args(["--config"])
-            .arg(&config)
+            .arg(&self.config)
             .arg("daemon")
             .env("AGENTGUARD_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr_log).expect("stderr log"))
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", agentguard_bin().display()));
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
         let ready = lines.next().and_then(Result::ok).unwrap_or_default();
-        let d = Self { dir, child: Some(child), config, socket, events_log, subtree, stderr_log };
-        assert_eq!(ready, "agentguard daemon ready", "daemon did not start; its log:\n{}", d.stderr());
+        self.child = Some(child);
+        assert_eq!(ready, "agentguard daemon ready", "daemon did not start; its log:\n{}", self.stderr());
         // Keep draining stdout so the daemon never blocks on it.
         std::thread::spawn(move || for _ in lines {});
-        d
+    }
+
+    /// Stop the daemon process but keep its cgroups and the agents in them
+    /// (they are removed on drop).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     pub fn stderr(&self) -> String {

@@ -17,7 +17,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: ag-testbin connect tcp|udp ADDR:PORT | sendto ADDR:PORT | sleep SECS | threads N SECS | \
          vfork CMD... | clone3 CMD... | daemonize CMD... | unlink PATH | rmdir PATH | rename FROM TO | \
-         truncate PATH | open-trunc PATH | exec CMD..."
+         truncate PATH | open-trunc PATH | exec CMD... | connects ADDR:PORT N RATE now|stdin"
     );
     exit(2)
 }
@@ -219,6 +219,12 @@ fn main() {
             }
         }
         ("exec", rest) => exec(rest),
+        ("connects", [a, n, rate, gate]) => connects(
+            addr(a),
+            n.parse().unwrap_or_else(|_| usage()),
+            rate.parse().unwrap_or_else(|_| usage()),
+            gate == "stdin",
+        ),
         ("unlink", [p]) => report(std::fs::remove_file(p)),
         ("rmdir", [p]) => report(std::fs::remove_dir(p)),
         ("rename", [a, b]) => report(std::fs::rename(a, b)),
@@ -232,4 +238,70 @@ fn main() {
         ("open-trunc", [p]) => report(std::fs::OpenOptions::new().write(true).truncate(true).open(p).map(drop)),
         _ => usage(),
     }
+}
+
+// ---- event floods for the event-log tests and benches ------------------------
+
+/// N UDP connects on one socket (each runs the kernel's connect hook and
+/// emits one event), at RATE per second (0: as fast as possible). With
+/// `gated`, prints `ready=1` and waits for a line on stdin before starting,
+/// and for another (or EOF) before exiting. Prints `attempts=`, `denied=`
+/// (EPERM), `start_ns=` (CLOCK_REALTIME) and `elapsed_ns=`.
+fn connects(a: SocketAddr, n: u64, rate: u64, gated: bool) -> ! {
+    use std::{io::BufRead as _, os::fd::AsRawFd as _};
+    let SocketAddr::V4(v4) = a else {
+        eprintln!("connects: IPv4 only");
+        exit(2)
+    };
+    let sock = UdpSocket::bind("0.0.0.0:0").unwrap_or_else(|e| {
+        eprintln!("bind: {e}");
+        exit(2)
+    });
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+        sin_zero: [0; 8],
+    };
+    let mut stdin = std::io::stdin().lock();
+    let mut line = String::new();
+    if gated {
+        println!("ready=1");
+        let _ = stdin.read_line(&mut line);
+    }
+    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let start = std::time::Instant::now();
+    let mut denied = 0u64;
+    for i in 0..n {
+        // SAFETY: a valid socket and a sockaddr_in of the right length.
+        let r = unsafe {
+            libc::connect(sock.as_raw_fd(), (&sin as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        };
+        if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
+            denied += 1;
+        }
+        if let Some(step) = 1_000_000_000_u64.checked_div(rate) {
+            // Pace: sleep when well ahead of schedule, else spin.
+            let due = Duration::from_nanos((i + 1).saturating_mul(step));
+            loop {
+                let now = start.elapsed();
+                if now >= due {
+                    break;
+                }
+                if due - now > Duration::from_micros(200) {
+                    std::thread::sleep(due - now - Duration::from_micros(100));
+                }
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    println!("attempts={n}");
+    println!("denied={denied}");
+    println!("start_ns={wall}");
+    println!("elapsed_ns={}", elapsed.as_nanos());
+    if gated {
+        line.clear();
+        let _ = stdin.read_line(&mut line);
+    }
+    exit(0)
 }
