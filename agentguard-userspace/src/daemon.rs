@@ -333,6 +333,13 @@ impl State {
     /// Make sure `pid` lives in its session's cgroup (creating the session
     /// for a process a selector just matched).
     fn contain(&mut self, pid: u32, tag: Tag) {
+        // The event or snapshot may be stale: the task can have exited and
+        // its pid been reused by an unrelated process (a fork storm wraps
+        // pid_max in well under a second). The kernel drops a tag at exit,
+        // so only a task that carries this tag now is moved.
+        if !self.has_tag(pid, tag) {
+            return;
+        }
         let Some(agent) = self.agent(tag.agent_id).map(|a| a.name.clone()) else {
             return;
         };
@@ -388,6 +395,10 @@ impl State {
 
     fn is_tagged(&mut self, pid: u32) -> bool {
         self.tags().is_some_and(|t| t.get(&pid, 0).is_ok())
+    }
+
+    fn has_tag(&mut self, pid: u32, tag: Tag) -> bool {
+        self.tags().and_then(|t| t.get(&pid, 0).ok()) == Some(tag)
     }
 }
 
@@ -507,8 +518,9 @@ fn reconcile(s: &mut State) {
         };
         let want = format!("0::{}", s.tree.relative(&session.cgroup));
         let current = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        // has_tag: the snapshot above may be stale (see `contain`).
         // A zombie reports the root cgroup: it has left, but not by moving.
-        if !current.lines().any(|l| l == want) && !current.is_empty() && !procfs::is_zombie(pid) {
+        if !current.lines().any(|l| l == want) && !current.is_empty() && !procfs::is_zombie(pid) && s.has_tag(pid, tag) {
             let left_to = current.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("?").to_owned();
             tracing::warn!(pid, agent = session.agent, left_to, "tagged process left its session cgroup; moving it back");
             let rec = json!({
@@ -765,3 +777,4 @@ fn dispatch(s: &mut State, req: Request, peer: Option<i32>) -> Response {
         },
     }
 }
+
