@@ -60,10 +60,12 @@ pub fn to_hex(h: &Hash) -> String {
 /// Append the hash as 64 lower-case hex digits.
 pub fn hex_into(out: &mut Vec<u8>, h: &Hash) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in h {
-        out.push(DIGITS[usize::from(b >> 4)]);
-        out.push(DIGITS[usize::from(b & 15)]);
+    let mut text = [0u8; 64];
+    for (pair, b) in text.chunks_exact_mut(2).zip(h) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 15)];
     }
+    out.extend_from_slice(&text);
 }
 
 pub fn from_hex(s: &str) -> Option<Hash> {

@@ -239,10 +239,10 @@ async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, state: Shared) -> anyh
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
+                let mut taken = 0;
                 let drained = {
                     let mut s = lock(&state);
                     let ring = guard.get_inner_mut();
-                    let mut taken = 0;
                     let drained = loop {
                         if taken == RING_BATCH {
                             break false;
@@ -265,9 +265,12 @@ async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, state: Shared) -> anyh
                 if drained {
                     guard.clear_ready();
                     drop(guard);
-                    // Let events gather: at most one wakeup and one write(2)
-                    // per pause instead of one per event (docs/events.md).
-                    tokio::time::sleep(events::log::BATCH_PAUSE).await;
+                    // A trickle of events: let them gather, so it costs one
+                    // wakeup and one write(2) per pause instead of per event
+                    // (docs/events.md). Under load, go straight on.
+                    if taken < events::log::SMALL_BATCH {
+                        tokio::time::sleep(events::log::BATCH_PAUSE).await;
+                    }
                 } else {
                     drop(guard);
                     tokio::task::yield_now().await;

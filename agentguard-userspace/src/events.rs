@@ -220,52 +220,52 @@ pub enum Detail {
 impl Record<'_> {
     /// Append the fields, each as `,"key":value` (see [`crate::audit::compose_head`]).
     pub fn write_fields(&self, out: &mut Vec<u8>) {
-        use json::{key, opt_raw_str, opt_str, opt_uint, raw_str, uint};
-        key(out, "time");
+        use json::{opt_raw_str, opt_str, opt_uint, raw_str, uint};
+        crate::json_key!(out, "time");
         json::time(out, self.wall_ns);
-        key(out, "kind");
+        crate::json_key!(out, "kind");
         raw_str(out, self.kind);
-        key(out, "action");
+        crate::json_key!(out, "action");
         raw_str(out, self.action);
-        key(out, "agent");
+        crate::json_key!(out, "agent");
         opt_str(out, self.agent);
-        key(out, "agent_id");
+        crate::json_key!(out, "agent_id");
         uint(out, u64::from(self.agent_id));
-        key(out, "session");
+        crate::json_key!(out, "session");
         uint(out, u64::from(self.session));
-        key(out, "pid");
+        crate::json_key!(out, "pid");
         uint(out, u64::from(self.pid));
-        key(out, "tid");
+        crate::json_key!(out, "tid");
         uint(out, u64::from(self.tid));
-        key(out, "ppid");
+        crate::json_key!(out, "ppid");
         opt_uint(out, self.ppid.map(u64::from));
-        key(out, "lineage");
+        crate::json_key!(out, "lineage");
         json::uint_array(out, &self.lineage);
-        key(out, "uid");
+        crate::json_key!(out, "uid");
         uint(out, u64::from(self.uid));
-        key(out, "target");
+        crate::json_key!(out, "target");
         match &self.target {
             Target::None => json::null(out),
             Target::Text(t) => json::str(out, t),
             Target::Socket(ip, port) => json::sockaddr(out, *ip, *port),
         }
-        key(out, "decision");
+        crate::json_key!(out, "decision");
         opt_raw_str(out, self.decision);
-        key(out, "rule");
+        crate::json_key!(out, "rule");
         opt_str(out, self.rule.as_deref());
-        key(out, "reversibility");
+        crate::json_key!(out, "reversibility");
         opt_raw_str(out, self.reversibility);
-        key(out, "rollback");
+        crate::json_key!(out, "rollback");
         opt_str(out, self.rollback);
-        key(out, "enforcement");
+        crate::json_key!(out, "enforcement");
         opt_raw_str(out, self.enforcement);
         match &self.detail {
             Detail::Exec { exe, comm, argv, cwd, old_pid, newly_tagged } => {
-                key(out, "exe");
+                crate::json_key!(out, "exe");
                 json::str(out, exe);
-                key(out, "comm");
+                crate::json_key!(out, "comm");
                 json::str(out, comm);
-                key(out, "argv");
+                crate::json_key!(out, "argv");
                 match argv {
                     Some(args) => {
                         out.push(b'[');
@@ -279,34 +279,34 @@ impl Record<'_> {
                     }
                     None => json::null(out),
                 }
-                key(out, "cwd");
+                crate::json_key!(out, "cwd");
                 opt_str(out, cwd.as_ref().map(|c| c.to_string_lossy()).as_deref());
-                key(out, "old_pid");
+                crate::json_key!(out, "old_pid");
                 uint(out, u64::from(*old_pid));
-                key(out, "newly_tagged");
+                crate::json_key!(out, "newly_tagged");
                 json::bool(out, *newly_tagged);
             }
             Detail::Fork { child_tid } => {
-                key(out, "child_tid");
+                crate::json_key!(out, "child_tid");
                 uint(out, u64::from(*child_tid));
             }
             Detail::Exit => {}
             Detail::Net { ip, port, protocol, rule_index } => {
-                key(out, "address");
+                crate::json_key!(out, "address");
                 out.push(b'"');
                 json::ip_text(out, *ip);
                 out.push(b'"');
-                key(out, "port");
+                crate::json_key!(out, "port");
                 uint(out, u64::from(*port));
-                key(out, "protocol");
+                crate::json_key!(out, "protocol");
                 raw_str(out, protocol);
-                key(out, "rule_index");
+                crate::json_key!(out, "rule_index");
                 uint(out, u64::from(*rule_index));
             }
             Detail::File { path, rule_index } => {
-                key(out, "path");
+                crate::json_key!(out, "path");
                 json::str(out, path);
-                key(out, "rule_index");
+                crate::json_key!(out, "rule_index");
                 uint(out, u64::from(*rule_index));
             }
         }

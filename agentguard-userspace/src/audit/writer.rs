@@ -303,7 +303,7 @@ impl ChainWriter {
             let from = rotated_path(&base, n);
             let result = if keep > 0 && n >= keep {
                 deleted = true;
-                std::fs::remove_file(&from)
+                expire(&from)
             } else {
                 std::fs::rename(&from, rotated_path(&base, n + 1))
             };
@@ -359,6 +359,28 @@ pub enum PushError {
     Body(AuditError),
     #[error("cannot write the event log: {}", .0.error)]
     Write(WriteFailure),
+}
+
+/// Take a rotated file out of the log (renamed at once, so the log's file
+/// list no longer has it) and delete it on another thread: unlinking a large
+/// file takes the filesystem a while, and the event loop must not wait.
+fn expire(path: &Path) -> std::io::Result<()> {
+    let mut gone = path.as_os_str().to_owned();
+    gone.push(".expired");
+    let gone = PathBuf::from(gone);
+    std::fs::rename(path, &gone)?;
+    let spawned = std::thread::Builder::new().name("ag-log-expire".into()).spawn({
+        let gone = gone.clone();
+        move || {
+            if let Err(e) = std::fs::remove_file(&gone) {
+                tracing::warn!(file = %gone.display(), error = %e, "cannot delete an expired log file");
+            }
+        }
+    });
+    if spawned.is_err() {
+        std::fs::remove_file(&gone)?;
+    }
+    Ok(())
 }
 
 fn open_append(path: &Path) -> Result<File, AuditError> {

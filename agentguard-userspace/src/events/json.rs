@@ -4,11 +4,13 @@
 //! to need no escaping; anything else goes through serde_json's escaper.
 use std::net::IpAddr;
 
-/// Appends `,"key":` (every field of a line after the chain fields).
-pub fn key(out: &mut Vec<u8>, k: &str) {
-    out.extend_from_slice(b",\"");
-    out.extend_from_slice(k.as_bytes());
-    out.extend_from_slice(b"\":");
+/// Appends `,"key":` (every field of a line after the chain fields) for a
+/// literal key, as one copy.
+#[macro_export]
+macro_rules! json_key {
+    ($out:expr, $k:literal) => {
+        $out.extend_from_slice(concat!(",\"", $k, "\":").as_bytes())
+    };
 }
 
 /// A string the daemon made from a fixed alphabet (no quote, backslash or
@@ -52,16 +54,29 @@ pub fn bool(out: &mut Vec<u8>, b: bool) {
     out.extend_from_slice(if b { b"true" } else { b"false" });
 }
 
+/// Two decimal digits per lookup.
+const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
 pub fn uint(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
-    loop {
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        i -= 2;
+        digits[i..i + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    } else {
         i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+        digits[i] = b'0' + n as u8;
     }
     out.extend_from_slice(&digits[i..]);
 }

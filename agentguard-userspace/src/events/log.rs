@@ -34,11 +34,13 @@ use crate::{
 
 /// How often the daemon calls [`EventLog::tick`].
 pub const TICK: Duration = Duration::from_millis(100);
-/// After draining the ring, the daemon waits this long before draining it
-/// again, so events arrive in batches: fewer wakeups of the daemon (and of
-/// the kernel's ring-buffer notification) and one write(2) per batch. Adds
-/// at most this (plus timer slack) to hook-to-line latency.
+/// After draining a small batch (fewer than [`SMALL_BATCH`] events), the
+/// daemon waits this long before draining again, so a trickle of events is
+/// taken in batches: fewer wakeups of the daemon (and of the kernel's
+/// ring-buffer notification) and one write(2) per batch. Adds at most this
+/// (plus timer slack) to hook-to-line latency; under load there is no pause.
 pub const BATCH_PAUSE: Duration = Duration::from_millis(1);
+pub const SMALL_BATCH: usize = 256;
 /// A `loss` event at most this often while losses continue.
 const LOSS_INTERVAL: Duration = Duration::from_secs(1);
 

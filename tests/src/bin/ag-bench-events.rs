@@ -64,10 +64,16 @@ fn net_lines(log: &Path, pid: u64) -> u64 {
         .sum()
 }
 
+/// Bytes in every file of the log.
+fn log_bytes(log: &Path) -> u64 {
+    agentguard::audit::log_files(log).unwrap_or_default().iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum()
+}
+
 /// One flood of `n` connects at `rate` per second (0: flat out) against a
 /// fresh daemon.
 fn run(n: u64, rate: u64) -> Value {
-    let d = Daemon::start(&[("bench.toml", POLICY)]);
+    // Keep every rotated file: the account below counts every line.
+    let d = Daemon::start_with(&[("bench.toml", POLICY)], "events_rotate_keep = 0");
     let tb = testbin();
     let mut agent = d
         .run_cmd("bench", &[tb.to_str().expect("utf-8"), "connects", "127.0.0.1:9", &n.to_string(), &rate.to_string(), "stdin"])
@@ -80,30 +86,28 @@ fn run(n: u64, rate: u64) -> Value {
     // Let the session's first events (exec) settle.
     std::thread::sleep(Duration::from_millis(300));
     let before = status(&d);
-    let lines_before = before["audit"]["lines_written"].as_u64().unwrap_or(0);
     let mut stdin = agent.stdin.take().expect("stdin");
     let go = Instant::now();
     writeln!(stdin, "go").expect("start");
-    // Sample the daemon's written-line count while it works.
+    // Watch the log grow (a stat, not a `status` call: the harness must not
+    // compete with the daemon for the CPU).
     let (tx, rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
         let facts = facts_until(&mut out, "elapsed_ns");
         let _ = tx.send(facts);
     });
     let mut facts = None;
-    let mut last = (Instant::now(), lines_before);
-    let mut stable_since = Instant::now();
+    let mut last = (Instant::now(), log_bytes(&d.events_log));
     loop {
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
         if facts.is_none() {
             facts = rx.try_recv().ok();
         }
-        let lines = status(&d)["audit"]["lines_written"].as_u64().unwrap_or(0);
-        if lines != last.1 {
-            last = (Instant::now(), lines);
-            stable_since = Instant::now();
+        let bytes = log_bytes(&d.events_log);
+        if bytes != last.1 {
+            last = (Instant::now(), bytes);
         }
-        if facts.is_some() && stable_since.elapsed() > Duration::from_millis(1500) {
+        if facts.is_some() && last.0.elapsed() > Duration::from_millis(1500) {
             break;
         }
         assert!(go.elapsed() < Duration::from_secs(300), "the run did not finish");
@@ -118,14 +122,19 @@ fn run(n: u64, rate: u64) -> Value {
     let gen_s = fact(&facts, "elapsed_ns") as f64 / 1e9;
     let write_s = last.0.duration_since(go).as_secs_f64();
     let logged = net_lines(&d.events_log, pid);
+    let written = after["audit"]["lines_written"].as_u64().unwrap_or(0) - before["audit"]["lines_written"].as_u64().unwrap_or(0);
     let drops = &after["audit"]["drops"];
     let kernel = drops["ringbuf"].as_u64().unwrap_or(0) - before["audit"]["drops"]["ringbuf"].as_u64().unwrap_or(0);
     let user = drops["userspace"].as_u64().unwrap_or(0) - before["audit"]["drops"]["userspace"].as_u64().unwrap_or(0);
+    drop(d);
+    // Let the machine settle (writeback, deleting the run's log) before the next run.
+    std::thread::sleep(Duration::from_secs(3));
     json!({
         "events": n,
         "pace_per_s": rate,
         "offered_per_s": (n as f64 / gen_s).round(),
         "logged": logged,
+        "lines_written": written,
         "logged_per_s": (logged as f64 / write_s.max(1e-9)).round(),
         "ringbuf_drops": kernel,
         "userspace_drops": user,
