@@ -85,6 +85,16 @@ pub fn session_name(session: u32) -> String {
     }
 }
 
+/// The session id a session cgroup's name stands for (the inverse of
+/// `session_name`).
+pub fn parse_session_name(name: &str) -> Option<u32> {
+    if let Some(n) = name.strip_prefix("run-") {
+        let n: u32 = n.parse().ok()?;
+        return (n & agentguard_common::RUN_SESSION_BIT == 0).then_some(n | agentguard_common::RUN_SESSION_BIT);
+    }
+    name.strip_prefix("pid-")?.parse().ok().filter(|n| n & agentguard_common::RUN_SESSION_BIT == 0)
+}
+
 /// A cgroup's id as the kernel's bpf_get_current_cgroup_id() reports it: the
 /// inode number of its directory in cgroup2.
 pub fn cgroup_id(dir: &Path) -> io::Result<u64> {
@@ -138,5 +148,14 @@ mod tests {
     fn session_names_distinguish_kinds() {
         assert_eq!(session_name(agentguard_common::RUN_SESSION_BIT | 3), "run-3");
         assert_eq!(session_name(4242), "pid-4242");
+    }
+
+    #[test]
+    fn session_names_parse_back() {
+        for id in [agentguard_common::RUN_SESSION_BIT | 3, 4242] {
+            assert_eq!(parse_session_name(&session_name(id)), Some(id));
+        }
+        assert_eq!(parse_session_name("cgroup.procs"), None);
+        assert_eq!(parse_session_name("run-x"), None);
     }
 }

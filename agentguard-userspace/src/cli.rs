@@ -167,6 +167,67 @@ pub fn status(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `agentguard freeze|thaw|kill AGENT|--all`. With the daemon running it
+/// acts, writes the incident and logs the action; with the daemon stopped
+/// the CLI acts on the cgroups itself and writes the incident of a freeze
+/// from the log file. Either way a caller inside
+/// AgentGuard's subtree is refused first (see
+/// `killswitch::refuse_caller_inside_subtree`).
+pub fn killswitch(
+    ctx: &Ctx,
+    action: crate::killswitch::Action,
+    target: &crate::killswitch::Target,
+    reason: Option<&str>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use crate::killswitch::{self as ks, Action, ActionResult};
+    let config = ctx.config()?;
+    ks::refuse_caller_inside_subtree(&config.cgroup_subtree, ks::own_cgroup().as_deref())?;
+    let (target, reason_owned) = (target.clone(), reason.map(str::to_owned));
+    let req = match action {
+        Action::Freeze => Request::Freeze { target: target.clone(), reason: reason_owned },
+        Action::Thaw => Request::Thaw { target: target.clone(), reason: reason_owned },
+        Action::Kill => Request::Kill { target: target.clone(), reason: reason_owned },
+    };
+    let act_here = || -> anyhow::Result<Vec<ActionResult>> {
+        let killswitch = ks::Killswitch::from_config(&config)?;
+        let sink = ks::IncidentSink { dir: &config.incident_dir, events_log: &config.events_log, recorded_by: "cli" };
+        Ok(ks::perform(&killswitch, action, &target, &crate::incident::Actor::this_process(), reason, &sink)?)
+    };
+    // Only a daemon that is not running is bypassed. One that runs but does
+    // not answer is not: it alone checks the caller's kernel tag, and a
+    // caller it refused must not get the action done anyway.
+    let (results, by_daemon) = match control::request(&config.socket, &req) {
+        Ok(v) => (serde_json::from_value(v["results"].clone()).context("the daemon's answer has no readable results")?, true),
+        Err(control::ClientError::NotRunning(_)) => (act_here()?, false),
+        Err(e @ control::ClientError::Refused(_)) => return Err(e.into()),
+        Err(e) => anyhow::bail!(
+            "{e}\nnothing was done. If the daemon is wedged, stop it (`systemctl stop agentguard`, or kill it) and run this again: with the daemon stopped the CLI acts on the cgroups itself"
+        ),
+    };
+    let all_confirmed = results.iter().all(|r: &ActionResult| r.outcome.confirmed);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "results": results, "daemon": by_daemon }))?);
+    } else {
+        if results.is_empty() {
+            println!("no agent has a cgroup: nothing to {}", action.name());
+        }
+        for r in &results {
+            println!("{}", r.outcome.summary());
+            if let Some(p) = &r.incident {
+                println!("  incident: {}", p.display());
+            }
+            if let Some(e) = &r.incident_error {
+                println!("  no incident record: {e}");
+            }
+        }
+        if !by_daemon {
+            println!("(the daemon is not running: acted on the cgroups directly; the event log has no record of this)");
+        }
+    }
+    Ok(if all_confirmed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
 /// Used by tests and docs: the default policy shipped in the repo.
 pub fn shipped_policy_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"))

@@ -35,6 +35,8 @@ pub struct Config {
     pub cgroup_subtree: String,
     /// A group (besides root) allowed on the control socket.
     pub socket_group: Option<String>,
+    /// Where every freeze writes its incident record (one JSON file each).
+    pub incident_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -51,6 +53,7 @@ impl Default for Config {
             socket: PathBuf::from("/run/agentguard/agentguard.sock"),
             cgroup_subtree: "agentguard".to_owned(),
             socket_group: None,
+            incident_dir: PathBuf::from("/var/log/agentguard/incidents"),
         }
     }
 }

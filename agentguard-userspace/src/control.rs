@@ -25,6 +25,21 @@ pub enum Request {
     /// Re-read, check and apply the policy directory; on any error the
     /// policy in force stays.
     Reload,
+    /// The killswitch (killswitch.rs): the daemon acts on the agents'
+    /// cgroups, writes the incident record of a freeze, and logs the action
+    /// with the caller and the reason. Answer: `{"results": [ActionResult]}`.
+    Freeze {
+        target: crate::killswitch::Target,
+        reason: Option<String>,
+    },
+    Thaw {
+        target: crate::killswitch::Target,
+        reason: Option<String>,
+    },
+    Kill {
+        target: crate::killswitch::Target,
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,9 +85,21 @@ pub fn request(socket: &Path, req: &Request) -> Result<serde_json::Value, Client
     stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io)?;
     let mut line = serde_json::to_string(req).map_err(ClientError::Decode)?;
     line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(io)?;
+    // A daemon that refuses the caller answers without reading the request
+    // and closes, so the write can fail while the refusal waits to be read.
+    let written = match stream.write_all(line.as_bytes()) {
+        Err(e) if !matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) => {
+            return Err(io(e))
+        }
+        w => w,
+    };
     let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
+    let read = BufReader::new(&stream).read_line(&mut answer);
+    match (written, read) {
+        (Err(e), Err(_) | Ok(0)) => return Err(io(e)),
+        (_, Err(e)) => return Err(io(e)),
+        _ => {}
+    }
     let resp: Response = serde_json::from_str(&answer).map_err(ClientError::Decode)?;
     if resp.ok {
         Ok(resp.data)
@@ -92,5 +119,14 @@ mod tests {
         assert_eq!(s, r#"{"op":"new_session","agent":"claude","workspace":null}"#);
         let back: Request = serde_json::from_str(&s).expect("parses");
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn killswitch_wire_format() {
+        let r = Request::Freeze { target: crate::killswitch::Target::Agent("claude".into()), reason: Some("rm -rf".into()) };
+        let s = serde_json::to_string(&r).expect("serialises");
+        assert_eq!(s, r#"{"op":"freeze","target":{"agent":"claude"},"reason":"rm -rf"}"#);
+        let all: Request = serde_json::from_str(r#"{"op":"kill","target":"all","reason":null}"#).expect("parses");
+        assert_eq!(all, Request::Kill { target: crate::killswitch::Target::All, reason: None });
     }
 }

@@ -769,6 +769,9 @@ fn dispatch(s: &mut State, req: Request, peer: Option<i32>) -> Response {
             Err(e) => Response::err(format!("{e:#}")),
         },
         Request::Ps => Response::ok(s.ps()),
+        Request::Freeze { target, reason } => s.killswitch_request(Action::Freeze, &target, reason.as_deref(), peer),
+        Request::Thaw { target, reason } => s.killswitch_request(Action::Thaw, &target, reason.as_deref(), peer),
+        Request::Kill { target, reason } => s.killswitch_request(Action::Kill, &target, reason.as_deref(), peer),
         Request::NewSession { agent, workspace } => match s.new_session(&agent, workspace, peer) {
             Ok(session) => Response::ok(json!({
                 "session": session.id,
@@ -781,3 +784,65 @@ fn dispatch(s: &mut State, req: Request, peer: Option<i32>) -> Response {
     }
 }
 
+// ---- killswitch ------------------------------------------------------------
+
+use crate::{
+    incident::Actor,
+    killswitch::{self, Action, ActionResult, IncidentSink, Killswitch, KillswitchError, Target},
+};
+
+impl State {
+    /// A freeze, thaw or kill from the control socket. `peer_refusal` has
+    /// already refused tagged callers; a caller that lives inside the
+    /// subtree is refused here as well (see
+    /// `killswitch::refuse_caller_inside_subtree`).
+    fn killswitch_request(&mut self, action: Action, target: &Target, reason: Option<&str>, peer: Option<i32>) -> Response {
+        let Some(caller) = peer.and_then(|p| u32::try_from(p).ok()).and_then(procfs::read) else {
+            return Response::err("cannot identify the calling process (no SO_PEERCRED pid, or it exited)");
+        };
+        if let Err(e) = killswitch::refuse_caller_inside_subtree(&self.config.cgroup_subtree, caller.cgroup.as_deref()) {
+            tracing::warn!(pid = caller.pid, action = action.name(), "killswitch request refused: caller inside the subtree");
+            return Response::err(e.to_string());
+        }
+        match self.killswitch(action, target, &Actor::from_proc(&caller), reason) {
+            Ok(results) => Response::ok(json!({ "results": results })),
+            Err(e) => Response::err(e.to_string()),
+        }
+    }
+
+    /// Freeze `agent` at once on the daemon's own initiative, with its
+    /// incident record and event: the hook for rules that freeze on
+    /// violation (the file fallback's containment, approvals).
+    pub fn freeze_agent(&mut self, agent: &str, reason: &str) -> Result<ActionResult, KillswitchError> {
+        let target = Target::Agent(agent.to_owned());
+        let mut results = self.killswitch(Action::Freeze, &target, &Actor::this_process(), Some(reason))?;
+        results.pop().ok_or_else(|| KillswitchError::UnknownAgent {
+            agent: agent.to_owned(),
+            base: self.tree.base.clone(),
+            existing: Vec::new(),
+        })
+    }
+
+    /// Act, write the incidents, log one event per agent.
+    fn killswitch(&mut self, action: Action, target: &Target, by: &Actor, reason: Option<&str>) -> Result<Vec<ActionResult>, KillswitchError> {
+        // The incident quotes the last minute of the log from the file.
+        if let Err(e) = self.log.flush() {
+            tracing::error!(error = %e, "cannot write the event log");
+        }
+        let ks = Killswitch::new(&self.tree.root, &self.config.cgroup_subtree);
+        let sink = IncidentSink { dir: &self.config.incident_dir, events_log: &self.config.events_log, recorded_by: "daemon" };
+        let results = killswitch::perform(&ks, action, target, by, reason, &sink)?;
+        for r in &results {
+            let o = &r.outcome;
+            tracing::warn!(action = action.name(), agent = o.agent, processes = o.processes, elapsed_us = o.elapsed_us, confirmed = o.confirmed, by_pid = by.pid, reason, "killswitch");
+            let agent_id = self.policies.for_run(&o.agent).map(|a| a.id);
+            if let Err(e) = self.log.append(&killswitch::event(r, by, reason, agent_id)) {
+                tracing::error!(error = %e, "cannot append to the event log");
+            }
+        }
+        if let Err(e) = self.log.flush() {
+            tracing::error!(error = %e, "cannot write the event log");
+        }
+        Ok(results)
+    }
+}

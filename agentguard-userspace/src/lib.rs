@@ -10,6 +10,8 @@ pub mod daemon;
 pub mod decode;
 pub mod doctor;
 pub mod events;
+pub mod incident;
+pub mod killswitch;
 pub mod loader;
 pub mod mounts;
 pub mod netrules;

@@ -1,7 +1,11 @@
 //! The `agentguard` command: parse arguments, call one function per subcommand.
 use std::{path::PathBuf, process::ExitCode};
 
-use agentguard::{cli, config::DEFAULT_CONFIG};
+use agentguard::{
+    cli,
+    config::DEFAULT_CONFIG,
+    killswitch::{Action, Target},
+};
 use agentguard::events::cli as events_cli;
 use clap::{Parser, Subcommand};
 
@@ -56,6 +60,13 @@ enum Command {
     },
     /// Re-read and apply the policies (as SIGHUP does); an invalid policy keeps the old one.
     Reload,
+    /// Stop every process of an agent at once (cgroup freezer); writes an incident record.
+    /// Works with the daemon stopped.
+    Freeze(KillswitchArgs),
+    /// Resume a frozen agent.
+    Thaw(KillswitchArgs),
+    /// Kill every process of an agent and confirm none is left.
+    Kill(KillswitchArgs),
     /// Policy tools.
     Policy {
         #[command(subcommand)]
@@ -120,6 +131,29 @@ enum AuditCommand {
     },
 }
 
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["agent", "all"])))]
+struct KillswitchArgs {
+    /// The agent: its name under `agentguard run --agent NAME`, or its policy's name.
+    agent: Option<String>,
+    /// Every agent that has a cgroup.
+    #[arg(long)]
+    all: bool,
+    /// Why (recorded in the incident record and the event log).
+    #[arg(long)]
+    reason: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+impl KillswitchArgs {
+    fn run(self, ctx: &cli::Ctx, action: Action) -> anyhow::Result<ExitCode> {
+        let Self { agent, all: _, reason, json } = self;
+        let target = agent.map_or(Target::All, Target::Agent);
+        cli::killswitch(ctx, action, &target, reason.as_deref(), json)
+    }
+}
+
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Check policy files (or every *.toml in a directory); exit non-zero on any error.
@@ -137,6 +171,9 @@ fn main() -> ExitCode {
         Command::Run { agent, workspace, cmd } => cli::run(&ctx, &agent, workspace, &cmd),
         Command::Ps { json } => cli::ps(&ctx, json),
         Command::Reload => cli::reload(&ctx),
+        Command::Freeze(args) => args.run(&ctx, Action::Freeze),
+        Command::Thaw(args) => args.run(&ctx, Action::Thaw),
+        Command::Kill(args) => args.run(&ctx, Action::Kill),
         Command::Status { json } => cli::status(&ctx, json),
         Command::Policy { command: PolicyCommand::Check { paths } } => cli::policy_check(&paths),
         Command::Events(EventsArgs { agent, since, follow, json, log }) => {
