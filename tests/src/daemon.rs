@@ -49,12 +49,13 @@ impl Daemon {
             extra.lines().any(|l| l.split('=').next().unwrap_or("").trim() == key)
         };
         let defaults = format!(
-            "policy_dir = {:?}\nevents_log = {:?}\nsocket = {:?}\ncgroup_subtree = {:?}\npin_dir = {:?}\nchain_head = {:?}\n",
+            "policy_dir = {:?}\nevents_log = {:?}\nsocket = {:?}\ncgroup_subtree = {:?}\npin_dir = {:?}\nincident_dir = {:?}\nchain_head = {:?}\n",
             policy_dir,
             events_log,
             socket,
             subtree,
             dir.join("pins"),
+            dir.join("incidents"),
             dir.join("chain-head"),
         );
         let kept: Vec<&str> = defaults.lines().filter(|l| !overridden(l)).collect();
@@ -94,6 +95,11 @@ impl Daemon {
         assert_eq!(ready, "agentguard daemon ready", "daemon did not start; its log:\n{}", self.stderr());
         // Keep draining stdout so the daemon never blocks on it.
         std::thread::spawn(move || for _ in lines {});
+    }
+
+    /// Where this daemon (and the CLI with this config) writes incident records.
+    pub fn incident_dir(&self) -> PathBuf {
+        self.dir.join("incidents")
     }
 
     /// Stop the daemon process but keep its cgroups and the agents in them
@@ -193,21 +199,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.stop();
         remove_cgroup_tree(&self.cgroup_subtree());
     }
 }

@@ -17,7 +17,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: ag-testbin connect tcp|udp ADDR:PORT | sendto ADDR:PORT | sleep SECS | threads N SECS | \
          vfork CMD... | clone3 CMD... | daemonize CMD... | unlink PATH | rmdir PATH | rename FROM TO | \
-         truncate PATH | open-trunc PATH | exec CMD... | connects ADDR:PORT N RATE now|stdin"
+         truncate PATH | open-trunc PATH | exec CMD... | connects ADDR:PORT N RATE now|stdin | counter DIR|- MS | tree N DIR|- MS | forkstorm DEPTH FANOUT SECS"
     );
     exit(2)
 }
@@ -225,6 +225,14 @@ fn main() {
             rate.parse().unwrap_or_else(|_| usage()),
             gate == "stdin",
         ),
+        ("counter", [dir, ms]) => counter_loop(dir, millis(ms)),
+        ("tree", [n, dir, ms]) => tree(n.parse().unwrap_or_else(|_| usage()), dir, millis(ms)),
+        ("forkstorm", [depth, fanout, secs]) => {
+            // A lifetime in rounds of the fork loop, not a deadline: under a
+            // storm this VM's clock was seen to leap seconds ahead.
+            let rounds = (secs.parse::<f64>().unwrap_or_else(|_| usage()) * 1000.0 / STORM_PAUSE_MS as f64) as u64;
+            forkstorm(0, depth.parse().unwrap_or_else(|_| usage()), fanout.parse().unwrap_or_else(|_| usage()), rounds)
+        }
         ("unlink", [p]) => report(std::fs::remove_file(p)),
         ("rmdir", [p]) => report(std::fs::remove_dir(p)),
         ("rename", [a, b]) => report(std::fs::rename(a, b)),
@@ -238,6 +246,128 @@ fn main() {
         ("open-trunc", [p]) => report(std::fs::OpenOptions::new().write(true).truncate(true).open(p).map(drop)),
         _ => usage(),
     }
+}
+
+// ---- process trees for the killswitch tests --------------------------------
+
+fn millis(ms: &str) -> Duration {
+    Duration::from_millis(ms.parse().unwrap_or_else(|_| usage()))
+}
+
+fn fork() -> libc::pid_t {
+    // SAFETY: these modes fork only while single-threaded.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        eprintln!("fork: {}", std::io::Error::last_os_error());
+        // SAFETY: leaving without running the parent's destructors.
+        unsafe { libc::_exit(2) }
+    }
+    pid
+}
+
+/// Forever: count, write the count to DIR/<pid> (fixed width, at offset 0,
+/// so a reader sees whole numbers), sleep. With DIR `-`, only sleep: an idle
+/// agent process.
+fn counter_loop(dir: &str, every: Duration) -> ! {
+    use std::os::unix::fs::FileExt as _;
+    let file = (dir != "-").then(|| {
+        let path = format!("{dir}/{}", std::process::id());
+        std::fs::File::create(&path).unwrap_or_else(|e| {
+            eprintln!("create {path}: {e}");
+            exit(2)
+        })
+    });
+    let mut n: u64 = 0;
+    loop {
+        n += 1;
+        if let Some(f) = &file {
+            let _ = f.write_at(format!("{n:020}\n").as_bytes(), 0);
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// N children in three shapes (a plain child; a double-forked, setsid'd
+/// grandchild reparented away from us; a child with a grandchild of its
+/// own), every process a counter loop; prints `ready=<processes>` (this one
+/// included) once all exist, then counts too.
+fn tree(n: usize, dir: &str, every: Duration) -> ! {
+    let mut made = 1;
+    for i in 0..n {
+        match i % 3 {
+            0 => {
+                if fork() == 0 {
+                    counter_loop(dir, every);
+                }
+                made += 1;
+            }
+            1 => {
+                let mid = fork();
+                if mid == 0 {
+                    // SAFETY: plain syscalls in the child.
+                    unsafe { libc::setsid() };
+                    if fork() == 0 {
+                        counter_loop(dir, every);
+                    }
+                    // SAFETY: leaving the intermediate child at once.
+                    unsafe { libc::_exit(0) }
+                }
+                wait_child(mid);
+                made += 1;
+            }
+            _ => {
+                if fork() == 0 {
+                    if fork() == 0 {
+                        counter_loop(dir, every);
+                    }
+                    counter_loop(dir, every);
+                }
+                made += 2;
+            }
+        }
+    }
+    println!("ready={made}");
+    counter_loop(dir, every)
+}
+
+const STORM_PAUSE_MS: u64 = 20;
+
+/// A fork storm: down to DEPTH, every process forks FANOUT children (every
+/// other one double-forked and setsid'd), then forks a short-lived child
+/// every STORM_PAUSE_MS, `rounds` times, and leaves, so a storm that a failed
+/// test left behind ends by itself. DEPTH 3 and FANOUT 3 make 40 processes
+/// that fork some 2 000 times a second in all: enough that forks are always
+/// in flight, little enough that a 2-core machine stays responsive.
+fn forkstorm(depth: u32, max_depth: u32, fanout: u32, rounds: u64) -> ! {
+    if depth < max_depth {
+        for i in 0..fanout {
+            if i % 2 == 1 {
+                let mid = fork();
+                if mid == 0 {
+                    // SAFETY: plain syscalls in the child.
+                    unsafe { libc::setsid() };
+                    if fork() == 0 {
+                        forkstorm(depth + 1, max_depth, fanout, rounds);
+                    }
+                    // SAFETY: leaving the intermediate child at once.
+                    unsafe { libc::_exit(0) }
+                }
+                wait_child(mid);
+            } else if fork() == 0 {
+                forkstorm(depth + 1, max_depth, fanout, rounds);
+            }
+        }
+    }
+    for _ in 0..rounds {
+        let pid = fork();
+        if pid == 0 {
+            // SAFETY: the short-lived child leaves at once.
+            unsafe { libc::_exit(0) }
+        }
+        wait_child(pid);
+        std::thread::sleep(Duration::from_millis(STORM_PAUSE_MS));
+    }
+    exit(0)
 }
 
 // ---- event floods for the event-log tests and benches ------------------------
