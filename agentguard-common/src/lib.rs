@@ -33,6 +33,18 @@ pub mod maps {
     /// Array of u32 flags about the event log, indexed by [`crate::StateSlot`]:
     /// what the fail-closed recording mode consults (docs/events.md).
     pub const STATE: &str = "AG_STATE";
+    /// LPM trie: ([`crate::FilePrefixKey`]: agent or session id, path) →
+    /// [`crate::FileRuleList`]: path-prefix and exact-path file rules.
+    pub const FILE_PREFIX: &str = "AG_FILE_PREFIX";
+    /// [`crate::FileNameKey`] → [`crate::FileRuleList`]: name-pattern file
+    /// rules (a component anywhere, a basename, its suffix or prefix).
+    pub const FILE_NAMES: &str = "AG_FILE_NAMES";
+    /// [`crate::FileInodeKey`] → [`crate::FileRuleList`]: protected files
+    /// that have more than one hard-link name, by (device, inode).
+    pub const FILE_INODES: &str = "AG_FILE_INODES";
+    /// Task id → [`crate::PendingOpen`]: an open with O_TRUNC by a tagged
+    /// task, between syscall entry and exit (fallback observation).
+    pub const FILE_PENDING: &str = "AG_FILE_PENDING";
 }
 
 /// Names of the programs (the Rust function names in agentguard-ebpf).
@@ -50,6 +62,35 @@ pub mod programs {
     /// Empty cgroup_sock_addr programs: benchmark floors, never attached by the daemon.
     pub const FLOOR_CONNECT4: &str = "floor_connect4";
     pub const FLOOR_SENDMSG4: &str = "floor_sendmsg4";
+    // BPF-LSM file hooks (files.rs).
+    pub const LSM_PATH_RMDIR: &str = "path_rmdir";
+    pub const LSM_PATH_RENAME: &str = "path_rename";
+    pub const LSM_PATH_TRUNCATE: &str = "path_truncate";
+    pub const LSM_FILE_TRUNCATE: &str = "file_truncate";
+    pub const LSM_PATH_LINK: &str = "path_link";
+    // Fallback observation: syscall tracepoints (fileobs.rs), one program per
+    // tracepoint, named after it.
+    pub const OBS_UNLINK: &str = "sys_enter_unlink";
+    pub const OBS_UNLINKAT: &str = "sys_enter_unlinkat";
+    pub const OBS_RMDIR: &str = "sys_enter_rmdir";
+    pub const OBS_RENAME: &str = "sys_enter_rename";
+    pub const OBS_RENAMEAT: &str = "sys_enter_renameat";
+    pub const OBS_RENAMEAT2: &str = "sys_enter_renameat2";
+    pub const OBS_TRUNCATE: &str = "sys_enter_truncate";
+    pub const OBS_FTRUNCATE: &str = "sys_enter_ftruncate";
+    pub const OBS_LINK: &str = "sys_enter_link";
+    pub const OBS_LINKAT: &str = "sys_enter_linkat";
+    pub const OBS_OPEN: &str = "sys_enter_open";
+    pub const OBS_OPENAT: &str = "sys_enter_openat";
+    pub const OBS_OPENAT2: &str = "sys_enter_openat2";
+    pub const OBS_CREAT: &str = "sys_enter_creat";
+    pub const OBS_OPEN_EXIT: &str = "sys_exit_open";
+    pub const OBS_OPENAT_EXIT: &str = "sys_exit_openat";
+    pub const OBS_OPENAT2_EXIT: &str = "sys_exit_openat2";
+    pub const OBS_CREAT_EXIT: &str = "sys_exit_creat";
+    /// Calibration: records the `f_mode` of files the loader opens, to learn
+    /// this kernel's FMODE_CREATED bit (a macro, absent from BTF).
+    pub const OBS_CALIBRATE: &str = "calibrate_fmode";
 }
 
 /// Names of the read-only globals the loader sets before loading.
@@ -60,6 +101,8 @@ pub mod globals {
     pub const EXEC_OLD_PID_OFF: &str = "EXEC_OLD_PID_OFF";
     /// Byte offset of the `filename` `__data_loc` word in the sched_process_exec record.
     pub const EXEC_FILENAME_OFF: &str = "EXEC_FILENAME_OFF";
+    /// [`crate::KernelOffsets`]: struct member offsets from this kernel's BTF.
+    pub const KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
 }
 
 /// Capacities. Changing one changes the size of a map, never an event layout.
@@ -79,6 +122,22 @@ pub mod limits {
     /// Rules that can apply to one prefix of one agent (its own and those of
     /// every enclosing prefix, in policy order).
     pub const NET_RULES_PER_PREFIX: usize = 16;
+    /// Bytes of path an LPM key of [`crate::maps::FILE_PREFIX`] holds (the
+    /// kernel's LPM data limit is 256 bytes, 4 of which are the id).
+    pub const FILE_KEY_PATH: usize = 252;
+    /// Entries in the file LPM trie (all agents and sessions together).
+    pub const MAX_FILE_PREFIXES: u32 = 16_384;
+    /// Entries in the name-pattern and inode maps.
+    pub const MAX_FILE_NAMES: u32 = 4_096;
+    pub const MAX_FILE_INODES: u32 = 16_384;
+    /// Rules that can apply to one prefix, name or inode of one agent.
+    pub const FILE_RULES_PER_KEY: usize = 12;
+    /// Longest path the kernel assembles for a file decision, NUL included.
+    pub const FILE_PATH_MAX: usize = 512;
+    /// Path components the kernel walks when it builds a path itself.
+    pub const FILE_WALK_DEPTH: usize = 32;
+    /// Longest basename prefix a `PREFIX*` name pattern may have.
+    pub const FILE_BASE_PREFIX_MAX: usize = 32;
 }
 
 /// Kinds of event. The first field of every event record.
@@ -138,10 +197,18 @@ impl Decision {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HookFlag {
-    /// 1 while the network programs are attached. When 0, a process that
-    /// becomes tagged at exec is stopped (SIGSTOP) by the exec hook so it
-    /// cannot act before the daemon has attached them and resumes it.
+    /// 1 while the on-demand programs (network hooks, and the file
+    /// observation fallback where BPF-LSM cannot load) are attached. When 0,
+    /// a process that becomes tagged at exec is stopped (SIGSTOP) by the exec
+    /// hook so it cannot act before the daemon has attached them and resumes it.
     NetAttached = 0,
+    /// This kernel's FMODE_CREATED bit, learnt by calibration (0: unknown,
+    /// then every O_TRUNC open is judged as a truncation).
+    FmodeCreated = 1,
+    /// Calibration: the task whose opens `calibrate_fmode` records...
+    CalibrateTid = 2,
+    /// ...and the `f_mode` of its last open.
+    CalibrateMode = 3,
 }
 
 pub const HOOK_SLOTS: u32 = 4;
@@ -211,8 +278,15 @@ impl NetHook {
 pub enum FileOp {
     Unlink = 1,
     Rmdir = 2,
+    /// The source of a rename.
     Rename = 3,
+    /// truncate(2), ftruncate(2), or an open with O_TRUNC of an existing file.
     Truncate = 4,
+    /// A new hard link; the event names the file linked to (its other name).
+    Link = 5,
+    /// The existing file a rename replaces (judged as a truncation of it:
+    /// the name stays, its content goes).
+    RenameOver = 6,
 }
 
 impl FileOp {
@@ -222,9 +296,33 @@ impl FileOp {
             2 => Self::Rmdir,
             3 => Self::Rename,
             4 => Self::Truncate,
+            5 => Self::Link,
+            6 => Self::RenameOver,
             _ => return None,
         })
     }
+
+    /// The policy operations (bits of [`FileRuleEntry::ops`]) a rule must
+    /// name to decide this action. A link and a rename over a file are
+    /// judged as truncations of the file they name: another name can
+    /// truncate it, a rename replaces its content.
+    pub const fn rule_ops(self) -> u32 {
+        match self {
+            Self::Unlink => file_ops::UNLINK,
+            Self::Rmdir => file_ops::RMDIR,
+            Self::Rename => file_ops::RENAME,
+            Self::Truncate | Self::Link | Self::RenameOver => file_ops::TRUNCATE,
+        }
+    }
+}
+
+/// Bits of [`FileRuleEntry::ops`]: the operations a file rule names.
+pub mod file_ops {
+    pub const UNLINK: u32 = 1;
+    pub const RMDIR: u32 = 2;
+    pub const RENAME: u32 = 4;
+    pub const TRUNCATE: u32 = 8;
+    pub const ALL: u32 = UNLINK | RMDIR | RENAME | TRUNCATE;
 }
 
 /// How a decision took effect.
@@ -258,8 +356,30 @@ pub struct AgentConfig {
     pub net_default: u32,
     /// [`Decision`] for a file action no rule matches.
     pub file_default: u32,
+    /// [`agent_flags`]: which kinds of file rules the agent has, so the
+    /// kernel skips the lookups it cannot need.
     pub flags: u32,
-    pub _pad: u32,
+    /// Bit `n` set: the agent has a basename-prefix rule `PREFIX*` with a
+    /// PREFIX of `n + 1` bytes.
+    pub file_prefix_lens: u32,
+}
+
+/// Bits of [`AgentConfig::flags`].
+pub mod agent_flags {
+    /// Prefix or exact-path rules keyed by the agent id.
+    pub const FILE_PREFIX: u32 = 1;
+    /// Workspace rules keyed by the session id.
+    pub const FILE_SESSION: u32 = 2;
+    /// `**/NAME/**` rules.
+    pub const FILE_COMPONENT: u32 = 4;
+    /// `**/NAME` rules.
+    pub const FILE_BASENAME: u32 = 8;
+    /// `*.EXT` rules.
+    pub const FILE_SUFFIX: u32 = 16;
+    /// `**/PREFIX*` rules.
+    pub const FILE_BASE_PREFIX: u32 = 32;
+    /// Protected multi-link files by (device, inode).
+    pub const FILE_INODES: u32 = 64;
 }
 const _: () = assert!(core::mem::size_of::<AgentConfig>() == 16);
 
@@ -308,6 +428,150 @@ pub struct NetRuleList {
 }
 const _: () = assert!(core::mem::size_of::<NetRuleList>() == 8 + 16 * 16);
 
+/// Key data of [`maps::FILE_PREFIX`]: an agent id (rules with absolute
+/// paths) or a run-session id (rules relative to its workspace; these have
+/// the top bit set), big-endian, then the path bytes. The kernel looks up
+/// with a prefix length that ends just after the path's NUL, so a node
+/// `P/` matches everything beneath P and a node `P\0` matches P exactly.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FilePrefixKey {
+    pub id_be: [u8; 4],
+    pub path: [u8; limits::FILE_KEY_PATH],
+}
+const _: () = assert!(core::mem::size_of::<FilePrefixKey>() == 256);
+
+/// One file rule as the kernel checks it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileRuleEntry {
+    /// [`file_ops`] bits the rule applies to.
+    pub ops: u32,
+    /// [`Decision`].
+    pub decision: u32,
+    /// 1-based index of the rule in its policy's `[[files.rule]]` list.
+    pub rule_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<FileRuleEntry>() == 12);
+
+/// Every rule that may apply to paths under one key, in policy order; the
+/// kernel takes, over all the keys a path hits, the lowest `rule_id` whose
+/// ops include the action's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileRuleList {
+    pub count: u32,
+    pub _pad: u32,
+    pub entries: [FileRuleEntry; limits::FILE_RULES_PER_KEY],
+}
+const _: () = assert!(core::mem::size_of::<FileRuleList>() == 8 + 12 * 12);
+
+impl FileRuleList {
+    pub const fn empty() -> Self {
+        Self {
+            count: 0,
+            _pad: 0,
+            entries: [FileRuleEntry { ops: 0, decision: 0, rule_id: 0 }; limits::FILE_RULES_PER_KEY],
+        }
+    }
+}
+
+/// Kinds of [`FileNameKey`].
+pub mod name_kind {
+    /// Any component of the path (`**/NAME/**`).
+    pub const COMPONENT: u32 = 1;
+    /// The last component (`**/NAME`).
+    pub const BASENAME: u32 = 2;
+    /// The last component's tail from one of its last three dots (`*.EXT`).
+    pub const SUFFIX: u32 = 3;
+    /// The last component's first bytes (`**/PREFIX*`).
+    pub const BASE_PREFIX: u32 = 4;
+}
+
+/// Key of [`maps::FILE_NAMES`]: the agent, the [`name_kind`], and the
+/// [`fnv1a64`] hash of the name bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FileNameKey {
+    pub agent_id: u32,
+    pub kind: u32,
+    pub hash: u64,
+}
+const _: () = assert!(core::mem::size_of::<FileNameKey>() == 16);
+
+/// Key of [`maps::FILE_INODES`]. `dev` is the kernel's internal `dev_t`
+/// (`MAJOR << 20 | MINOR`), not stat's encoding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FileInodeKey {
+    pub agent_id: u32,
+    pub dev: u32,
+    pub ino: u64,
+}
+const _: () = assert!(core::mem::size_of::<FileInodeKey>() == 16);
+
+/// An open with O_TRUNC seen at syscall entry, judged at exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingOpen {
+    /// The open flags.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<PendingOpen>() == 8);
+
+pub const FNV64_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+pub const FNV64_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// FNV-1a, 64 bits: how both sides hash names for [`FileNameKey`].
+pub const fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h = FNV64_OFFSET;
+    let mut i = 0;
+    while i < bytes.len() {
+        h = (h ^ bytes[i] as u64).wrapping_mul(FNV64_PRIME);
+        i += 1;
+    }
+    h
+}
+
+/// Byte offsets of the kernel struct members the file programs read,
+/// computed from this kernel's BTF at load time (loader.rs) and handed to
+/// the programs as one read-only global. Never hard-coded: they differ
+/// between 6.1, 6.12 and 6.18.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub path_mnt: u32,
+    pub path_dentry: u32,
+    pub dentry_parent: u32,
+    /// `d_name.name`: the name pointer inside the embedded qstr.
+    pub dentry_name: u32,
+    pub dentry_inode: u32,
+    pub vfsmount_root: u32,
+    /// Offset of the embedded `struct vfsmount` in `struct mount`.
+    pub mount_mnt: u32,
+    pub mount_parent: u32,
+    pub mount_mountpoint: u32,
+    pub file_path: u32,
+    pub file_mode: u32,
+    pub inode_mode: u32,
+    pub inode_nlink: u32,
+    pub inode_ino: u32,
+    pub inode_sb: u32,
+    pub sb_dev: u32,
+    pub task_fs: u32,
+    pub fs_pwd: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    /// Offset of the first argument in a syscalls/sys_enter_* tracepoint
+    /// record (the others follow, 8 bytes each), and of `ret` in sys_exit_*.
+    pub syscall_args: u32,
+    pub syscall_ret: u32,
+}
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 24 * 4);
+
 /// A NUL-padded path used as a map key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -351,7 +615,7 @@ pub struct ExecEvent {
     pub old_pid: u32,
     /// 0: already tagged; 1: this exec is what tagged the process (a
     /// selector matched); [`EXEC_TAGGED_AND_HELD`]: tagged, and stopped with
-    /// SIGSTOP because the network hooks were not attached yet.
+    /// SIGSTOP because the on-demand hooks were not attached yet.
     pub newly_tagged: u32,
     pub comm: [u8; limits::COMM_LEN],
     /// The path given to execve, NUL-terminated.
@@ -419,7 +683,9 @@ pub struct FileEvent {
     pub rule_id: u32,
     /// [`Enforcement`].
     pub enforcement: u32,
-    /// Directory the action happened in, as `bpf_d_path` resolved it.
+    /// Directory the action happened in, as `bpf_d_path` resolved it; or
+    /// the whole path when the kernel assembled it itself (then `name` is
+    /// empty). Truncated to its first 255 bytes.
     pub dir: [u8; limits::PATH_MAX],
     /// The entry's name in that directory.
     pub name: [u8; limits::PATH_MAX],
@@ -436,4 +702,29 @@ mod pod {
     unsafe impl aya::Pod for super::NetKeyV4 {}
     unsafe impl aya::Pod for super::NetKeyV6 {}
     unsafe impl aya::Pod for super::NetRuleList {}
+    unsafe impl aya::Pod for super::FilePrefixKey {}
+    unsafe impl aya::Pod for super::FileRuleList {}
+    unsafe impl aya::Pod for super::FileNameKey {}
+    unsafe impl aya::Pod for super::FileInodeKey {}
+    unsafe impl aya::Pod for super::PendingOpen {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a64_matches_reference_values() {
+        assert_eq!(fnv1a64(b""), FNV64_OFFSET);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn links_and_replacements_are_judged_as_truncations() {
+        assert_eq!(FileOp::Link.rule_ops(), file_ops::TRUNCATE);
+        assert_eq!(FileOp::RenameOver.rule_ops(), file_ops::TRUNCATE);
+        assert_eq!(FileOp::Rename.rule_ops(), file_ops::RENAME);
+    }
 }

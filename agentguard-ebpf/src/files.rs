@@ -1,49 +1,156 @@
-//! File decisions for tagged processes, in BPF-LSM hooks. Loaded only where
-//! BPF-LSM is active; elsewhere the daemon observes and contains instead.
+//! File decisions for tagged processes, in BPF-LSM hooks: unlink, rmdir,
+//! rename (the source, and a target it would replace), truncation (truncate,
+//! ftruncate, and opens with O_TRUNC of an existing file), and new hard
+//! links. Loaded only where BPF-LSM is active; elsewhere fileobs.rs observes
+//! and contains instead.
+//!
+//! Truncation goes through two hooks depending on the kernel: up to 6.1,
+//! `security_path_truncate` for truncate(2), ftruncate(2) and O_TRUNC opens;
+//! from 6.2 on, `security_file_truncate` for the last two (fs/open.c,
+//! do_ftruncate; fs/namei.c, handle_truncate) and `security_path_truncate`
+//! only for truncate(2). Both are attached where they exist.
+//! Paths are assembled by walking the dentry chain (filepath.rs), not with
+//! `bpf_d_path`, which 6.1 refuses in these hooks.
 //!
 //! An LSM program returns 0 to allow or a negative errno to refuse. When an
-//! earlier LSM already refused (`ret` argument non-zero), that verdict is
-//! passed through unchanged.
-use agentguard_common::{limits, Decision, Enforcement, EventKind, FileEvent, FileOp};
-use aya_ebpf::{helpers::generated::bpf_d_path, macros::lsm, programs::LsmContext};
+//! earlier LSM already refused (the hook's last `ret` argument is non-zero),
+//! that verdict is passed through unchanged.
+use agentguard_common::{file_ops, Decision, Enforcement, FileOp};
+use aya_ebpf::{macros::lsm, programs::LsmContext};
 
-use crate::shared::{agent_config, count, current_tag, header, reserve};
+use crate::{
+    filejudge::{judge, record},
+    filepath::{self, Built, FileScratch},
+    kstructs::{dentry_inode, off, path_parts},
+    shared::{current_tag, decide_unreadable},
+};
 
 const EPERM: i32 = 1;
+/// include/uapi/linux/fs.h.
+const RENAME_EXCHANGE: u32 = 2;
 
-/// security_path_unlink(const struct path *dir, struct dentry *dentry): ret is arg 2.
+#[inline(always)]
+fn verdict_errno(d: Decision) -> i32 {
+    if d.blocks() { -EPERM } else { 0 }
+}
+
+/// Judge and record one action on an assembled path.
+#[inline(always)]
+fn decide(op: FileOp, ops: u32, split: bool, inode: u64, build: impl FnOnce(&mut FileScratch) -> Result<Built, ()>) -> i32 {
+    let Some(tag) = current_tag() else { return 0 };
+    let Some(s) = filepath::scratch() else {
+        return verdict_errno(decide_unreadable());
+    };
+    let (verdict, built) = match build(s) {
+        Ok(b) => (judge(tag, s, b, ops, inode), Some(b)),
+        // The fail-closed choice of shared.rs: a tagged task's action on a
+        // path the kernel cannot read is decided as an unknown agent's.
+        Err(()) => ((decide_unreadable(), 0), None),
+    };
+    record(tag, op, verdict, Enforcement::Enforced, s, built, split);
+    verdict_errno(verdict.0)
+}
+
+/// An action on `dentry` in directory `dir` (a `struct path *`).
+#[inline(always)]
+fn dir_entry(ctx: &LsmContext, op: FileOp, ops: u32, dir_arg: usize, dentry_arg: usize) -> i32 {
+    let dir: u64 = ctx.arg(dir_arg);
+    let dentry: u64 = ctx.arg(dentry_arg);
+    decide(op, ops, true, dentry_inode(dentry), |s| filepath::from_dir_and_dentry(s, dir, dentry))
+}
+
+/// security_path_unlink(const struct path *dir, struct dentry *dentry)
 #[lsm(hook = "path_unlink")]
 pub fn path_unlink(ctx: LsmContext) -> i32 {
     let previous: i32 = ctx.arg(2);
     if previous != 0 {
         return previous;
     }
-    let Some(tag) = current_tag() else {
-        return 0;
-    };
-    let decision = Decision::from_u32(agent_config(tag.agent_id).file_default)
-        .unwrap_or(crate::shared::decide_unreadable());
-    if let Some(mut entry) = reserve::<FileEvent>() {
-        // SAFETY: plain data; the fields are written below, the paths by the helper.
-        let event = unsafe { &mut *entry.as_mut_ptr() };
-        event.header = header(EventKind::File, tag);
-        event.op = FileOp::Unlink as u32;
-        event.decision = decision as u32;
-        event.rule_id = 0;
-        event.enforcement = Enforcement::Enforced as u32;
-        event.name[0] = 0;
-        let dir: *mut aya_ebpf::bindings::path = ctx.arg(0);
-        // SAFETY: `dir` is the hook's trusted struct path argument.
-        let n = unsafe {
-            bpf_d_path(dir, event.dir.as_mut_ptr().cast(), limits::PATH_MAX as u32)
-        };
-        if n < 0 {
-            event.dir[0] = 0;
-        }
-        entry.submit(0);
-        count(agentguard_common::Counter::EventsSubmitted);
+    dir_entry(&ctx, FileOp::Unlink, FileOp::Unlink.rule_ops(), 0, 1)
+}
+
+/// security_path_rmdir(const struct path *dir, struct dentry *dentry)
+#[lsm(hook = "path_rmdir")]
+pub fn path_rmdir(ctx: LsmContext) -> i32 {
+    let previous: i32 = ctx.arg(2);
+    if previous != 0 {
+        return previous;
     }
-    if decision.blocks() { -EPERM } else { 0 }
+    dir_entry(&ctx, FileOp::Rmdir, FileOp::Rmdir.rule_ops(), 0, 1)
+}
+
+/// security_path_rename(old_dir, old_dentry, new_dir, new_dentry, flags):
+/// the source is judged as a rename; an existing target as a truncation of
+/// it (its content is replaced), and also as a rename with RENAME_EXCHANGE
+/// (it moves to the source's place). The loader checks the hook has these
+/// five arguments on this kernel (BTF) before loading.
+#[lsm(hook = "path_rename")]
+pub fn path_rename(ctx: LsmContext) -> i32 {
+    let previous: i32 = ctx.arg(5);
+    if previous != 0 {
+        return previous;
+    }
+    let source = dir_entry(&ctx, FileOp::Rename, FileOp::Rename.rule_ops(), 0, 1);
+    if source != 0 {
+        return source;
+    }
+    let new_dentry: u64 = ctx.arg(3);
+    if dentry_inode(new_dentry) == 0 {
+        return 0;
+    }
+    let flags: u32 = ctx.arg(4);
+    let ops = if flags & RENAME_EXCHANGE != 0 {
+        file_ops::TRUNCATE | file_ops::RENAME
+    } else {
+        FileOp::RenameOver.rule_ops()
+    };
+    dir_entry(&ctx, FileOp::RenameOver, ops, 2, 3)
+}
+
+/// security_path_truncate(const struct path *path)
+#[lsm(hook = "path_truncate")]
+pub fn path_truncate(ctx: LsmContext) -> i32 {
+    let previous: i32 = ctx.arg(1);
+    if previous != 0 {
+        return previous;
+    }
+    let p: u64 = ctx.arg(0);
+    let inode = path_parts(p).map(|(_, d)| dentry_inode(d)).unwrap_or(0);
+    decide(FileOp::Truncate, FileOp::Truncate.rule_ops(), false, inode, |s| filepath::from_path(s, p))
+}
+
+/// security_file_truncate(struct file *file), 6.2+: ftruncate and O_TRUNC opens.
+#[lsm(hook = "file_truncate")]
+pub fn file_truncate(ctx: LsmContext) -> i32 {
+    let previous: i32 = ctx.arg(1);
+    if previous != 0 {
+        return previous;
+    }
+    let file: u64 = ctx.arg(0);
+    let parts = path_parts(file + off!(file_path));
+    let inode = parts.map(|(_, d)| dentry_inode(d)).unwrap_or(0);
+    decide(FileOp::Truncate, FileOp::Truncate.rule_ops(), false, inode, |s| {
+        let (mnt, dentry) = parts?;
+        filepath::walk(s, mnt, dentry)
+    })
+}
+
+/// security_path_link(struct dentry *old_dentry, const struct path *new_dir,
+/// struct dentry *new_dentry): a new name for an existing file is judged
+/// on that file, as a truncation (the new name could truncate it). Links
+/// never cross mounts, so the file's mount is `new_dir`'s.
+#[lsm(hook = "path_link")]
+pub fn path_link(ctx: LsmContext) -> i32 {
+    let previous: i32 = ctx.arg(3);
+    if previous != 0 {
+        return previous;
+    }
+    let old_dentry: u64 = ctx.arg(0);
+    let new_dir: u64 = ctx.arg(1);
+    decide(FileOp::Link, FileOp::Link.rule_ops(), false, dentry_inode(old_dentry), |s| {
+        let (mnt, _) = path_parts(new_dir)?;
+        filepath::walk(s, mnt, old_dentry)
+    })
 }
 
 /// Does nothing; `doctor` loads it to prove BPF-LSM programs load and attach here.

@@ -2,13 +2,21 @@
 //!
 //! - `lineage`: tag processes at exec, inherit tags through fork, drop them at exit;
 //! - `net`: connect / sendmsg decisions for tagged processes (cgroup_sock_addr);
-//! - `files`: BPF-LSM file-action decisions for tagged processes.
+//! - `files`: BPF-LSM file-action decisions for tagged processes;
+//! - `fileobs`: the same actions observed through syscall tracepoints and
+//!   contained, where BPF-LSM cannot load;
+//! - `filejudge`, `filepath`, `kstructs`: the file decision they share, path
+//!   assembly, and reading kernel structs at offsets taken from BTF.
 //!
 //! Fail-open or fail-closed is decided in one place, [`shared::decide_unreadable`].
 #![no_std]
 #![no_main]
 
+mod filejudge;
+mod fileobs;
+mod filepath;
 mod files;
+mod kstructs;
 mod lineage;
 mod net;
 mod shared;

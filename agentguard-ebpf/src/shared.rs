@@ -88,15 +88,16 @@ pub fn agent_config(agent_id: u32) -> AgentConfig {
             net_default: decide_unreadable() as u32,
             file_default: decide_unreadable() as u32,
             flags: 0,
-            _pad: 0,
+            file_prefix_lens: 0,
         },
     }
 }
 
 /// The one fail-open / fail-closed choice: a tagged task whose agent has no
 /// configuration in the kernel (the daemon has not written it, or it was
-/// removed while the task lives) is denied. An agent is known to be an agent;
-/// not knowing its rules must not let it through.
+/// removed while the task lives) is denied, and so is a tagged task's file
+/// action on a path the kernel cannot read. An agent is known to be an
+/// agent; not knowing its rules, or its target, must not let it through.
 pub const fn decide_unreadable() -> Decision {
     Decision::Deny
 }

@@ -32,6 +32,8 @@ pub enum CompileError {
     },
     #[error(transparent)]
     TooManyRules(#[from] crate::netrules::TooManyRules),
+    #[error(transparent)]
+    Files(#[from] crate::filerules::FileCompileError),
 }
 
 /// Selectors that resolve to a cgroup (policy `cgroup` and `unit` entries)
@@ -72,7 +74,7 @@ pub fn agent_config(agent: &AgentPolicy) -> AgentConfig {
         net_default: Decision::from(agent.net_default) as u32,
         file_default: Decision::from(agent.file_default) as u32,
         flags: 0,
-        _pad: 0,
+        file_prefix_lens: 0,
     }
 }
 
@@ -103,7 +105,9 @@ pub fn apply(
     sessions: &BTreeMap<u64, Tag>,
     resolved: &Resolved,
 ) -> Result<Vec<String>, CompileError> {
-    let agents: BTreeMap<u32, AgentConfig> =
+    let files = crate::filemaps::compile(set)?;
+    let (inodes, mut warnings) = crate::filemaps::scan_inodes(set);
+    let mut agents: BTreeMap<u32, AgentConfig> =
         set.agents.values().map(|a| (a.id, agent_config(a))).collect();
     let mut exe = BTreeMap::new();
     let mut comm = BTreeMap::new();
@@ -130,12 +134,19 @@ pub fn apply(
             uid.insert(*u, tag);
         }
     }
-    let (mut cgroups_sel, warnings) = cgroup_selectors(set, cgroup_root);
+    let (mut cgroups_sel, cgroup_warnings) = cgroup_selectors(set, cgroup_root);
+    warnings.extend(cgroup_warnings);
     cgroups_sel.extend(sessions.iter().map(|(k, v)| (*k, *v)));
 
     // Rules first, then defaults: an agent's rules are in place before any
     // change to what its unmatched traffic gets.
     apply_network(ebpf, set, resolved)?;
+    for (id, (flags, prefix_lens)) in crate::filemaps::apply_agents(ebpf, &files, &inodes)? {
+        if let Some(config) = agents.get_mut(&id) {
+            config.flags |= flags;
+            config.file_prefix_lens = prefix_lens;
+        }
+    }
     sync::<u32, AgentConfig>(ebpf, maps::AGENTS, &agents)?;
     sync::<u64, Tag>(ebpf, maps::SEL_CGROUP, &cgroups_sel)?;
     sync_path(ebpf, &exe)?;

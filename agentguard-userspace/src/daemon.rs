@@ -193,6 +193,7 @@ fn report_probes(probes: &[ProbeStatus]) {
             ProbeState::Attached => tracing::info!(program = p.program, "attached"),
             ProbeState::Ready => tracing::info!(program = p.program, "verified; attached while an agent is live"),
             ProbeState::Unavailable { reason } => tracing::warn!(program = p.program, %reason, "unavailable"),
+            ProbeState::Skipped { reason } => tracing::debug!(program = p.program, %reason, "not needed here"),
         }
     }
     if !loader::class_attached(probes, ActionClass::File) {
@@ -302,6 +303,9 @@ impl State {
         // A failed write is reported and counted by the log itself.
         if self.log.append_kernel(ev, &self.policies, &self.clock).is_ok() {
             self.events_logged += 1;
+        }
+        if let KernelEvent::File(f) = ev {
+            self.contain_file_violation(f);
         }
     }
 
@@ -578,6 +582,7 @@ impl State {
         let sessions = self.run_session_selectors();
         let root = self.tree.root.clone();
         compile::apply(&mut self.ebpf, &self.policies, &root, &sessions, &self.resolved)?;
+        self.sync_workspaces(&self.policies.clone())?;
         Ok(())
     }
 
@@ -632,6 +637,7 @@ policy rejected; the previous policy stays in force"))?;
         let sessions = self.run_session_selectors();
         let root = self.tree.root.clone();
         compile::apply(&mut self.ebpf, &policies, &root, &sessions, &resolved)?;
+        self.sync_workspaces(&policies)?;
         self.policies = policies;
         self.resolved = resolved;
         let agents: Vec<_> = self.policies.agents.keys().cloned().collect();
@@ -683,6 +689,7 @@ policy rejected; the previous policy stays in force"))?;
             "agents": self.policies.agents.keys().collect::<Vec<_>>(),
             "sessions": self.sessions.len(),
             "probes": self.probes,
+            "file_enforcement": self.file_enforcement(),
             "events_logged": self.events_logged,
             "decode_errors": self.decode_errors,
             "kernel_counters": counters,
@@ -774,6 +781,7 @@ fn dispatch(s: &mut State, req: Request, peer: Option<i32>) -> Response {
         Request::Kill { target, reason } => s.killswitch_request(Action::Kill, &target, reason.as_deref(), peer),
         Request::NewSession { agent, workspace } => match s.new_session(&agent, workspace, peer) {
             Ok(session) => Response::ok(json!({
+                "landlock": s.landlock_paths(&session),
                 "session": session.id,
                 "agent": session.agent,
                 "agent_id": session.agent_id,
@@ -844,5 +852,85 @@ impl State {
             tracing::error!(error = %e, "cannot write the event log");
         }
         Ok(results)
+    }
+}
+
+// ---- files: workspaces and the fallback's containment ----------------------
+
+impl State {
+    /// The `{workspace}` rules of every run session that has a workspace.
+    fn sync_workspaces(&mut self, policies: &PolicySet) -> anyhow::Result<()> {
+        let workspaces = self
+            .sessions
+            .values()
+            .filter(|s| s.kind == "run")
+            .filter_map(|s| Some((s.id, (s.agent_id, s.workspace.clone()?))))
+            .collect();
+        crate::filemaps::apply_workspaces(&mut self.ebpf, policies, &workspaces)?;
+        Ok(())
+    }
+
+    /// The paths the launcher of a run session protects with Landlock:
+    /// only where BPF-LSM does not veto. Where it does, it is the stronger
+    /// and logged veto, and Landlock, which runs before it in the kernel's
+    /// LSM order, would refuse first and leave no event.
+    fn landlock_paths(&self, session: &Session) -> Vec<String> {
+        if loader::file_enforcement(&self.probes) == loader::FileEnforcement::Veto {
+            return Vec::new();
+        }
+        self.policies
+            .by_id(session.agent_id)
+            .map(|a| crate::filerules::landlock_protected(a, session.workspace.as_deref()))
+            .unwrap_or_default()
+    }
+
+    /// How file actions are enforced here, for `status`.
+    fn file_enforcement(&self) -> serde_json::Value {
+        let mode = loader::file_enforcement(&self.probes);
+        json!({
+            "mode": mode,
+            "enforced": mode == loader::FileEnforcement::Veto,
+            "observation_attached": self.live.observing(),
+            "detail": match mode {
+                loader::FileEnforcement::Veto => "BPF-LSM: file actions of agents are vetoed in the kernel",
+                loader::FileEnforcement::ObserveAndContain => "no BPF-LSM: file actions are observed (syscall tracepoints, while an agent is live) and contained, not vetoed: the agent is stopped at its first violating action and frozen; agents started with `agentguard run` also get Landlock rules",
+                loader::FileEnforcement::None => "file actions of agents are neither vetoed nor observed on this kernel",
+            },
+        })
+    }
+
+    /// The fallback observed a violating file action: the kernel program
+    /// already stopped the process (SIGSTOP); freeze the whole agent, then
+    /// let the stopped process continue into the frozen state, so that a
+    /// `thaw` after review resumes it.
+    fn contain_file_violation(&mut self, f: &agentguard_common::FileEvent) {
+        let blocks = agentguard_common::Decision::from_u32(f.decision).is_some_and(agentguard_common::Decision::blocks);
+        if f.enforcement != agentguard_common::Enforcement::Observed as u32 || !blocks {
+            return;
+        }
+        let h = f.header;
+        let name = match self.sessions.get(&h.session_id) {
+            Some(s) => s.agent.clone(),
+            None => match self.agent(h.agent_id) {
+                Some(a) => a.name.clone(),
+                None => return,
+            },
+        };
+        let already = std::fs::read_to_string(self.tree.agent_dir(&name).join("cgroup.freeze"))
+            .is_ok_and(|v| v.trim() == "1");
+        if !already {
+            let path = crate::decode::c_str(&f.dir);
+            let reason = format!(
+                "file fallback: pid {} attempted {} on {path} ({}); observed, not vetoed, so the agent is contained",
+                h.pid,
+                crate::events::file_action(f.op),
+                if f.decision == agentguard_common::Decision::Approve as u32 { "needs approval" } else { "denied" },
+            );
+            match self.freeze_agent(&name, &reason) {
+                Ok(r) => tracing::warn!(agent = name, pid = h.pid, processes = r.outcome.processes, "file violation contained: agent frozen"),
+                Err(e) => tracing::error!(agent = name, pid = h.pid, error = %e, "file violation: cannot freeze the agent; its offending process stays stopped"),
+            }
+        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(h.pid as i32), nix::sys::signal::Signal::SIGCONT);
     }
 }

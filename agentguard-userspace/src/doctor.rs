@@ -130,7 +130,7 @@ fn gather() -> Facts {
             f.ringbuf = true;
             f.tracepoints = loader::PROBES
                 .iter()
-                .filter(|p| matches!(p.kind, loader::ProbeKind::TracePoint { .. }))
+                .filter(|p| matches!(p.kind, loader::ProbeKind::TracePoint { .. }) && p.lifetime == loader::Lifetime::Always)
                 .try_for_each(|p| {
                     loader::attach_probe(&mut ebpf, p, Path::new("/"))
                         .map_err(|e| format!("{}: {e}", p.program))
@@ -163,10 +163,17 @@ fn probe_sock_addr(ebpf: &mut aya::Ebpf, cgroup: &Path) -> Result<(), String> {
 /// bpf_d_path in path_unlink). Doctor's maps hold no tags, so attaching them
 /// for the probe affects no process.
 fn probe_lsm(ebpf: &mut aya::Ebpf) -> Result<(), String> {
-    loader::PROBES
-        .iter()
-        .filter(|p| matches!(p.kind, loader::ProbeKind::Lsm { .. }))
-        .try_for_each(|p| loader::attach_probe(ebpf, p, Path::new("/")).map_err(|e| format!("{}: {e}", p.program)))
+    loader::PROBES.iter().try_for_each(|p| {
+        let loader::ProbeKind::Lsm { hook, args } = p.kind else { return Ok(()) };
+        match loader::lsm_hook_check(hook, args) {
+            // A hook this kernel does not have (file_truncate before 6.2):
+            // another probe covers its actions.
+            Err(loader::ProbeState::Skipped { .. }) => return Ok(()),
+            Err(loader::ProbeState::Unavailable { reason }) => return Err(format!("{}: {reason}", p.program)),
+            _ => {}
+        }
+        loader::attach_probe(ebpf, p, Path::new("/")).map_err(|e| format!("{}: {e}", p.program))
+    })
 }
 
 fn chain(e: &dyn std::error::Error) -> String {

@@ -1,6 +1,7 @@
 //! The agentguard daemon and CLI, as a library so integration tests drive the
 //! same loader, decoder, policy compiler and daemon the binary uses.
 pub mod audit;
+pub mod btf;
 pub mod cgroups;
 pub mod cli;
 pub mod compile;
@@ -10,6 +11,9 @@ pub mod daemon;
 pub mod decode;
 pub mod doctor;
 pub mod events;
+pub mod filemaps;
+pub mod filerules;
+pub mod fmode;
 pub mod incident;
 pub mod killswitch;
 pub mod loader;

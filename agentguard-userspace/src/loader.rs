@@ -3,12 +3,14 @@
 use std::{
     fs::File,
     path::{Path, PathBuf},
+    sync::OnceLock,
 };
 
-use agentguard_common::{globals, maps, programs, HookFlag};
+use agentguard_common::{globals, maps, programs, HookFlag, KernelOffsets};
 use aya::{
     programs::{
-        cgroup_sock_addr::CgroupSockAddrLinkId, CgroupAttachMode, CgroupSockAddr, Lsm, TracePoint,
+        cgroup_sock_addr::CgroupSockAddrLinkId, trace_point::TracePointLinkId, CgroupAttachMode,
+        CgroupSockAddr, Lsm, TracePoint,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -55,6 +57,9 @@ pub enum ProbeKind {
     CgroupSockAddr,
     Lsm {
         hook: &'static str,
+        /// The hook's parameters (the program reads its verdict argument
+        /// right after them); checked against this kernel's BTF.
+        args: usize,
     },
 }
 
@@ -80,6 +85,11 @@ pub enum Lifetime {
     /// connect and unconnected send, host-wide; ../shared/TOOLCHAIN.md).
     /// Loaded and verified at start, attached by [`LiveHooks`].
     WhileAgentLive,
+    /// An observation fallback for its class: loaded only when the class's
+    /// primary (`Always`) probes cannot load, then attached by [`LiveHooks`]
+    /// like `WhileAgentLive` (syscall tracepoints tax every syscall of every
+    /// process, ../shared/TOOLCHAIN.md).
+    FallbackWhileAgentLive,
 }
 
 pub const PROBES: &[ProbeSpec] = &[
@@ -132,14 +142,54 @@ pub const PROBES: &[ProbeSpec] = &[
         required: true,
         lifetime: Lifetime::WhileAgentLive,
     },
+    lsm(programs::LSM_PATH_UNLINK, "path_unlink", 2),
+    lsm(programs::LSM_PATH_RMDIR, "path_rmdir", 2),
+    lsm(programs::LSM_PATH_RENAME, "path_rename", 5),
+    lsm(programs::LSM_PATH_TRUNCATE, "path_truncate", 1),
+    // 6.2+ only: ftruncate and O_TRUNC opens (6.1 sends them to path_truncate).
+    lsm(programs::LSM_FILE_TRUNCATE, "file_truncate", 1),
+    lsm(programs::LSM_PATH_LINK, "path_link", 3),
+    observe(programs::OBS_UNLINK, "sys_enter_unlink"),
+    observe(programs::OBS_UNLINKAT, "sys_enter_unlinkat"),
+    observe(programs::OBS_RMDIR, "sys_enter_rmdir"),
+    observe(programs::OBS_RENAME, "sys_enter_rename"),
+    observe(programs::OBS_RENAMEAT, "sys_enter_renameat"),
+    observe(programs::OBS_RENAMEAT2, "sys_enter_renameat2"),
+    observe(programs::OBS_TRUNCATE, "sys_enter_truncate"),
+    observe(programs::OBS_FTRUNCATE, "sys_enter_ftruncate"),
+    observe(programs::OBS_LINK, "sys_enter_link"),
+    observe(programs::OBS_LINKAT, "sys_enter_linkat"),
+    observe(programs::OBS_OPEN, "sys_enter_open"),
+    observe(programs::OBS_OPENAT, "sys_enter_openat"),
+    observe(programs::OBS_OPENAT2, "sys_enter_openat2"),
+    observe(programs::OBS_CREAT, "sys_enter_creat"),
+    observe(programs::OBS_OPEN_EXIT, "sys_exit_open"),
+    observe(programs::OBS_OPENAT_EXIT, "sys_exit_openat"),
+    observe(programs::OBS_OPENAT2_EXIT, "sys_exit_openat2"),
+    observe(programs::OBS_CREAT_EXIT, "sys_exit_creat"),
+];
+
+/// A BPF-LSM file probe: optional (the kernel may lack BPF-LSM), always attached.
+const fn lsm(program: &'static str, hook: &'static str, args: usize) -> ProbeSpec {
     ProbeSpec {
-        program: programs::LSM_PATH_UNLINK,
-        kind: ProbeKind::Lsm { hook: "path_unlink" },
+        program,
+        kind: ProbeKind::Lsm { hook, args },
         class: ActionClass::File,
         required: false,
         lifetime: Lifetime::Always,
-    },
-];
+    }
+}
+
+/// A file-observation fallback probe on a syscall tracepoint of the same name.
+const fn observe(program: &'static str, tracepoint: &'static str) -> ProbeSpec {
+    ProbeSpec {
+        program,
+        kind: ProbeKind::TracePoint { category: "syscalls", name: tracepoint },
+        class: ActionClass::File,
+        required: false,
+        lifetime: Lifetime::FallbackWhileAgentLive,
+    }
+}
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
@@ -148,6 +198,10 @@ pub enum ProbeState {
     /// Verified and ready; attached while an agent is live.
     Ready,
     Unavailable { reason: String },
+    /// Not needed on this kernel: the hook does not exist here (another
+    /// probe covers its actions), or the fallback is not needed because
+    /// the primary probes attached.
+    Skipped { reason: String },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -174,19 +228,46 @@ pub fn raise_memlock() {
     }
 }
 
-/// Parse the embedded object, set the tracepoint-layout globals from this
-/// kernel's tracefs, and create the maps. Programs are not loaded yet.
+/// Parse the embedded object, set the tracepoint-layout and struct-offset
+/// globals from this kernel's tracefs and BTF, and create the maps.
+/// Programs are not loaded yet.
 pub fn load_object() -> Result<Ebpf, LoadError> {
     raise_memlock();
     let fork_child = tracefs::field_offset("sched", "sched_process_fork", "child_pid")?;
     let exec_old_pid = tracefs::field_offset("sched", "sched_process_exec", "old_pid")?;
     let exec_filename = tracefs::field_offset("sched", "sched_process_exec", "filename")?;
+    // Without offsets the file programs are reported unavailable (attach_all);
+    // the zeros they would read are never used.
+    let offsets = kernel_offsets().clone().unwrap_or_default();
     let ebpf = EbpfLoader::new()
         .override_global(globals::FORK_CHILD_PID_OFF, &fork_child, true)
         .override_global(globals::EXEC_OLD_PID_OFF, &exec_old_pid, true)
         .override_global(globals::EXEC_FILENAME_OFF, &exec_filename, true)
+        .override_global(globals::KERNEL_OFFSETS, &offsets, true)
         .load(EBPF_OBJECT)?;
     Ok(ebpf)
+}
+
+/// The struct offsets the file programs read (from BTF) and the syscall
+/// tracepoint layout (from tracefs), computed once.
+pub fn kernel_offsets() -> &'static Result<KernelOffsets, String> {
+    static OFFSETS: OnceLock<Result<KernelOffsets, String>> = OnceLock::new();
+    OFFSETS.get_or_init(|| {
+        let btf = crate::btf::Btf::from_sys_fs().map_err(|e| e.to_string())?;
+        let mut o = btf.kernel_offsets().map_err(|e| e.to_string())?;
+        let field = |name: &str, f: &str| tracefs::field_offset("syscalls", name, f).map_err(|e| e.to_string());
+        o.syscall_args = field("sys_enter_unlinkat", "dfd")?;
+        // Every argument is 8 bytes after the previous one (include/trace/syscall.h);
+        // check it on this kernel rather than assume it.
+        for (name, f, index) in [("sys_enter_unlinkat", "pathname", 1), ("sys_enter_renameat2", "flags", 4), ("sys_enter_openat", "flags", 2)] {
+            let at = field(name, f)?;
+            if at != o.syscall_args + 8 * index {
+                return Err(format!("syscalls/{name}: {f} is at byte {at}, not {}; unknown syscall record layout", o.syscall_args + 8 * index));
+            }
+        }
+        o.syscall_ret = field("sys_exit_openat", "ret")?;
+        Ok(o)
+    })
 }
 
 /// Load one probe into the kernel (verify it) without attaching it.
@@ -199,7 +280,11 @@ pub fn load_probe(ebpf: &mut Ebpf, spec: &ProbeSpec) -> Result<(), String> {
             let prog: &mut CgroupSockAddr = program.try_into().map_err(|e| format!("{e}"))?;
             prog.load().map_err(|e| describe(&e))
         }
-        _ => Err(format!("{}: only cgroup_sock_addr probes are attached on demand", spec.program)),
+        ProbeKind::TracePoint { .. } => {
+            let prog: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
+            prog.load().map_err(|e| describe(&e))
+        }
+        ProbeKind::Lsm { .. } => Err(format!("{}: BPF-LSM probes are attached at start, not on demand", spec.program)),
     }
 }
 
@@ -225,7 +310,10 @@ pub fn attach_probe(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup_root: &Path) -> Re
             prog.attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|e| describe(&e))?;
         }
-        ProbeKind::Lsm { hook } => {
+        ProbeKind::Lsm { hook, .. } => {
+            if let Err(e) = kernel_offsets() {
+                return Err(format!("cannot compute the kernel struct offsets the file programs read: {e}"));
+            }
             let btf = Btf::from_sys_fs()
                 .map_err(|e| format!("kernel BTF unavailable (/sys/kernel/btf/vmlinux): {e}"))?;
             let lsm: &mut Lsm = program.try_into().map_err(|e| format!("{e}"))?;
@@ -248,14 +336,38 @@ fn describe(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Why an LSM probe's hook does not apply on this kernel (it does not
+/// exist, so another probe covers its actions), or why it cannot work here.
+pub fn lsm_hook_check(hook: &str, args: usize) -> Result<(), ProbeState> {
+    let Ok(btf) = crate::btf::Btf::from_sys_fs() else { return Ok(()) };
+    match btf.func_params(&format!("bpf_lsm_{hook}")) {
+        None => Err(ProbeState::Skipped { reason: format!("this kernel has no {hook} LSM hook") }),
+        Some(n) if n != args => Err(ProbeState::Unavailable {
+            reason: format!("the {hook} LSM hook takes {n} arguments on this kernel, the program expects {args}"),
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
 /// Attach every probe in [`PROBES`]. A required probe that fails is an error;
-/// an optional one is reported as unavailable.
+/// an optional one is reported as unavailable. Fallback probes are loaded
+/// only when their class's primary probes did not all attach.
 pub fn attach_all(ebpf: &mut Ebpf, cgroup_root: &Path) -> Result<Vec<ProbeStatus>, LoadError> {
     let mut statuses = Vec::with_capacity(PROBES.len());
     for spec in PROBES {
-        let result = match spec.lifetime {
-            Lifetime::Always => attach_probe(ebpf, spec, cgroup_root).map(|()| ProbeState::Attached),
-            Lifetime::WhileAgentLive => load_probe(ebpf, spec).map(|()| ProbeState::Ready),
+        if spec.lifetime == Lifetime::FallbackWhileAgentLive {
+            continue;
+        }
+        let result = match (spec.lifetime, spec.kind) {
+            (_, ProbeKind::Lsm { hook, args }) => match lsm_hook_check(hook, args) {
+                Err(state) => {
+                    statuses.push(ProbeStatus { program: spec.program, class: spec.class, state });
+                    continue;
+                }
+                Ok(()) => attach_probe(ebpf, spec, cgroup_root).map(|()| ProbeState::Attached),
+            },
+            (Lifetime::Always, _) => attach_probe(ebpf, spec, cgroup_root).map(|()| ProbeState::Attached),
+            _ => load_probe(ebpf, spec).map(|()| ProbeState::Ready),
         };
         let state = match result {
             Ok(state) => state,
@@ -273,22 +385,75 @@ pub fn attach_all(ebpf: &mut Ebpf, cgroup_root: &Path) -> Result<Vec<ProbeStatus
             state,
         });
     }
+    let vetoed = class_attached(&statuses, ActionClass::File);
+    for spec in PROBES.iter().filter(|p| p.lifetime == Lifetime::FallbackWhileAgentLive) {
+        let state = if vetoed {
+            ProbeState::Skipped { reason: "BPF-LSM vetoes file actions here; no observation needed".into() }
+        } else if let Err(e) = kernel_offsets() {
+            ProbeState::Unavailable { reason: format!("cannot compute kernel struct offsets: {e}") }
+        } else {
+            match load_probe(ebpf, spec) {
+                Ok(()) => ProbeState::Ready,
+                Err(reason) => ProbeState::Unavailable { reason },
+            }
+        };
+        statuses.push(ProbeStatus { program: spec.program, class: spec.class, state });
+    }
+    if !vetoed && statuses.iter().any(|s| s.class == ActionClass::File && matches!(s.state, ProbeState::Ready)) {
+        match crate::fmode::calibrate(ebpf) {
+            Ok(bit) => tracing::debug!(fmode_created = format!("{bit:#x}"), "calibrated FMODE_CREATED"),
+            Err(e) => tracing::warn!(error = %e, "cannot calibrate FMODE_CREATED: the file fallback judges every O_TRUNC open as a truncation"),
+        }
+    }
     Ok(statuses)
 }
 
-/// Whether every probe of `class` is attached or ready to be.
+/// Whether every primary (not fallback) probe of `class` is attached, ready
+/// to be, or not needed on this kernel.
 pub fn class_attached(statuses: &[ProbeStatus], class: ActionClass) -> bool {
+    let primary = |program: &str| {
+        PROBES.iter().any(|p| p.program == program && p.lifetime != Lifetime::FallbackWhileAgentLive)
+    };
     statuses
         .iter()
-        .filter(|s| s.class == class)
-        .all(|s| matches!(s.state, ProbeState::Attached | ProbeState::Ready))
+        .filter(|s| s.class == class && primary(s.program))
+        .all(|s| matches!(s.state, ProbeState::Attached | ProbeState::Ready | ProbeState::Skipped { .. }))
 }
 
-/// The on-demand probes ([`Lifetime::WhileAgentLive`]) and the kernel flag
-/// that tells the exec hook whether they are attached.
+/// How file actions of agents are enforced, given the probe states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileEnforcement {
+    /// BPF-LSM: the kernel refuses the action before it happens.
+    Veto,
+    /// Syscall tracepoints: the action is observed and the agent contained
+    /// (stopped at its first violating action, then frozen).
+    ObserveAndContain,
+    /// Neither could load: file actions are not judged.
+    None,
+}
+
+pub fn file_enforcement(statuses: &[ProbeStatus]) -> FileEnforcement {
+    if class_attached(statuses, ActionClass::File) {
+        FileEnforcement::Veto
+    } else if statuses.iter().any(|s| {
+        s.class == ActionClass::File
+            && matches!(s.state, ProbeState::Ready)
+            && PROBES.iter().any(|p| p.program == s.program && p.lifetime == Lifetime::FallbackWhileAgentLive)
+    }) {
+        FileEnforcement::ObserveAndContain
+    } else {
+        FileEnforcement::None
+    }
+}
+
+/// The on-demand probes ([`Lifetime::WhileAgentLive`], and the loaded
+/// [`Lifetime::FallbackWhileAgentLive`] ones) and the kernel flag that tells
+/// the exec hook whether they are attached.
 #[derive(Debug, Default)]
 pub struct LiveHooks {
     links: Vec<(&'static str, CgroupSockAddrLinkId)>,
+    tracepoints: Vec<(&'static str, TracePointLinkId)>,
 }
 
 impl LiveHooks {
@@ -296,7 +461,31 @@ impl LiveHooks {
         !self.links.is_empty()
     }
 
-    /// Attach every on-demand probe at the cgroup2 root, then raise the flag.
+    /// How many fallback observation programs are attached.
+    pub fn observing(&self) -> usize {
+        self.tracepoints.len()
+    }
+
+    /// Attach the loaded fallback tracepoints (nothing where BPF-LSM vetoes).
+    fn attach_fallback(&mut self, ebpf: &mut Ebpf) -> Result<(), LoadError> {
+        for spec in PROBES.iter().filter(|p| p.lifetime == Lifetime::FallbackWhileAgentLive) {
+            let ProbeKind::TracePoint { category, name } = spec.kind else { continue };
+            let Some(program) = ebpf.program_mut(spec.program) else { continue };
+            let Ok(tp) = <&mut TracePoint>::try_from(program) else { continue };
+            if tp.fd().is_err() {
+                continue; // not loaded: not needed, or unavailable (reported at start)
+            }
+            let id = tp
+                .attach(category, name)
+                .map_err(|e| LoadError::Required { program: spec.program, reason: describe(&e) })?;
+            self.tracepoints.push((spec.program, id));
+        }
+        Ok(())
+    }
+
+    /// Attach every on-demand probe (the network programs at the cgroup2
+    /// root, the file fallback's tracepoints where it is loaded), then raise
+    /// the flag.
     pub fn attach(&mut self, ebpf: &mut Ebpf, cgroup_root: &Path) -> Result<(), LoadError> {
         if self.attached() {
             return Ok(());
@@ -317,6 +506,7 @@ impl LiveHooks {
                 .map_err(|e| LoadError::Required { program: spec.program, reason: describe(&e) })?;
             self.links.push((spec.program, id));
         }
+        self.attach_fallback(ebpf)?;
         set_hook_flag(ebpf, HookFlag::NetAttached, 1).map_err(|reason| LoadError::Required { program: maps::HOOKS, reason })
     }
 
@@ -343,11 +533,19 @@ impl LiveHooks {
                 }
             }
         }
+        for (program, id) in self.tracepoints.drain(..) {
+            let Some(prog) = ebpf.program_mut(program) else { continue };
+            if let Ok(tp) = <&mut TracePoint>::try_from(prog) {
+                if let Err(e) = tp.detach(id) {
+                    tracing::warn!(program, error = %describe(&e), "detach failed");
+                }
+            }
+        }
         true
     }
 }
 
-fn set_hook_flag(ebpf: &mut Ebpf, flag: HookFlag, value: u32) -> Result<(), String> {
+pub(crate) fn set_hook_flag(ebpf: &mut Ebpf, flag: HookFlag, value: u32) -> Result<(), String> {
     let map = ebpf.map_mut(maps::HOOKS).ok_or_else(|| format!("map {} missing", maps::HOOKS))?;
     let mut arr: aya::maps::Array<&mut aya::maps::MapData, u32> =
         aya::maps::Array::try_from(map).map_err(|e| describe(&e))?;

@@ -533,6 +533,8 @@ fn check_file_rule(cx: &mut Ctx<'_>, rule: Spanned<RawFileRule>) -> FileRule {
         }
         if let Err(e) = globset::Glob::new(&concrete) {
             cx.err(span, format!("path {pattern:?} is not a valid glob: {e}"));
+        } else if let Err(message) = crate::filerules::classify(&pattern) {
+            cx.err(span, message);
         }
         checked.push(pattern);
     }

@@ -48,7 +48,7 @@ impl Loaded {
             .filter(|p| p.class == class)
             .find_map(|p| match &p.state {
                 ProbeState::Unavailable { reason } => Some(format!("{}: {reason}", p.program)),
-                ProbeState::Attached | ProbeState::Ready => None,
+                ProbeState::Attached | ProbeState::Ready | ProbeState::Skipped { .. } => None,
             })
             .unwrap_or_default()
     }

@@ -1,0 +1,293 @@
+//! The file decision, shared by the BPF-LSM hooks and the fallback
+//! observation: which of the agent's file rules matches an assembled path
+//! first, in policy order, and the event that records it.
+//!
+//! Sources of candidate rules, each a list in policy order (compiled by
+//! agentguard-userspace/src/filerules.rs):
+//! - the LPM trie keyed by the agent id (absolute prefixes and exact paths)
+//!   and by the session id (prefixes under the session's workspace);
+//! - name patterns, by hash: any component, the basename, a basename suffix
+//!   from one of its last three dots, a basename prefix;
+//! - the (device, inode) of a protected file with several hard-link names:
+//!   a blocking rule found there wins, so the file stays protected whatever
+//!   name the action uses.
+//!
+//! Over all sources the lowest rule id whose ops include the action's
+//! decides; no match: the agent's `[files] default`.
+use agentguard_common::{
+    agent_flags, limits, name_kind, Decision, Enforcement, EventKind, FileEvent,
+    FileInodeKey, FileNameKey, FileOp, FilePrefixKey, FileRuleList, Tag, FNV64_OFFSET,
+    FNV64_PRIME, RULE_FAIL_CLOSED, RUN_SESSION_BIT,
+};
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::generated::{bpf_loop, bpf_probe_read_kernel, bpf_probe_read_kernel_str},
+    macros::map,
+    maps::{lpm_trie::Key, HashMap, LpmTrie},
+};
+
+use crate::{
+    filepath::{self, Built, FileScratch, Scan},
+    kstructs::multi_link_id,
+    shared::{agent_config, count, decide_unreadable, header, recording_failed, reserve},
+};
+
+#[map(name = "AG_FILE_PREFIX")]
+static FILE_PREFIX: LpmTrie<FilePrefixKey, FileRuleList> =
+    LpmTrie::with_max_entries(limits::MAX_FILE_PREFIXES, 0);
+
+#[map(name = "AG_FILE_NAMES")]
+static FILE_NAMES: HashMap<FileNameKey, FileRuleList> =
+    HashMap::with_max_entries(limits::MAX_FILE_NAMES, 0);
+
+#[map(name = "AG_FILE_INODES")]
+static FILE_INODES: HashMap<FileInodeKey, FileRuleList> =
+    HashMap::with_max_entries(limits::MAX_FILE_INODES, 0);
+
+const NAME_KINDS: u32 = agent_flags::FILE_COMPONENT
+    | agent_flags::FILE_BASENAME
+    | agent_flags::FILE_SUFFIX
+    | agent_flags::FILE_BASE_PREFIX;
+
+/// The winning rule so far: lowest rule id.
+struct Best {
+    rule_id: u32,
+    decision: u32,
+}
+
+#[inline(always)]
+fn consider(list: &FileRuleList, ops: u32, best: &mut Best) {
+    let count = list.count as usize;
+    for i in 0..limits::FILE_RULES_PER_KEY {
+        if i >= count {
+            break;
+        }
+        let e = &list.entries[i];
+        if e.ops & ops != 0 {
+            if e.rule_id < best.rule_id {
+                best.rule_id = e.rule_id;
+                best.decision = e.decision;
+            }
+            return;
+        }
+    }
+}
+
+#[inline(always)]
+fn by_prefix(s: &mut FileScratch, id: u32, len: usize, ops: u32, best: &mut Best) {
+    let bytes = if len + 1 > limits::FILE_KEY_PATH { limits::FILE_KEY_PATH } else { len + 1 };
+    s.id_be = id.to_be_bytes();
+    s.prefix_len = 32 + 8 * bytes as u32;
+    // SAFETY: FileScratch starts with exactly the layout of an LPM key
+    // (packed u32 prefix length, then FilePrefixKey).
+    let key = unsafe { &*(s as *const FileScratch).cast::<Key<FilePrefixKey>>() };
+    if let Some(list) = FILE_PREFIX.get(key) {
+        consider(list, ops, best);
+    }
+}
+
+#[inline(always)]
+fn by_name(agent_id: u32, kind: u32, hash: u64, ops: u32, best: &mut Best) {
+    let key = FileNameKey { agent_id, kind, hash };
+    // SAFETY: the value is only read while this program runs.
+    if let Some(list) = unsafe { FILE_NAMES.get(&key) } {
+        consider(list, ops, best);
+    }
+}
+
+#[inline(always)]
+fn step(h: u64, c: u8) -> u64 {
+    (h ^ c as u64).wrapping_mul(FNV64_PRIME)
+}
+
+/// One byte of the name scan (a `bpf_loop` callback): hash each component
+/// into `s.comps`; for each component also keep its tails from
+/// its last three dots and its hashes at the prefix lengths the agent uses
+/// (the four longest). At the end of the path the last component's are
+/// left: the basename's.
+unsafe extern "C" fn scan_byte(i: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = filepath::scratch() else { return 1 };
+    let i = i as usize;
+    let st = &mut s.scan;
+    let c = if i as u64 >= st.len { 0 } else { s.path.get(i & (limits::FILE_PATH_MAX - 1)).copied().unwrap_or(0) };
+    if c == b'/' || c == 0 {
+        if st.clen > 0 && st.components < limits::FILE_WALK_DEPTH as u64 {
+            if let Some(slot) = s.comps.get_mut(st.components as usize & (limits::FILE_WALK_DEPTH - 1)) {
+                *slot = st.h;
+            }
+            st.components += 1;
+        }
+        if c == 0 {
+            return 1;
+        }
+        st.h = FNV64_OFFSET;
+        st.clen = 0;
+        st.tails = 0;
+        st.prefixes = 0;
+        return 0;
+    }
+    st.h = step(st.h, c);
+    st.clen += 1;
+    st.t[0] = step(st.t[0], c);
+    st.t[1] = step(st.t[1], c);
+    st.t[2] = step(st.t[2], c);
+    if c == b'.' {
+        st.t[2] = st.t[1];
+        st.t[1] = st.t[0];
+        st.t[0] = step(FNV64_OFFSET, b'.');
+        if st.tails < 3 {
+            st.tails += 1;
+        }
+    }
+    if st.clen <= limits::FILE_BASE_PREFIX_MAX as u64 && (st.prefix_lens >> ((st.clen - 1) & 31)) & 1 != 0 {
+        st.p[3] = st.p[2];
+        st.p[2] = st.p[1];
+        st.p[1] = st.p[0];
+        st.p[0] = st.h;
+        if st.prefixes < 4 {
+            st.prefixes += 1;
+        }
+    }
+    0
+}
+
+/// Look the path's names up (after the scan: lookups inside the loop
+/// callback would multiply the verifier's work): every component, and the basename, its
+/// suffixes and its prefixes.
+#[inline(always)]
+fn by_names(s: &mut FileScratch, b: Built, agent_id: u32, flags: u32, prefix_lens: u32, ops: u32, best: &mut Best) {
+    let start = Scan {
+        components: 0,
+        len: b.len as u64,
+        prefix_lens: if flags & agent_flags::FILE_BASE_PREFIX != 0 { prefix_lens as u64 } else { 0 },
+        h: FNV64_OFFSET,
+        clen: 0,
+        t: [0; 3],
+        tails: 0,
+        p: [0; 4],
+        prefixes: 0,
+    };
+    // Handed over and back volatile: see filepath::walk.
+    // SAFETY: a field of the map value `s` points to.
+    unsafe { core::ptr::write_volatile(&mut s.scan, start) };
+    // SAFETY: a static callback; no context pointer (the state is in the map).
+    unsafe { bpf_loop((b.len + 1) as u32, scan_byte as *mut c_void, core::ptr::null_mut(), 0) };
+    // SAFETY: as above.
+    let scan = unsafe { core::ptr::read_volatile(&s.scan) };
+    if flags & agent_flags::FILE_COMPONENT != 0 {
+        for k in 0..limits::FILE_WALK_DEPTH {
+            if k as u64 >= scan.components {
+                break;
+            }
+            if let Some(hash) = s.comps.get(k) {
+                // SAFETY: written by the callback, behind the compiler's back.
+                let hash = unsafe { core::ptr::read_volatile(hash) };
+                by_name(agent_id, name_kind::COMPONENT, hash, ops, best);
+            }
+        }
+    }
+    // The basename: the last component, when the path has one.
+    if scan.clen == 0 {
+        return;
+    }
+    if flags & agent_flags::FILE_BASENAME != 0 {
+        by_name(agent_id, name_kind::BASENAME, scan.h, ops, best);
+    }
+    if flags & agent_flags::FILE_SUFFIX != 0 {
+        for k in 0..3 {
+            if (k as u64) < scan.tails {
+                by_name(agent_id, name_kind::SUFFIX, scan.t[k], ops, best);
+            }
+        }
+    }
+    for k in 0..4 {
+        if (k as u64) < scan.prefixes {
+            by_name(agent_id, name_kind::BASE_PREFIX, scan.p[k], ops, best);
+        }
+    }
+}
+
+/// Decide a tagged task's action on the path in `s`. `inode` is the
+/// target's inode pointer when the hook knows it (0 otherwise).
+#[inline(always)]
+pub fn judge(tag: Tag, s: &mut FileScratch, b: Built, ops: u32, inode: u64) -> (Decision, u32) {
+    // Fail-closed recording (events, issue 7): while events cannot be
+    // recorded, a tagged task's file actions are denied.
+    if recording_failed() {
+        return (Decision::Deny, RULE_FAIL_CLOSED);
+    }
+    let cfg = agent_config(tag.agent_id);
+    let flags = cfg.flags;
+    let mut best = Best { rule_id: u32::MAX, decision: 0 };
+    if flags & agent_flags::FILE_PREFIX != 0 {
+        by_prefix(s, tag.agent_id, b.len, ops, &mut best);
+    }
+    // Workspaces belong to `agentguard run` sessions (ids with the top bit).
+    if flags & agent_flags::FILE_SESSION != 0 && tag.session_id & RUN_SESSION_BIT != 0 {
+        by_prefix(s, tag.session_id, b.len, ops, &mut best);
+    }
+    if flags & NAME_KINDS != 0 {
+        by_names(s, b, tag.agent_id, flags, cfg.file_prefix_lens, ops, &mut best);
+    }
+    let mut verdict = if best.rule_id == u32::MAX {
+        (Decision::from_u32(cfg.file_default).unwrap_or(decide_unreadable()), 0)
+    } else {
+        (Decision::from_u32(best.decision).unwrap_or(decide_unreadable()), best.rule_id)
+    };
+    if flags & agent_flags::FILE_INODES != 0 {
+        if let Some((dev, ino)) = multi_link_id(inode) {
+            let key = FileInodeKey { agent_id: tag.agent_id, dev, ino };
+            let mut other = Best { rule_id: u32::MAX, decision: 0 };
+            // SAFETY: read while this program runs.
+            if let Some(list) = unsafe { FILE_INODES.get(&key) } {
+                consider(list, ops, &mut other);
+            }
+            if let Some(d) = Decision::from_u32(other.decision) {
+                if other.rule_id != u32::MAX && d.blocks() {
+                    verdict = (d, other.rule_id);
+                }
+            }
+        }
+    }
+    verdict
+}
+
+/// Write the event. With `split`, the directory goes to `dir` and the last
+/// component to `name`; otherwise `dir` holds the whole path.
+#[inline(always)]
+pub fn record(tag: Tag, op: FileOp, verdict: (Decision, u32), how: Enforcement, s: &FileScratch, b: Option<Built>, split: bool) {
+    let Some(mut entry) = reserve::<FileEvent>() else { return };
+    // SAFETY: plain data; every field is written below.
+    let event = unsafe { &mut *entry.as_mut_ptr() };
+    event.header = header(EventKind::File, tag);
+    event.op = op as u32;
+    event.decision = verdict.0 as u32;
+    event.rule_id = verdict.1;
+    event.enforcement = how as u32;
+    event.name[0] = 0;
+    event.dir[0] = 0;
+    if let Some(b) = b {
+        // SAFETY: copies PATH_MAX bytes of the scratch buffer (larger) into the event.
+        unsafe {
+            bpf_probe_read_kernel(event.dir.as_mut_ptr().cast(), limits::PATH_MAX as u32, s.path.as_ptr().cast());
+        }
+        let last = limits::PATH_MAX - 1;
+        if split && b.name_off > 0 {
+            let dir_end = if b.name_off == 1 { 1 } else { b.name_off - 1 };
+            event.dir[if dir_end > last { last } else { dir_end } & last] = 0;
+            // SAFETY: source inside the scratch buffer (masked), destination the event's name.
+            unsafe {
+                bpf_probe_read_kernel_str(
+                    event.name.as_mut_ptr().cast(),
+                    limits::PATH_MAX as u32,
+                    s.path.as_ptr().add(b.name_off & (limits::FILE_PATH_MAX - 1)).cast(),
+                );
+            }
+        } else {
+            event.dir[if b.len > last { last } else { b.len } & last] = 0;
+        }
+    }
+    entry.submit(0);
+    count(agentguard_common::Counter::EventsSubmitted);
+}

@@ -1,0 +1,294 @@
+//! Assembling the full path of a file action in a per-CPU scratch buffer: a
+//! walk up the dentry and mount chain (a hook's directory plus the entry's
+//! name, a hook's whole path, a descriptor, the working directory), or a
+//! syscall's user string joined to its base directory (the fallback).
+//!
+//! The buffer is laid out as an LPM-trie key ([`agentguard_common::FilePrefixKey`]
+//! behind its prefix length) so the judge looks the path up in place.
+//! Writes land at `offset & PATH_MASK` with at most `PATH_CHUNK` bytes, so
+//! they always stay inside the buffer, which the verifier checks.
+use core::ffi::c_void;
+
+use agentguard_common::limits::{FILE_PATH_MAX, FILE_WALK_DEPTH};
+use aya_ebpf::{
+    helpers::generated::{bpf_loop, bpf_probe_read_kernel_str, bpf_probe_read_user_str},
+    macros::map,
+    maps::PerCpuArray,
+};
+
+use crate::kstructs::{off, read_ptr, read_u64};
+
+/// Longest path the judge looks at (NUL excluded).
+pub const PATH_LIMIT: usize = FILE_PATH_MAX - 1;
+const PATH_MASK: usize = FILE_PATH_MAX - 1;
+const PATH_CHUNK: u32 = FILE_PATH_MAX as u32;
+
+#[repr(C)]
+pub struct FileScratch {
+    /// LPM key: prefix length in bits, then id and path (the key's data).
+    pub prefix_len: u32,
+    pub id_be: [u8; 4],
+    /// Twice the longest path, so a masked offset plus a chunk always fits.
+    pub path: [u8; FILE_PATH_MAX * 2],
+    /// Dentry name pointers collected by [`walk`], leaf first; then the
+    /// component hashes of the judge's name scan.
+    pub comps: [u64; FILE_WALK_DEPTH],
+    /// The judge's name scan, carried between `bpf_loop` iterations.
+    pub scan: Scan,
+    /// The dentry walk, likewise.
+    pub walk: Walk,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Walk {
+    pub vfsmnt: u64,
+    pub mnt: u64,
+    pub d: u64,
+    pub n: u64,
+    pub len: u64,
+    pub name_off: u64,
+    pub err: u64,
+}
+
+/// State of the name scan (filejudge.rs). It lives in the map value, not
+/// on the stack, so the verifier sees unknown values in the loop callback
+/// and checks it once for any iteration, on every kernel.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Scan {
+    /// Component hashes stored in `comps` so far.
+    pub components: u64,
+    pub len: u64,
+    pub prefix_lens: u64,
+    pub h: u64,
+    pub clen: u64,
+    pub t: [u64; 3],
+    pub tails: u64,
+    pub p: [u64; 4],
+    pub prefixes: u64,
+}
+
+#[map(name = "AG_FILE_SCRATCH")]
+static FILE_SCRATCH: PerCpuArray<FileScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// A path in the scratch buffer: `len` bytes (a NUL follows), the last
+/// component starting at `name_off` when the builder knows it (0 otherwise).
+#[derive(Clone, Copy)]
+pub struct Built {
+    pub len: usize,
+    pub name_off: usize,
+}
+
+#[inline(always)]
+pub fn scratch() -> Option<&'static mut FileScratch> {
+    // SAFETY: per-CPU and the program runs to completion on this CPU.
+    FILE_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+#[inline(always)]
+fn put(s: &mut FileScratch, at: usize, byte: u8) {
+    if let Some(b) = s.path.get_mut(at & PATH_MASK) {
+        *b = byte;
+    }
+}
+
+#[inline(always)]
+fn at_ptr(s: &mut FileScratch, at: usize) -> *mut core::ffi::c_void {
+    // SAFETY: masked offset inside the buffer (half its size).
+    unsafe { s.path.as_mut_ptr().add(at & PATH_MASK).cast() }
+}
+
+/// Append the kernel string at `src` at `at`; returns the new length.
+#[inline(always)]
+fn append_kernel_str(s: &mut FileScratch, at: usize, src: u64) -> Result<usize, ()> {
+    // SAFETY: destination bounded as above; src is a kernel address.
+    let n = unsafe { bpf_probe_read_kernel_str(at_ptr(s, at), PATH_CHUNK, src as *const _) };
+    if n <= 0 {
+        return Err(());
+    }
+    Ok(clamp(at + n as usize - 1, s))
+}
+
+#[inline(always)]
+fn clamp(len: usize, s: &mut FileScratch) -> usize {
+    let len = if len > PATH_LIMIT { PATH_LIMIT } else { len };
+    put(s, len, 0);
+    len
+}
+
+/// `dir` (a `struct path *`) walked, then `/`, then the name of `dentry`.
+///
+/// `bpf_d_path` would do the walk, but 6.1 refuses it in the path hooks
+/// (they joined the kernel's sleepable-hook list, which gates the helper,
+/// only later: kernel/bpf/bpf_lsm.c), and `file_truncate` and the syscall
+/// tracepoints may not use it on any kernel. One walker serves them all.
+#[inline(always)]
+pub fn from_dir_and_dentry(s: &mut FileScratch, dir: u64, dentry: u64) -> Result<Built, ()> {
+    let (mnt, d) = crate::kstructs::path_parts(dir)?;
+    let built = walk(s, mnt, d)?;
+    append_name(s, built.len, dentry)
+}
+
+#[inline(always)]
+fn append_name(s: &mut FileScratch, dir_len: usize, dentry: u64) -> Result<Built, ()> {
+    let name_off = if dir_len == 1 {
+        1
+    } else {
+        put(s, dir_len, b'/');
+        dir_len + 1
+    };
+    let name = read_ptr(dentry + off!(dentry_name))?;
+    let len = append_kernel_str(s, name_off, name)?;
+    Ok(Built { len, name_off })
+}
+
+/// A whole `struct path *` (path_truncate).
+#[inline(always)]
+pub fn from_path(s: &mut FileScratch, p: u64) -> Result<Built, ()> {
+    let (mnt, d) = crate::kstructs::path_parts(p)?;
+    walk(s, mnt, d)
+}
+
+/// Walk from `dentry` up to the root of the mount namespace, crossing
+/// mounts as `d_path` does (fs/d_path.c, prepend_path), then write the
+/// components root first. Paths deeper than [`FILE_WALK_DEPTH`] keep their
+/// innermost components. Both passes are `bpf_loop` callbacks with their
+/// state in the map value, so the verifier checks each body once.
+#[inline(always)]
+pub fn walk(s: &mut FileScratch, vfsmnt: u64, dentry: u64) -> Result<Built, ()> {
+    let start = Walk { vfsmnt, mnt: vfsmnt - off!(mount_mnt), d: dentry, n: 0, len: 0, name_off: 1, err: 0 };
+    // The callbacks reach the state through their own map lookup, which
+    // the compiler cannot see: hand it over and back with volatile
+    // accesses, or it would keep the values it last wrote through `s`.
+    // SAFETY: a field of the map value `s` points to.
+    unsafe { core::ptr::write_volatile(&mut s.walk, start) };
+    // SAFETY: static callbacks; their state is in the map value.
+    unsafe {
+        bpf_loop((FILE_WALK_DEPTH + 8) as u32, walk_up as *mut c_void, core::ptr::null_mut(), 0);
+    }
+    // SAFETY: as above.
+    let w = unsafe { core::ptr::read_volatile(&s.walk) };
+    if w.err != 0 {
+        return Err(());
+    }
+    if w.n == 0 {
+        put(s, 0, b'/');
+        return Ok(Built { len: clamp(1, s), name_off: 1 });
+    }
+    // SAFETY: as above.
+    unsafe {
+        bpf_loop(FILE_WALK_DEPTH as u32, walk_down as *mut c_void, core::ptr::null_mut(), 0);
+    }
+    // SAFETY: as above.
+    let w = unsafe { core::ptr::read_volatile(&s.walk) };
+    if w.err != 0 {
+        return Err(());
+    }
+    Ok(Built { len: w.len as usize & PATH_MASK, name_off: w.name_off as usize & PATH_MASK })
+}
+
+/// One step up: to the parent dentry, or across a mount to its mountpoint.
+unsafe extern "C" fn walk_up(_i: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = scratch() else { return 1 };
+    let (vfsmnt, mnt, d, n) = (s.walk.vfsmnt, s.walk.mnt, s.walk.d, s.walk.n);
+    let step = || -> Result<Option<(u64, u64, u64, Option<u64>)>, ()> {
+        let root = read_ptr(vfsmnt + off!(vfsmount_root))?;
+        if d == root {
+            let parent = read_u64(mnt + off!(mount_parent))?;
+            if parent == 0 || parent == mnt {
+                return Ok(None);
+            }
+            let mountpoint = read_ptr(mnt + off!(mount_mountpoint))?;
+            return Ok(Some((parent + off!(mount_mnt), parent, mountpoint, None)));
+        }
+        let up = read_ptr(d + off!(dentry_parent))?;
+        if up == d || n >= FILE_WALK_DEPTH as u64 {
+            return Ok(None);
+        }
+        let name = read_ptr(d + off!(dentry_name))?;
+        Ok(Some((vfsmnt, mnt, up, Some(name))))
+    };
+    match step() {
+        Err(()) => {
+            s.walk.err = 1;
+            1
+        }
+        Ok(None) => 1,
+        Ok(Some((vfsmnt, mnt, d, name))) => {
+            s.walk.vfsmnt = vfsmnt;
+            s.walk.mnt = mnt;
+            s.walk.d = d;
+            if let Some(name) = name {
+                if let Some(slot) = s.comps.get_mut(n as usize & (FILE_WALK_DEPTH - 1)) {
+                    *slot = name;
+                }
+                s.walk.n = n + 1;
+            }
+            0
+        }
+    }
+}
+
+/// One component down, root first: `/` and its name.
+unsafe extern "C" fn walk_down(i: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = scratch() else { return 1 };
+    let (n, len) = (s.walk.n, s.walk.len as usize);
+    if i >= n || len >= PATH_LIMIT {
+        return 1;
+    }
+    let Some(&name) = s.comps.get((n - 1 - i) as usize & (FILE_WALK_DEPTH - 1)) else { return 1 };
+    put(s, len, b'/');
+    match append_kernel_str(s, len + 1, name) {
+        Ok(end) => {
+            s.walk.name_off = (len + 1) as u64;
+            s.walk.len = end as u64;
+            0
+        }
+        Err(()) => {
+            s.walk.err = 1;
+            1
+        }
+    }
+}
+
+/// The path a syscall names: the user string at `user`, joined to the
+/// directory of descriptor `dfd` (AT_FDCWD: the working directory) when it
+/// is relative. Components are not resolved (no `..`, no symlinks): the
+/// fallback judges the path as given (docs/architecture.md).
+#[inline(always)]
+pub fn from_user(s: &mut FileScratch, dfd: i64, user: u64) -> Result<Built, ()> {
+    const AT_FDCWD: i64 = -100;
+    // SAFETY: one byte of user memory; a bad pointer makes it fail.
+    let lead: Result<u8, _> = unsafe { aya_ebpf::helpers::bpf_probe_read_user(user as *const u8) };
+    let lead = lead.map_err(|_| ())?;
+    let at = if lead == b'/' {
+        0
+    } else {
+        let base = if dfd == AT_FDCWD {
+            crate::kstructs::cwd()?
+        } else {
+            let file = crate::kstructs::fd_file(dfd as u64)?;
+            crate::kstructs::path_parts(file + off!(file_path))?
+        };
+        let built = walk(s, base.0, base.1)?;
+        if built.len == 1 {
+            1
+        } else {
+            put(s, built.len, b'/');
+            built.len + 1
+        }
+    };
+    // SAFETY: destination bounded as in append_kernel_str; src is user memory.
+    let n = unsafe { bpf_probe_read_user_str(at_ptr(s, at), PATH_CHUNK, user as *const _) };
+    if n <= 0 {
+        return Err(());
+    }
+    let mut len = clamp(at + n as usize - 1, s);
+    // "dir/" names dir.
+    if len > 1 && s.path.get((len - 1) & PATH_MASK) == Some(&b'/') {
+        len -= 1;
+        put(s, len, 0);
+    }
+    Ok(Built { len, name_off: 0 })
+}

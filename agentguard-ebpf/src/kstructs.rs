@@ -1,0 +1,152 @@
+//! Reading kernel structs whose layout differs between kernels. The member
+//! offsets come from the running kernel's BTF, computed by the loader
+//! (agentguard-userspace/src/btf.rs) and written into [`KERNEL_OFFSETS`]
+//! before load; aya's Rust programs get no CO-RE relocations, so nothing
+//! here hard-codes an offset. Every read goes through
+//! `bpf_probe_read_kernel`, which tolerates a bad pointer (it fails, and the
+//! caller treats the path as unreadable).
+use core::mem::MaybeUninit;
+
+use agentguard_common::KernelOffsets;
+use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
+
+/// A read-only global the loader overrides (like aya's `Global`, but read
+/// one field at a time instead of copying the whole struct to the stack).
+#[repr(transparent)]
+pub struct RoGlobal<T>(pub MaybeUninit<T>);
+
+// SAFETY: read-only after load; the kernel never writes .rodata.
+unsafe impl<T> Sync for RoGlobal<T> {}
+
+#[unsafe(no_mangle)]
+pub static KERNEL_OFFSETS: RoGlobal<KernelOffsets> = RoGlobal(MaybeUninit::new(KernelOffsets {
+    path_mnt: 0,
+    path_dentry: 0,
+    dentry_parent: 0,
+    dentry_name: 0,
+    dentry_inode: 0,
+    vfsmount_root: 0,
+    mount_mnt: 0,
+    mount_parent: 0,
+    mount_mountpoint: 0,
+    file_path: 0,
+    file_mode: 0,
+    inode_mode: 0,
+    inode_nlink: 0,
+    inode_ino: 0,
+    inode_sb: 0,
+    sb_dev: 0,
+    task_fs: 0,
+    fs_pwd: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdt_max_fds: 0,
+    fdt_fd: 0,
+    syscall_args: 0,
+    syscall_ret: 0,
+}));
+
+/// One offset, read volatile so the compiler cannot fold the zeros above.
+macro_rules! off {
+    ($field:ident) => {
+        $crate::kstructs::offset(
+            // SAFETY: a field of a static that is always initialised.
+            unsafe { core::ptr::addr_of!((*$crate::kstructs::KERNEL_OFFSETS.0.as_ptr()).$field) },
+        )
+    };
+}
+pub(crate) use off;
+
+/// Read one offset field volatile, so the compiler cannot fold the zeros above.
+#[inline(always)]
+pub fn offset(field: *const u32) -> u64 {
+    // SAFETY: `field` points into KERNEL_OFFSETS.
+    (unsafe { core::ptr::read_volatile(field) }) as u64
+}
+
+#[inline(always)]
+pub fn read_u64(addr: u64) -> Result<u64, ()> {
+    // SAFETY: probe read of kernel memory; a bad address makes it fail.
+    unsafe { bpf_probe_read_kernel(addr as *const u64) }.map_err(|_| ())
+}
+
+#[inline(always)]
+pub fn read_u32(addr: u64) -> Result<u32, ()> {
+    // SAFETY: as above.
+    unsafe { bpf_probe_read_kernel(addr as *const u32) }.map_err(|_| ())
+}
+
+#[inline(always)]
+pub fn read_u16(addr: u64) -> Result<u16, ()> {
+    // SAFETY: as above.
+    unsafe { bpf_probe_read_kernel(addr as *const u16) }.map_err(|_| ())
+}
+
+/// A pointer member; null is an error.
+#[inline(always)]
+pub fn read_ptr(addr: u64) -> Result<u64, ()> {
+    match read_u64(addr)? {
+        0 => Err(()),
+        p => Ok(p),
+    }
+}
+
+/// (vfsmount, dentry) of a `struct path` at `path`.
+#[inline(always)]
+pub fn path_parts(path: u64) -> Result<(u64, u64), ()> {
+    Ok((read_ptr(path + off!(path_mnt))?, read_ptr(path + off!(path_dentry))?))
+}
+
+/// The current task's working directory (`current->fs->pwd`).
+#[inline(always)]
+pub fn cwd() -> Result<(u64, u64), ()> {
+    // SAFETY: no preconditions; returns the current task_struct pointer.
+    let task = unsafe { bpf_get_current_task() };
+    let fs = read_ptr(task + off!(task_fs))?;
+    path_parts(fs + off!(fs_pwd))
+}
+
+/// The `struct file *` behind the current task's descriptor `fd`.
+#[inline(always)]
+pub fn fd_file(fd: u64) -> Result<u64, ()> {
+    // SAFETY: as above.
+    let task = unsafe { bpf_get_current_task() };
+    let files = read_ptr(task + off!(task_files))?;
+    let fdt = read_ptr(files + off!(files_fdt))?;
+    let max = read_u32(fdt + off!(fdt_max_fds))? as u64;
+    if fd >= max {
+        return Err(());
+    }
+    let array = read_ptr(fdt + off!(fdt_fd))?;
+    read_ptr(array + fd * 8)
+}
+
+/// The inode of a dentry (0 for a negative dentry).
+#[inline(always)]
+pub fn dentry_inode(dentry: u64) -> u64 {
+    read_u64(dentry + off!(dentry_inode)).unwrap_or(0)
+}
+
+const S_IFMT: u16 = 0o170_000;
+const S_IFREG: u16 = 0o100_000;
+
+/// (device, inode number) of a regular file that has more than one name,
+/// or None. `dev` is the kernel's internal dev_t.
+#[inline(always)]
+pub fn multi_link_id(inode: u64) -> Option<(u32, u64)> {
+    if inode == 0 {
+        return None;
+    }
+    let mode = read_u16(inode + off!(inode_mode)).ok()?;
+    if mode & S_IFMT != S_IFREG {
+        return None;
+    }
+    let nlink = read_u32(inode + off!(inode_nlink)).ok()?;
+    if nlink <= 1 {
+        return None;
+    }
+    let ino = read_u64(inode + off!(inode_ino)).ok()?;
+    let sb = read_ptr(inode + off!(inode_sb)).ok()?;
+    let dev = read_u32(sb + off!(sb_dev)).ok()?;
+    Some((dev, ino))
+}
