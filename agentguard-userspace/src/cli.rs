@@ -96,6 +96,7 @@ pub fn run(ctx: &Ctx, agent: &str, workspace: Option<PathBuf>, cmd: &[String]) -
         &Request::NewSession { agent: agent.to_owned(), workspace: workspace.clone() },
     )?;
     tracing::debug!(?answer, "session created");
+    apply_landlock(&answer);
     let mut command = std::process::Command::new(&cmd[0]);
     command.args(&cmd[1..]);
     if let Some(w) = &workspace {
@@ -103,6 +104,25 @@ pub fn run(ctx: &Ctx, agent: &str, workspace: Option<PathBuf>, cmd: &[String]) -
     }
     let err = command.exec();
     Err(anyhow::anyhow!("cannot execute {}: {err}", cmd[0]))
+}
+
+/// Landlock rules for the policy's protected paths (landlock.rs), in this
+/// process, which is already in its session cgroup and about to exec the
+/// agent. A kernel without Landlock leaves the BPF programs alone in charge,
+/// and says so.
+fn apply_landlock(answer: &Value) {
+    let paths: Vec<String> = answer["landlock"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .unwrap_or_default();
+    if paths.is_empty() {
+        return;
+    }
+    match crate::landlock::restrict(&paths) {
+        Ok(Some(applied)) => tracing::debug!(abi = applied.abi, protected = ?applied.protected, grants = applied.grants, "Landlock applied"),
+        Ok(None) => {}
+        Err(e) => eprintln!("agentguard: warning: {e}; protected paths are guarded by the eBPF programs only"),
+    }
 }
 
 fn ask(ctx: &Ctx, req: &Request) -> anyhow::Result<Value> {
@@ -159,6 +179,9 @@ pub fn status(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
         println!("sessions: {}", v["sessions"]);
         println!("events logged: {}, decode errors: {}", v["events_logged"], v["decode_errors"]);
         println!("kernel counters: {}", v["kernel_counters"]);
+        if let Some(detail) = v["file_enforcement"]["detail"].as_str() {
+            println!("file actions: {detail}");
+        }
         print!("{}", crate::events::cli::render_status(&v["audit"]));
         for p in v["probes"].as_array().into_iter().flatten() {
             println!("  {:<20} {:<8} {}", p["program"].as_str().unwrap_or("?"), p["class"].as_str().unwrap_or("?"), p["state"].as_str().unwrap_or("?"));

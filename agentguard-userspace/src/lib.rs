@@ -16,6 +16,7 @@ pub mod filerules;
 pub mod fmode;
 pub mod incident;
 pub mod killswitch;
+pub mod landlock;
 pub mod loader;
 pub mod mounts;
 pub mod netrules;
