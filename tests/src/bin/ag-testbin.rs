@@ -17,7 +17,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: ag-testbin connect tcp|udp ADDR:PORT | sendto ADDR:PORT | sleep SECS | threads N SECS | \
          vfork CMD... | clone3 CMD... | daemonize CMD... | unlink PATH | rmdir PATH | rename FROM TO | \
-         truncate PATH | open-trunc PATH | exec CMD... | connects ADDR:PORT N RATE now|stdin | counter DIR|- MS | tree N DIR|- MS | forkstorm DEPTH FANOUT SECS"
+         truncate PATH | open-trunc PATH | ftruncate PATH | unlinkat DIR NAME | link FROM TO | exec CMD... | connects ADDR:PORT N RATE now|stdin | counter DIR|- MS | tree N DIR|- MS | forkstorm DEPTH FANOUT SECS"
     );
     exit(2)
 }
@@ -244,7 +244,24 @@ fn main() {
             report(if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) })
         }
         ("open-trunc", [p]) => report(std::fs::OpenOptions::new().write(true).truncate(true).open(p).map(drop)),
+        // ftruncate(2) on a descriptor opened without O_TRUNC.
+        ("ftruncate", [p]) => report(std::fs::OpenOptions::new().write(true).open(p).and_then(|f| f.set_len(0))),
+        // unlinkat(2) relative to a directory descriptor, as `rm -r` does.
+        ("unlinkat", [dir, name]) => report(unlinkat(dir, name)),
+        ("link", [from, to]) => report(std::fs::hard_link(from, to)),
         _ => usage(),
+    }
+}
+
+fn unlinkat(dir: &str, name: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let d = std::fs::File::open(dir)?;
+    let c = CString::new(name.as_bytes()).unwrap_or_else(|_| usage());
+    // SAFETY: a valid directory descriptor and C string.
+    if unsafe { libc::unlinkat(d.as_raw_fd(), c.as_ptr(), 0) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

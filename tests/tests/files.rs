@@ -1,0 +1,404 @@
+//! File enforcement: irreversible file actions of agents vetoed by BPF-LSM
+//! (in the VM), observed and contained by the syscall-tracepoint fallback
+//! (on a host without BPF-LSM), and vetoed by Landlock for `agentguard run`
+//! agents there. Each test asserts on the disk (what is still there), on
+//! what the agent saw, and on the log.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use agentguard_tests::{
+    agentguard_bin,
+    daemon::{fact, testbin, Daemon},
+    guard::{CgroupGuard, TempDir},
+    require,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(15);
+const AGENT: &str = "filer";
+
+/// A tree of `n` files (and a subdirectory holding a third of them).
+fn make_tree(root: &Path, n: usize) {
+    std::fs::create_dir_all(root.join("sub")).expect("mkdir tree");
+    for i in 0..n {
+        let dir = if i % 3 == 0 { root.join("sub") } else { root.to_owned() };
+        std::fs::write(dir.join(format!("f{i:03}")), format!("file {i}\n")).expect("write tree file");
+    }
+}
+
+fn count_files(root: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![root.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(_) => n += 1,
+                Err(_) => {}
+            }
+        }
+    }
+    n
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 test path")
+}
+
+/// The policy the tests run under: `protected` (a tree) and every `.git`,
+/// `*.bak` denied; `held` needs approval; git's lock files audited; the
+/// workspace audited; everything else allowed.
+fn policy(protected: &Path, held: &Path, selector: &str) -> String {
+    format!(
+        r#"[agent]
+name = "{AGENT}"
+{selector}
+
+[files]
+default = "allow"
+
+[[files.rule]]
+id = "protected-tree"
+decision = "deny"
+paths = ["{protected}/**"]
+
+[[files.rule]]
+id = "held"
+decision = "approve"
+paths = ["{held}/**"]
+
+[[files.rule]]
+id = "locks"
+decision = "audit"
+paths = ["**/*.lock"]
+reversibility = "reversible"
+
+[[files.rule]]
+id = "vcs"
+decision = "deny"
+paths = ["**/.git/**"]
+ops = ["unlink", "rmdir", "rename"]
+
+[[files.rule]]
+id = "backups"
+decision = "deny"
+paths = ["**/*.bak"]
+
+[[files.rule]]
+id = "workspace"
+decision = "audit"
+paths = ["{{workspace}}/**"]
+"#,
+        protected = s(protected),
+        held = s(held),
+    )
+}
+
+/// What this daemon's kernel does with file actions (`status`).
+fn file_mode(d: &Daemon) -> String {
+    let out = d.cli(&["status", "--json"]);
+    assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
+    v["file_enforcement"]["mode"].as_str().unwrap_or("?").to_owned()
+}
+
+/// `agentguard run --agent filer --workspace WS -- args...`
+fn run(d: &Daemon, workspace: &Path, args: &[&str]) -> Output {
+    Command::new(agentguard_bin())
+        .arg("--config")
+        .arg(&d.config)
+        .args(["run", "--agent", AGENT, "--workspace", s(workspace), "--"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run agentguard run")
+}
+
+fn tb(d: &Daemon, workspace: &Path, args: &[&str]) -> Output {
+    let bin = testbin();
+    let mut full = vec![s(&bin)];
+    full.extend_from_slice(args);
+    run(d, workspace, &full)
+}
+
+fn errno(out: &Output) -> String {
+    fact(&out.stdout, "errno").unwrap_or_else(|| fact(&out.stdout, "result").unwrap_or_default())
+}
+
+fn file_events(d: &Daemon) -> Vec<Value> {
+    d.events().into_iter().filter(|e| e["kind"] == "file").collect()
+}
+
+/// The fixture: a workspace, a protected tree, a held tree, all under one
+/// temporary directory.
+struct Fixture {
+    dir: TempDir,
+    ws: PathBuf,
+    protected: PathBuf,
+    held: PathBuf,
+}
+
+impl Fixture {
+    fn new(name: &str, files: usize) -> Self {
+        let dir = TempDir::new(name);
+        let ws = dir.join("ws");
+        let protected = dir.join("protected");
+        let held = dir.join("held");
+        std::fs::create_dir_all(&ws).expect("mkdir ws");
+        std::fs::create_dir_all(&held).expect("mkdir held");
+        make_tree(&protected, files);
+        Self { dir, ws, protected, held }
+    }
+}
+
+// ---- BPF-LSM: vetoed in the kernel (the VM) ---------------------------------
+
+fn lsm_daemon(f: &Fixture) -> Option<Daemon> {
+    let d = Daemon::start(&[("filer.toml", &policy(&f.protected, &f.held, ""))]);
+    let mode = file_mode(&d);
+    if mode != "veto" {
+        agentguard_tests::skip(&format!(
+            "BPF-LSM cannot load on this kernel (file enforcement here: {mode}); the VM harness runs this test"
+        ));
+        return None;
+    }
+    Some(d)
+}
+
+#[test]
+fn rm_rf_of_a_protected_tree_deletes_nothing_and_the_agent_sees_eperm() {
+    let f = Fixture::new("lsm-rmrf", 30);
+    let Some(d) = lsm_daemon(&f) else { return };
+    let before = count_files(&f.protected);
+    let out = run(&d, &f.ws, &["rm", "-rf", s(&f.protected)]);
+    assert!(!out.status.success(), "rm -rf of a protected tree must fail: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Operation not permitted"), "rm must see EPERM: {stderr}");
+    assert_eq!(count_files(&f.protected), before, "not one file of the protected tree may go");
+    let ev = d.wait_event(WAIT, "a denied unlink in the protected tree", |e| {
+        e["kind"] == "file" && e["decision"] == "deny" && e["action"] == "unlink"
+    });
+    assert_eq!(ev["enforcement"], "enforced");
+    assert_eq!(ev["rule"], "protected-tree");
+    assert!(ev["target"].as_str().unwrap_or("").starts_with(s(&f.protected)), "{ev}");
+}
+
+#[test]
+fn every_destructive_path_is_vetoed() {
+    let f = Fixture::new("lsm-paths", 3);
+    // A second name for a protected file, made before the policy loads (by
+    // root, not an agent): the file stays protected under it.
+    let victim = f.protected.join("f001");
+    let other_name = f.dir.join("other-name");
+    std::fs::hard_link(&victim, &other_name).expect("hard link");
+    let Some(d) = lsm_daemon(&f) else { return };
+    let outside = f.ws.join("outside");
+    std::fs::write(&outside, b"replacement").expect("write");
+    let sub = f.protected.join("sub");
+    let empty = f.protected.join("empty");
+    std::fs::create_dir_all(&empty).expect("mkdir");
+    let original = std::fs::read(&victim).expect("read");
+
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        ("unlink", vec!["unlink".into(), s(&victim).into()]),
+        ("unlinkat", vec!["unlinkat".into(), s(&f.protected).into(), "f002".into()]),
+        ("rmdir", vec!["rmdir".into(), s(&empty).into()]),
+        ("rename away", vec!["rename".into(), s(&victim).into(), s(&f.ws.join("stolen")).into()]),
+        ("rename over", vec!["rename".into(), s(&outside).into(), s(&victim).into()]),
+        ("rename the tree's parent", vec!["rename".into(), s(&sub).into(), s(&f.ws.join("sub2")).into()]),
+        ("truncate", vec!["truncate".into(), s(&victim).into()]),
+        ("open O_TRUNC", vec!["open-trunc".into(), s(&victim).into()]),
+        ("ftruncate", vec!["ftruncate".into(), s(&victim).into()]),
+        ("new hard link", vec!["link".into(), s(&victim).into(), s(&f.ws.join("alias")).into()]),
+        ("truncate another name", vec!["truncate".into(), s(&other_name).into()]),
+        ("unlink another name", vec!["unlink".into(), s(&other_name).into()]),
+    ];
+    for (what, args) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = tb(&d, &f.ws, &args);
+        assert_eq!(errno(&out), "EPERM", "{what}: the kernel must refuse: {out:?}");
+    }
+    assert_eq!(std::fs::read(&victim).expect("victim still there"), original, "content intact");
+    assert!(f.protected.join("f002").exists() && empty.exists() && sub.exists() && other_name.exists());
+    assert!(!f.ws.join("alias").exists() && !f.ws.join("stolen").exists());
+    // Every refusal is in the log, with its operation.
+    let events = file_events(&d);
+    for action in ["unlink", "rmdir", "rename", "rename_over", "truncate", "link"] {
+        assert!(
+            events.iter().any(|e| e["action"] == action && e["decision"] == "deny" && e["enforcement"] == "enforced"),
+            "no denied {action} in the log: {events:#?}"
+        );
+    }
+}
+
+#[test]
+fn names_approvals_and_the_workspace_are_decided_per_rule() {
+    let f = Fixture::new("lsm-rules", 1);
+    let Some(d) = lsm_daemon(&f) else { return };
+    let git = f.ws.join("repo/.git");
+    std::fs::create_dir_all(git.join("refs")).expect("mkdir .git");
+    for name in ["HEAD", "index", "index.lock"] {
+        std::fs::write(git.join(name), name).expect("write");
+    }
+    std::fs::write(f.ws.join("db.bak"), b"backup").expect("write");
+    std::fs::write(f.ws.join("scratch.txt"), b"scratch").expect("write");
+    std::fs::write(f.held.join("x"), b"held").expect("write");
+
+    // .git metadata: deleting is denied...
+    assert_eq!(errno(&tb(&d, &f.ws, &["unlink", s(&git.join("HEAD"))])), "EPERM");
+    // ...but git's lock dance works: rename index.lock over index.
+    assert_eq!(errno(&tb(&d, &f.ws, &["rename", s(&git.join("index.lock")), s(&git.join("index"))])), "ok");
+    // A suffix rule anywhere, even in the workspace (it comes first).
+    assert_eq!(errno(&tb(&d, &f.ws, &["unlink", s(&f.ws.join("db.bak"))])), "EPERM");
+    // approve holds (refuses until approvals exist).
+    assert_eq!(errno(&tb(&d, &f.ws, &["unlink", s(&f.held.join("x"))])), "EPERM");
+    // The workspace: allowed, and logged as audit.
+    assert_eq!(errno(&tb(&d, &f.ws, &["unlink", s(&f.ws.join("scratch.txt"))])), "ok");
+    make_tree(&f.ws.join("build"), 9);
+    let out = run(&d, &f.ws, &["rm", "-rf", s(&f.ws.join("build"))]);
+    assert!(out.status.success(), "rm -rf in the workspace is allowed: {out:?}");
+    assert!(!f.ws.join("build").exists());
+    assert!(!f.ws.join("scratch.txt").exists() && f.ws.join("db.bak").exists() && f.held.join("x").exists());
+    let ev = d.wait_event(WAIT, "the audited workspace delete", |e| {
+        e["kind"] == "file" && e["target"].as_str().is_some_and(|t| t.ends_with("scratch.txt"))
+    });
+    assert_eq!((ev["decision"].as_str(), ev["rule"].as_str()), (Some("audit"), Some("workspace")));
+    let held = d.wait_event(WAIT, "the held delete", |e| e["kind"] == "file" && e["decision"] == "approve");
+    assert_eq!(held["rule"], "held");
+}
+
+// ---- no BPF-LSM: observed and contained, Landlock for run agents (the host) --
+
+fn fallback_daemon(policy_text: &str) -> Option<Daemon> {
+    let d = Daemon::start(&[("filer.toml", policy_text)]);
+    let mode = file_mode(&d);
+    if mode != "observe_and_contain" {
+        agentguard_tests::skip(&format!(
+            "file enforcement here is {mode}: the observation fallback is only loaded where BPF-LSM cannot veto (this host's CI kernel)"
+        ));
+        return None;
+    }
+    Some(d)
+}
+
+fn frozen(d: &Daemon) -> bool {
+    let dir = d.cgroup_subtree().join(AGENT);
+    std::fs::read_to_string(dir.join("cgroup.events")).is_ok_and(|t| t.lines().any(|l| l == "frozen 1"))
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The fallback cannot refuse a syscall: it stops the process at its first
+/// violating one (SIGSTOP from the kernel program, taking effect as the
+/// syscall returns) and the daemon freezes the agent. So the violating
+/// unlink itself completes: **at most one file is lost**, however large the
+/// tree (asserted here with 60 files).
+#[test]
+fn fallback_contains_rm_rf_of_a_protected_tree_losing_at_most_one_file() {
+    const FILES: usize = 60;
+    const BOUND: usize = 1;
+    let f = Fixture::new("obs-rmrf", FILES);
+    // A selector-matched agent (not `run`: no Landlock), by its cgroup.
+    let cg = CgroupGuard::new("files-obs");
+    let rel = format!("/{}", cg.path.file_name().and_then(|n| n.to_str()).expect("cgroup name"));
+    let Some(d) = fallback_daemon(&policy(&f.protected, &f.held, &format!("[agent.match]\ncgroup = [{rel:?}]"))) else { return };
+    let before = count_files(&f.protected);
+    assert_eq!(before, FILES);
+    let mut rm = agentguard_tests::kernel::spawn_in_cgroup(
+        Command::new("rm").args(["-rf", s(&f.protected)]).stdout(Stdio::null()).stderr(Stdio::null()),
+        &cg,
+    );
+    let ev = d.wait_event(WAIT, "the contained unlink", |e| {
+        e["kind"] == "file" && e["decision"] == "deny" && e["enforcement"] == "contained"
+    });
+    assert_eq!(ev["rule"], "protected-tree");
+    wait_until("the agent frozen", || frozen(&d));
+    // Frozen: nothing more goes, even given time.
+    std::thread::sleep(Duration::from_millis(300));
+    let after = count_files(&f.protected);
+    let lost = before - after;
+    if lost > BOUND {
+        for e in d.events().iter().filter(|e| e["kind"] != "net") {
+            eprintln!("{e}");
+        }
+    }
+    assert!(lost <= BOUND, "the fallback lost {lost} of {before} files; the bound is {BOUND}");
+    assert!(rm.try_wait().expect("try_wait").is_none(), "rm must be held, not finished");
+    assert!(
+        d.events().iter().any(|e| e["kind"] == "freeze" && e["agent"] == AGENT),
+        "the freeze is in the log: {:#?}",
+        d.events()
+    );
+    eprintln!("fallback: rm -rf of {before} protected files lost {lost} (bound {BOUND})");
+    let _ = rm.kill();
+}
+
+/// Landlock (for `agentguard run`) refuses in the kernel with no BPF-LSM:
+/// nothing is lost. The observation fallback still sees the attempt and
+/// contains the agent.
+#[test]
+fn landlock_vetoes_removal_and_truncation_for_run_agents_with_zero_loss() {
+    let f = Fixture::new("landlock", 6);
+    let Some(d) = fallback_daemon(&policy(&f.protected, &f.held, "")) else { return };
+    require!(agentguard::landlock::abi().is_some_and(|v| v >= 2), "Landlock ABI 2+ is not available here");
+    let victim = f.protected.join("f001");
+    let original = std::fs::read(&victim).expect("read");
+    let before = count_files(&f.protected);
+    for (args, what) in [
+        (vec!["rm", "-rf", s(&f.protected)], "rm -rf"),
+        (vec![s(&testbin()), "truncate", s(&victim)], "truncate"),
+    ] {
+        // The fallback stops the agent at the attempt; run it in the
+        // background and look at the disk.
+        let mut child = Command::new(agentguard_bin())
+            .arg("--config")
+            .arg(&d.config)
+            .args(["run", "--agent", AGENT, "--workspace", s(&f.ws), "--"])
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn run");
+        d.wait_event(WAIT, &format!("{what}: the attempt, observed"), |e| {
+            e["kind"] == "file" && e["decision"] == "deny" && e["pid"] == child.id()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(count_files(&f.protected), before, "{what}: Landlock must lose nothing");
+        assert_eq!(std::fs::read(&victim).expect("read"), original, "{what}: content intact");
+        let _ = child.kill();
+        let _ = child.wait();
+        // Thaw for the next attempt (a new session, same agent cgroup).
+        let out = d.cli(&["thaw", AGENT]);
+        assert!(out.status.success(), "thaw: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// Without Landlock the same ag-testbin unlink loses the file under the
+/// fallback: the Landlock test above is not vacuous. (Selector-matched agent.)
+#[test]
+fn fallback_without_landlock_loses_the_violating_file_only() {
+    let f = Fixture::new("obs-one", 3);
+    let cg = CgroupGuard::new("files-one");
+    let rel = format!("/{}", cg.path.file_name().and_then(|n| n.to_str()).expect("cgroup name"));
+    let Some(d) = fallback_daemon(&policy(&f.protected, &f.held, &format!("[agent.match]\ncgroup = [{rel:?}]"))) else { return };
+    let victim = f.protected.join("f001");
+    let mut child = agentguard_tests::kernel::spawn_in_cgroup(
+        Command::new(testbin()).args(["unlink", s(&victim)]).stdout(Stdio::null()),
+        &cg,
+    );
+    d.wait_event(WAIT, "the contained unlink", |e| e["kind"] == "file" && e["enforcement"] == "contained");
+    wait_until("the agent frozen", || frozen(&d));
+    assert!(!victim.exists(), "observation cannot refuse: the violating unlink itself completes");
+    assert_eq!(count_files(&f.protected), 2, "and nothing else goes");
+    let _ = child.kill();
+}
