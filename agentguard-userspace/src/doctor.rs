@@ -59,6 +59,8 @@ struct Facts {
     tracepoints: Result<(), String>,
     sock_addr: Result<(), String>,
     lsm_loadable: Result<(), String>,
+    /// The file fallback's programs verify (probed only without BPF-LSM).
+    file_observation: Result<(), String>,
     ringbuf: bool,
     landlock_abi: Option<i64>,
 }
@@ -83,6 +85,7 @@ fn gather() -> Facts {
         tracepoints: Err("not probed".into()),
         sock_addr: Err("not probed".into()),
         lsm_loadable: Err("not probed".into()),
+        file_observation: Err("not probed".into()),
         ringbuf: false,
         landlock_abi: None,
     };
@@ -140,6 +143,15 @@ fn gather() -> Facts {
                 Some(s) => probe_sock_addr(&mut ebpf, &s.path),
             };
             f.lsm_loadable = probe_lsm(&mut ebpf);
+            if f.lsm_loadable.is_err() {
+                // Verified, not attached: attaching would tax every syscall.
+                f.file_observation = loader::kernel_offsets().clone().map(drop).and_then(|()| {
+                    loader::PROBES
+                        .iter()
+                        .filter(|p| p.lifetime == loader::Lifetime::FallbackWhileAgentLive)
+                        .try_for_each(|p| loader::load_probe(&mut ebpf, p).map_err(|e| format!("{}: {e}", p.program)))
+                });
+            }
         }
     }
     f
@@ -257,6 +269,15 @@ fn report(f: &Facts) -> Report {
         ),
         check("lsm_loadable", f.lsm_loadable.is_ok(), result_detail(&f.lsm_loadable, "a BPF-LSM program loaded and attached")),
         check(
+            "file_observation",
+            f.lsm_loadable.is_ok() || f.file_observation.is_ok(),
+            if f.lsm_loadable.is_ok() {
+                "not needed: BPF-LSM vetoes file actions".to_owned()
+            } else {
+                result_detail(&f.file_observation, "syscall-tracepoint file observation verifies (attached only while an agent is live)")
+            },
+        ),
+        check(
             "cgroup2",
             f.cgroup2.is_some(),
             f.cgroup2.as_ref().map_or("no cgroup2 mount".to_owned(), |p| p.display().to_string()),
@@ -310,12 +331,15 @@ fn report(f: &Facts) -> Report {
     } else {
         ClassReport {
             class: "file veto",
-            available: f.tracepoints.is_ok(),
+            available: f.file_observation.is_ok(),
             veto: false,
-            mechanism: format!(
-                "fallback: observe through syscall tracepoints and contain (freeze the agent at its first violating action); agents started with `agentguard run` also get Landlock rules{}",
-                if f.landlock_abi.is_some() { "" } else { " (Landlock unavailable here)" }
-            ),
+            mechanism: match &f.file_observation {
+                Ok(()) => format!(
+                    "fallback: observe through syscall tracepoints while an agent is live and contain (the agent is stopped at its first violating action and frozen; that one action is not undone); agents started with `agentguard run` also get Landlock rules{}",
+                    if f.landlock_abi.is_some_and(|v| v >= 2) { "" } else { " (Landlock ABI 2+ unavailable here)" }
+                ),
+                Err(e) => format!("none: the observation fallback does not load either ({e})"),
+            },
             remediation: Some(if lsm_listed {
                 format!(
                     "BPF-LSM is listed but not loadable ({}): this kernel or sandbox blocks BPF trampolines; file actions will be observed and contained, not vetoed",
