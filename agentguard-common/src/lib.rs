@@ -91,6 +91,8 @@ pub mod programs {
     /// Calibration: records the `f_mode` of files the loader opens, to learn
     /// this kernel's FMODE_CREATED bit (a macro, absent from BTF).
     pub const OBS_CALIBRATE: &str = "calibrate_fmode";
+    /// Empty syscall-tracepoint program: the B1f floor, never attached by the daemon.
+    pub const FLOOR_SYSCALL: &str = "floor_syscall";
 }
 
 /// Names of the read-only globals the loader sets before loading.

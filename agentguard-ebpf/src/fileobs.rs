@@ -268,3 +268,11 @@ pub fn calibrate_fmode(ctx: TracePointContext) -> u32 {
     }
     0
 }
+
+/// An empty program on a syscall tracepoint, for benchmarks: the cost of the
+/// mechanism itself (the floor B1f is stated against). Never attached by the
+/// daemon.
+#[tracepoint]
+pub fn floor_syscall(_ctx: TracePointContext) -> u32 {
+    0
+}
