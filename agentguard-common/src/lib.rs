@@ -382,6 +382,10 @@ pub mod agent_flags {
     pub const FILE_BASE_PREFIX: u32 = 32;
     /// Protected multi-link files by (device, inode).
     pub const FILE_INODES: u32 = 64;
+    /// `**/A/B/**` rules.
+    pub const FILE_PAIR: u32 = 128;
+    /// `**/A/B` rules.
+    pub const FILE_BASE_PAIR: u32 = 256;
 }
 const _: () = assert!(core::mem::size_of::<AgentConfig>() == 16);
 
@@ -488,6 +492,10 @@ pub mod name_kind {
     pub const SUFFIX: u32 = 3;
     /// The last component's first bytes (`**/PREFIX*`).
     pub const BASE_PREFIX: u32 = 4;
+    /// Two adjacent components anywhere, hashed as `A/B` (`**/A/B/**`).
+    pub const PAIR: u32 = 5;
+    /// The last two components (`**/A/B`).
+    pub const BASE_PAIR: u32 = 6;
 }
 
 /// Key of [`maps::FILE_NAMES`]: the agent, the [`name_kind`], and the

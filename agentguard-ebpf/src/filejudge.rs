@@ -6,8 +6,9 @@
 //! agentguard-userspace/src/filerules.rs):
 //! - the LPM trie keyed by the agent id (absolute prefixes and exact paths)
 //!   and by the session id (prefixes under the session's workspace);
-//! - name patterns, by hash: any component, the basename, a basename suffix
-//!   from one of its last three dots, a basename prefix;
+//! - name patterns, by hash: any component, any two adjacent components,
+//!   the basename, the last two components, a basename suffix from one of
+//!   its last three dots, a basename prefix;
 //! - the (device, inode) of a protected file with several hard-link names:
 //!   a blocking rule found there wins, so the file stays protected whatever
 //!   name the action uses.
@@ -48,7 +49,9 @@ static FILE_INODES: HashMap<FileInodeKey, FileRuleList> =
 const NAME_KINDS: u32 = agent_flags::FILE_COMPONENT
     | agent_flags::FILE_BASENAME
     | agent_flags::FILE_SUFFIX
-    | agent_flags::FILE_BASE_PREFIX;
+    | agent_flags::FILE_BASE_PREFIX
+    | agent_flags::FILE_PAIR
+    | agent_flags::FILE_BASE_PAIR;
 
 /// The winning rule so far: lowest rule id.
 struct Best {
@@ -112,22 +115,34 @@ unsafe extern "C" fn scan_byte(i: u64, _ctx: *mut c_void) -> i64 {
     let st = &mut s.scan;
     let c = if i as u64 >= st.len { 0 } else { s.path.get(i & (limits::FILE_PATH_MAX - 1)).copied().unwrap_or(0) };
     if c == b'/' || c == 0 {
-        if st.clen > 0 && st.components < limits::FILE_WALK_DEPTH as u64 {
-            if let Some(slot) = s.comps.get_mut(st.components as usize & (limits::FILE_WALK_DEPTH - 1)) {
-                *slot = st.h;
+        if st.clen > 0 {
+            if st.components < limits::FILE_WALK_DEPTH as u64 {
+                if let Some(slot) = s.comps.get_mut(st.components as usize & (limits::FILE_WALK_DEPTH - 1)) {
+                    *slot = st.h;
+                }
+                st.components += 1;
             }
-            st.components += 1;
+            if st.has_prev != 0 && st.npairs < limits::FILE_WALK_DEPTH as u64 {
+                if let Some(slot) = s.pairs.get_mut(st.npairs as usize & (limits::FILE_WALK_DEPTH - 1)) {
+                    *slot = st.pair;
+                }
+                st.npairs += 1;
+            }
+            st.prev = st.h;
+            st.has_prev = 1;
         }
         if c == 0 {
             return 1;
         }
         st.h = FNV64_OFFSET;
+        st.pair = step(st.prev, b'/');
         st.clen = 0;
         st.tails = 0;
         st.prefixes = 0;
         return 0;
     }
     st.h = step(st.h, c);
+    st.pair = step(st.pair, c);
     st.clen += 1;
     st.t[0] = step(st.t[0], c);
     st.t[1] = step(st.t[1], c);
@@ -159,6 +174,10 @@ unsafe extern "C" fn scan_byte(i: u64, _ctx: *mut c_void) -> i64 {
 fn by_names(s: &mut FileScratch, b: Built, agent_id: u32, flags: u32, prefix_lens: u32, ops: u32, best: &mut Best) {
     let start = Scan {
         components: 0,
+        npairs: 0,
+        prev: 0,
+        has_prev: 0,
+        pair: 0,
         len: b.len as u64,
         prefix_lens: if flags & agent_flags::FILE_BASE_PREFIX != 0 { prefix_lens as u64 } else { 0 },
         h: FNV64_OFFSET,
@@ -187,9 +206,28 @@ fn by_names(s: &mut FileScratch, b: Built, agent_id: u32, flags: u32, prefix_len
             }
         }
     }
+    if flags & agent_flags::FILE_PAIR != 0 {
+        for k in 0..limits::FILE_WALK_DEPTH {
+            if k as u64 >= scan.npairs {
+                break;
+            }
+            if let Some(hash) = s.pairs.get(k) {
+                // SAFETY: written by the callback, behind the compiler's back.
+                let hash = unsafe { core::ptr::read_volatile(hash) };
+                by_name(agent_id, name_kind::PAIR, hash, ops, best);
+            }
+        }
+    }
     // The basename: the last component, when the path has one.
     if scan.clen == 0 {
         return;
+    }
+    if flags & agent_flags::FILE_BASE_PAIR != 0 && scan.npairs > 0 {
+        if let Some(hash) = s.pairs.get((scan.npairs - 1) as usize & (limits::FILE_WALK_DEPTH - 1)) {
+            // SAFETY: as above.
+            let hash = unsafe { core::ptr::read_volatile(hash) };
+            by_name(agent_id, name_kind::BASE_PAIR, hash, ops, best);
+        }
     }
     if flags & agent_flags::FILE_BASENAME != 0 {
         by_name(agent_id, name_kind::BASENAME, scan.h, ops, best);

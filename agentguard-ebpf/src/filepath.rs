@@ -33,6 +33,8 @@ pub struct FileScratch {
     /// Dentry name pointers collected by [`walk`], leaf first; then the
     /// component hashes of the judge's name scan.
     pub comps: [u64; FILE_WALK_DEPTH],
+    /// Hashes of adjacent component pairs, from the name scan.
+    pub pairs: [u64; FILE_WALK_DEPTH],
     /// The judge's name scan, carried between `bpf_loop` iterations.
     pub scan: Scan,
     /// The dentry walk, likewise.
@@ -59,6 +61,13 @@ pub struct Walk {
 pub struct Scan {
     /// Component hashes stored in `comps` so far.
     pub components: u64,
+    /// Pair hashes (`A/B` of adjacent components) stored in `pairs` so far.
+    pub npairs: u64,
+    /// The previous component's hash (the FNV state after its bytes), and
+    /// whether there is one: a pair's hash continues from it with `/`.
+    pub prev: u64,
+    pub has_prev: u64,
+    pub pair: u64,
     pub len: u64,
     pub prefix_lens: u64,
     pub h: u64,

@@ -11,6 +11,8 @@
 //! | `/**` | everything | LPM node `/` |
 //! | `**/NAME/**` | any path with a component NAME (NAME itself included) | name hash, kind COMPONENT |
 //! | `**/NAME` | a basename NAME | name hash, kind BASENAME |
+//! | `**/A/B/**` | any path with adjacent components A, B (`A/B` included) | hash of `A/B`, kind PAIR |
+//! | `**/A/B` | a path ending in A/B | hash of `A/B`, kind BASE_PAIR |
 //! | `**/*.EXT` | a basename ending in `.EXT` (up to three dots) | hash of a tail from a dot, kind SUFFIX |
 //! | `**/PREFIX*` | a basename starting with PREFIX (≤ 32 bytes; ≤ 4 lengths per agent) | hash of the basename's first bytes |
 //!
@@ -61,6 +63,9 @@ pub enum Pattern {
     Exact { base: Base, path: String },
     Component(String),
     Basename(String),
+    /// `A/B`: two adjacent components.
+    Pair(String),
+    BasePair(String),
     /// Starts with `.`.
     Suffix(String),
     BasePrefix(String),
@@ -74,7 +79,12 @@ fn literal_name(s: &str) -> bool {
     !s.is_empty() && !s.contains('/') && !has_glob(s) && s != "." && s != ".."
 }
 
-const FORMS: &str = "supported forms: /abs/dir/**, /abs/path, {workspace}/dir/**, {workspace}/path, **/NAME/**, **/NAME, **/*.EXT, **/PREFIX*";
+const FORMS: &str = "supported forms: /abs/dir/**, /abs/path, {workspace}/dir/**, {workspace}/path, **/NAME/**, **/NAME, **/A/B/**, **/A/B, **/*.EXT, **/PREFIX*";
+
+/// `A/B` with two literal names.
+fn literal_pair(s: &str) -> bool {
+    s.split_once('/').is_some_and(|(a, b)| literal_name(a) && literal_name(b))
+}
 
 /// Classify one path pattern of a `[[files.rule]]`.
 pub fn classify(pattern: &str) -> Result<Pattern, String> {
@@ -111,10 +121,16 @@ pub fn classify(pattern: &str) -> Result<Pattern, String> {
         if literal_name(name) {
             return Ok(Pattern::Component(name.to_owned()));
         }
+        if literal_pair(name) {
+            return Ok(Pattern::Pair(name.to_owned()));
+        }
         return Err(unsupported());
     }
     if literal_name(rest) {
         return Ok(Pattern::Basename(rest.to_owned()));
+    }
+    if literal_pair(rest) {
+        return Ok(Pattern::BasePair(rest.to_owned()));
     }
     if let Some(ext) = rest.strip_prefix('*') {
         if ext.starts_with('.') && literal_name(ext) {
@@ -317,6 +333,8 @@ pub fn compile_agent(agent: &AgentPolicy) -> Result<AgentFiles, FileCompileError
                 Pattern::Tree { .. } | Pattern::Exact { .. } => continue,
                 Pattern::Component(n) => (name_kind::COMPONENT, n, agent_flags::FILE_COMPONENT),
                 Pattern::Basename(n) => (name_kind::BASENAME, n, agent_flags::FILE_BASENAME),
+                Pattern::Pair(n) => (name_kind::PAIR, n, agent_flags::FILE_PAIR),
+                Pattern::BasePair(n) => (name_kind::BASE_PAIR, n, agent_flags::FILE_BASE_PAIR),
                 Pattern::Suffix(n) => (name_kind::SUFFIX, n, agent_flags::FILE_SUFFIX),
                 Pattern::BasePrefix(n) => {
                     prefix_lens |= 1 << (n.len() - 1);
@@ -427,7 +445,9 @@ mod tests {
         assert_eq!(classify("**/*.bak"), Ok(Pattern::Suffix(".bak".into())));
         assert_eq!(classify("**/*.tar.gz"), Ok(Pattern::Suffix(".tar.gz".into())));
         assert_eq!(classify("**/tmp_*"), Ok(Pattern::BasePrefix("tmp_".into())));
-        for bad in ["/var/*/data", "**/*.bak*", "**/a/b/**", "*.bak", "relative/**", "/a/**/b", "{workspace}x", "**/*bak"] {
+        assert_eq!(classify("**/.git/objects/**"), Ok(Pattern::Pair(".git/objects".into())));
+        assert_eq!(classify("**/.git/HEAD"), Ok(Pattern::BasePair(".git/HEAD".into())));
+        for bad in ["/var/*/data", "**/*.bak*", "**/a/b/c/**", "**/a/*/**", "*.bak", "relative/**", "/a/**/b", "{workspace}x", "**/*bak"] {
             assert!(classify(bad).is_err(), "{bad} must be rejected");
         }
     }
@@ -543,6 +563,17 @@ mod tests {
                 consider(&l);
             }
         }
+        for w in comps.windows(2) {
+            if let Some(l) = name(name_kind::PAIR, &format!("{}/{}", w[0], w[1])) {
+                consider(&l);
+            }
+        }
+        if comps.len() >= 2 {
+            let n = comps.len();
+            if let Some(l) = name(name_kind::BASE_PAIR, &format!("{}/{}", comps[n - 2], comps[n - 1])) {
+                consider(&l);
+            }
+        }
         if let Some(base) = comps.last() {
             if let Some(l) = name(name_kind::BASENAME, base) {
                 consider(&l);
@@ -590,6 +621,10 @@ mod tests {
         assert_eq!(d("/home/dev/proj/.git/index", TRUNCATE).0, Decision::Audit);
         assert_eq!(d("/home/dev/proj/.git/objects/ab/tmp_obj_x1y2", UNLINK).0, Decision::Audit);
         assert_eq!(d("/home/dev/proj/.git/MERGE_HEAD", UNLINK).0, Decision::Audit);
+        assert_eq!(d("/home/dev/proj/.git/tXaaNmo", UNLINK).0, Decision::Audit, "git init's probe file");
+        assert_eq!(d("/home/dev/proj/.git/refs/heads/main", UNLINK), (Decision::Deny, "vcs-metadata".into()));
+        assert_eq!(d("/home/dev/proj/.git/HEAD", UNLINK), (Decision::Deny, "vcs-metadata".into()));
+        assert_eq!(d("/home/dev/proj/.git/refs/heads/main.lock", RENAME).0, Decision::Audit);
         // The workspace: allowed and logged; elsewhere deletes need approval.
         assert_eq!(d("/home/dev/proj/src/main.rs", UNLINK), (Decision::Audit, "workspace".into()));
         assert_eq!(d("/home/dev/notes.txt", UNLINK), (Decision::Approve, "outside-workspace".into()));

@@ -402,3 +402,78 @@ fn fallback_without_landlock_loses_the_violating_file_only() {
     assert_eq!(count_files(&f.protected), 2, "and nothing else goes");
     let _ = child.kill();
 }
+
+// ---- the shipped default policy ----------------------------------------------
+
+/// The shipped default policy lets git do its own bookkeeping inside `.git`
+/// (lock files renamed into place, temporary objects, merge state) while
+/// `rm -rf .git` is refused (BPF-LSM) or contained (fallback). Needs git on
+/// the machine (the VM has none).
+#[test]
+fn the_default_policy_lets_git_work_and_keeps_its_history() {
+    let Some(git) = ["/usr/bin/git", "/usr/local/bin/git", "/bin/git"].into_iter().map(PathBuf::from).find(|p| p.exists()) else {
+        agentguard_tests::skip("git is not installed here");
+        return;
+    };
+    let default = std::fs::read_to_string(agentguard_tests::shipped_policy_dir().join("default.toml")).expect("read the shipped default policy");
+    let d = Daemon::start(&[("default.toml", &default)]);
+    let dir = TempDir::new("git");
+    let ws = dir.join("repo");
+    std::fs::create_dir_all(&ws).expect("mkdir");
+    std::fs::write(ws.join("a.txt"), b"one\n").expect("write");
+    let g = git.to_string_lossy().into_owned();
+    let script = format!(
+        "set -e; G='{g} -c user.name=t -c user.email=t@t -c init.defaultBranch=main'; \
+         $G init -q; $G add a.txt; $G commit -qm one; $G checkout -qb side; echo two >> a.txt; $G commit -qam two; \
+         $G checkout -q main; echo three > b.txt; $G add b.txt; $G commit -qm three; $G merge -q --no-edit side; \
+         $G log --oneline | wc -l"
+    );
+    let mut child = Command::new(agentguard_bin())
+        .arg("--config")
+        .arg(&d.config)
+        .args(["run", "--agent", "coding-agent", "--workspace", s(&ws), "--", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn git under agentguard run");
+    let start = Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "git did not finish (stopped or frozen?); file events: {:#?}",
+            file_events(&d).into_iter().filter(|e| e["decision"] == "deny" || e["decision"] == "approve").collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "git under the default policy failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "4", "three commits and a merge");
+    let refused: Vec<Value> = file_events(&d).into_iter().filter(|e| e["decision"] == "deny" || e["decision"] == "approve").collect();
+    assert!(refused.is_empty(), "git's own work must not be refused: {refused:#?}");
+
+    // Deleting the history is refused, or contained. The files the policy
+    // protects (the rest of .git, such as hooks, may go):
+    let git_dir = ws.join(".git");
+    let protected = || {
+        ["objects", "refs", "logs"].iter().map(|d| count_files(&git_dir.join(d))).sum::<usize>()
+            + ["HEAD", "config", "index"].iter().filter(|f| git_dir.join(f).exists()).count()
+    };
+    let objects_before = protected();
+    let mut rm = Command::new(agentguard_bin())
+        .arg("--config")
+        .arg(&d.config)
+        .args(["run", "--agent", "coding-agent", "--workspace", s(&ws), "--", "rm", "-rf", s(&ws.join(".git"))])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn rm");
+    let ev = d.wait_event(WAIT, "the refused delete in .git", |e| e["kind"] == "file" && e["decision"] == "deny");
+    assert_eq!(ev["rule"], "vcs-metadata");
+    std::thread::sleep(Duration::from_millis(300));
+    let lost = objects_before - protected();
+    assert!(lost <= 1, "rm -rf .git lost {lost} of {objects_before} protected files (0 with BPF-LSM, at most 1 contained)");
+    let _ = rm.kill();
+    let _ = rm.wait();
+}
