@@ -500,7 +500,7 @@ mod tests {
         assert!(f.prefixes.is_empty(), "workspace rules are per session");
         let s = compile_session(&a, Path::new("/home/u/proj")).expect("compiles");
         assert_eq!(s[&b"/home/u/proj/".to_vec()].entries[0].rule_id, 4);
-        assert!(s.contains_key(&b"/home/u/proj\0".to_vec()));
+        assert!(s.contains_key(b"/home/u/proj\0".as_slice()));
     }
 
     #[test]

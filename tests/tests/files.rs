@@ -340,6 +340,7 @@ fn fallback_contains_rm_rf_of_a_protected_tree_losing_at_most_one_file() {
     );
     eprintln!("fallback: rm -rf of {before} protected files lost {lost} (bound {BOUND})");
     let _ = rm.kill();
+    let _ = rm.wait();
 }
 
 /// Landlock (for `agentguard run`) refuses in the kernel with no BPF-LSM:
@@ -401,6 +402,7 @@ fn fallback_without_landlock_loses_the_violating_file_only() {
     assert!(!victim.exists(), "observation cannot refuse: the violating unlink itself completes");
     assert_eq!(count_files(&f.protected), 2, "and nothing else goes");
     let _ = child.kill();
+    let _ = child.wait();
 }
 
 // ---- the shipped default policy ----------------------------------------------
