@@ -59,22 +59,40 @@ struct Best {
     decision: u32,
 }
 
+/// The first entry of `list` whose ops include `ops`, if its rule id beats
+/// `best`. Unrolled by hand: as a loop, LLVM folds the two bounds (12 and
+/// `count`) into one derived counter that 6.1's verifier cannot bound.
 #[inline(always)]
 fn consider(list: &FileRuleList, ops: u32, best: &mut Best) {
-    let count = list.count as usize;
-    for i in 0..limits::FILE_RULES_PER_KEY {
-        if i >= count {
-            break;
-        }
-        let e = &list.entries[i];
-        if e.ops & ops != 0 {
-            if e.rule_id < best.rule_id {
-                best.rule_id = e.rule_id;
-                best.decision = e.decision;
+    const _: () = assert!(limits::FILE_RULES_PER_KEY == 12);
+    let count = list.count;
+    macro_rules! entry {
+        ($k:literal) => {
+            if count <= $k {
+                return;
             }
-            return;
-        }
+            let e = &list.entries[$k];
+            if e.ops & ops != 0 {
+                if e.rule_id < best.rule_id {
+                    best.rule_id = e.rule_id;
+                    best.decision = e.decision;
+                }
+                return;
+            }
+        };
     }
+    entry!(0);
+    entry!(1);
+    entry!(2);
+    entry!(3);
+    entry!(4);
+    entry!(5);
+    entry!(6);
+    entry!(7);
+    entry!(8);
+    entry!(9);
+    entry!(10);
+    entry!(11);
 }
 
 #[inline(always)]
@@ -104,36 +122,79 @@ fn step(h: u64, c: u8) -> u64 {
     (h ^ c as u64).wrapping_mul(FNV64_PRIME)
 }
 
+/// Queue a name key for the lookup pass.
+#[inline(always)]
+fn push(s: &mut FileScratch, kind: u32, hash: u64) {
+    let n = s.scan.nkeys;
+    if n < filepath::NAME_KEYS as u64 {
+        let i = n as usize & (filepath::NAME_KEYS - 1);
+        if let (Some(k), Some(h)) = (s.key_kind.get_mut(i), s.key_hash.get_mut(i)) {
+            *k = kind;
+            *h = hash;
+        }
+        s.scan.nkeys = n + 1;
+    }
+}
+
 /// One byte of the name scan (a `bpf_loop` callback): hash each component
-/// into `s.comps`; for each component also keep its tails from
-/// its last three dots and its hashes at the prefix lengths the agent uses
-/// (the four longest). At the end of the path the last component's are
-/// left: the basename's.
+/// and queue it (and the pair it forms with the previous one) for lookup as
+/// it ends; at the end of the path, queue the basename's hash, the last
+/// pair, the basename's tails from its last three dots, and its hashes at
+/// the prefix lengths the agent uses (the four longest).
 unsafe extern "C" fn scan_byte(i: u64, _ctx: *mut c_void) -> i64 {
     let Some(s) = filepath::scratch() else { return 1 };
     let i = i as usize;
-    let st = &mut s.scan;
-    let c = if i as u64 >= st.len { 0 } else { s.path.get(i & (limits::FILE_PATH_MAX - 1)).copied().unwrap_or(0) };
+    let c = if i as u64 >= s.scan.len { 0 } else { s.path.get(i & (limits::FILE_PATH_MAX - 1)).copied().unwrap_or(0) };
+    let flags = s.scan.flags as u32;
     if c == b'/' || c == 0 {
-        if st.clen > 0 {
-            if st.components < limits::FILE_WALK_DEPTH as u64 {
-                if let Some(slot) = s.comps.get_mut(st.components as usize & (limits::FILE_WALK_DEPTH - 1)) {
-                    *slot = st.h;
-                }
-                st.components += 1;
+        if s.scan.clen > 0 {
+            let (h, pair, has_prev) = (s.scan.h, s.scan.pair, s.scan.has_prev != 0);
+            if flags & agent_flags::FILE_COMPONENT != 0 {
+                push(s, name_kind::COMPONENT, h);
             }
-            if st.has_prev != 0 && st.npairs < limits::FILE_WALK_DEPTH as u64 {
-                if let Some(slot) = s.pairs.get_mut(st.npairs as usize & (limits::FILE_WALK_DEPTH - 1)) {
-                    *slot = st.pair;
-                }
-                st.npairs += 1;
+            if has_prev && flags & agent_flags::FILE_PAIR != 0 {
+                push(s, name_kind::PAIR, pair);
             }
-            st.prev = st.h;
-            st.has_prev = 1;
+            if c == 0 {
+                if flags & agent_flags::FILE_BASENAME != 0 {
+                    push(s, name_kind::BASENAME, h);
+                }
+                if has_prev && flags & agent_flags::FILE_BASE_PAIR != 0 {
+                    push(s, name_kind::BASE_PAIR, pair);
+                }
+                if flags & agent_flags::FILE_SUFFIX != 0 {
+                    let (t, tails) = (s.scan.t, s.scan.tails);
+                    if tails > 0 {
+                        push(s, name_kind::SUFFIX, t[0]);
+                    }
+                    if tails > 1 {
+                        push(s, name_kind::SUFFIX, t[1]);
+                    }
+                    if tails > 2 {
+                        push(s, name_kind::SUFFIX, t[2]);
+                    }
+                }
+                let (p, prefixes) = (s.scan.p, s.scan.prefixes);
+                if prefixes > 0 {
+                    push(s, name_kind::BASE_PREFIX, p[0]);
+                }
+                if prefixes > 1 {
+                    push(s, name_kind::BASE_PREFIX, p[1]);
+                }
+                if prefixes > 2 {
+                    push(s, name_kind::BASE_PREFIX, p[2]);
+                }
+                if prefixes > 3 {
+                    push(s, name_kind::BASE_PREFIX, p[3]);
+                }
+            }
+            s.scan.prev = h;
+            s.scan.has_prev = 1;
         }
         if c == 0 {
             return 1;
         }
+        let st = &mut s.scan;
         st.h = FNV64_OFFSET;
         st.pair = step(st.prev, b'/');
         st.clen = 0;
@@ -141,6 +202,7 @@ unsafe extern "C" fn scan_byte(i: u64, _ctx: *mut c_void) -> i64 {
         st.prefixes = 0;
         return 0;
     }
+    let st = &mut s.scan;
     st.h = step(st.h, c);
     st.pair = step(st.pair, c);
     st.clen += 1;
@@ -167,14 +229,33 @@ unsafe extern "C" fn scan_byte(i: u64, _ctx: *mut c_void) -> i64 {
     0
 }
 
-/// Look the path's names up (after the scan: lookups inside the loop
-/// callback would multiply the verifier's work): every component, and the basename, its
-/// suffixes and its prefixes.
+/// Look one queued name key up (a `bpf_loop` callback): the single place
+/// that calls `by_name`, so the verifier checks a lookup once.
+unsafe extern "C" fn lookup_key(k: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = filepath::scratch() else { return 1 };
+    if k >= s.scan.nkeys {
+        return 1;
+    }
+    let i = k as usize & (filepath::NAME_KEYS - 1);
+    let (Some(&kind), Some(&hash)) = (s.key_kind.get(i), s.key_hash.get(i)) else { return 1 };
+    let mut best = Best { rule_id: s.scan.best_rule as u32, decision: s.scan.best_decision as u32 };
+    by_name(s.scan.agent_id as u32, kind, hash, s.scan.ops as u32, &mut best);
+    s.scan.best_rule = best.rule_id as u64;
+    s.scan.best_decision = best.decision as u64;
+    0
+}
+
+/// Look the path's names up: scan it into a queue of name keys, then look
+/// each up. Both passes are `bpf_loop` callbacks (see filepath::walk).
 #[inline(always)]
 fn by_names(s: &mut FileScratch, b: Built, agent_id: u32, flags: u32, prefix_lens: u32, ops: u32, best: &mut Best) {
     let start = Scan {
-        components: 0,
-        npairs: 0,
+        flags: flags as u64,
+        agent_id: agent_id as u64,
+        ops: ops as u64,
+        best_rule: best.rule_id as u64,
+        best_decision: best.decision as u64,
+        nkeys: 0,
         prev: 0,
         has_prev: 0,
         pair: 0,
@@ -190,60 +271,15 @@ fn by_names(s: &mut FileScratch, b: Built, agent_id: u32, flags: u32, prefix_len
     // Handed over and back volatile: see filepath::walk.
     // SAFETY: a field of the map value `s` points to.
     unsafe { core::ptr::write_volatile(&mut s.scan, start) };
-    // SAFETY: a static callback; no context pointer (the state is in the map).
-    unsafe { bpf_loop((b.len + 1) as u32, scan_byte as *mut c_void, core::ptr::null_mut(), 0) };
+    // SAFETY: static callbacks; no context pointer (the state is in the map).
+    unsafe {
+        bpf_loop((b.len + 1) as u32, scan_byte as *mut c_void, core::ptr::null_mut(), 0);
+        bpf_loop(filepath::NAME_KEYS as u32, lookup_key as *mut c_void, core::ptr::null_mut(), 0);
+    }
     // SAFETY: as above.
     let scan = unsafe { core::ptr::read_volatile(&s.scan) };
-    if flags & agent_flags::FILE_COMPONENT != 0 {
-        for k in 0..limits::FILE_WALK_DEPTH {
-            if k as u64 >= scan.components {
-                break;
-            }
-            if let Some(hash) = s.comps.get(k) {
-                // SAFETY: written by the callback, behind the compiler's back.
-                let hash = unsafe { core::ptr::read_volatile(hash) };
-                by_name(agent_id, name_kind::COMPONENT, hash, ops, best);
-            }
-        }
-    }
-    if flags & agent_flags::FILE_PAIR != 0 {
-        for k in 0..limits::FILE_WALK_DEPTH {
-            if k as u64 >= scan.npairs {
-                break;
-            }
-            if let Some(hash) = s.pairs.get(k) {
-                // SAFETY: written by the callback, behind the compiler's back.
-                let hash = unsafe { core::ptr::read_volatile(hash) };
-                by_name(agent_id, name_kind::PAIR, hash, ops, best);
-            }
-        }
-    }
-    // The basename: the last component, when the path has one.
-    if scan.clen == 0 {
-        return;
-    }
-    if flags & agent_flags::FILE_BASE_PAIR != 0 && scan.npairs > 0 {
-        if let Some(hash) = s.pairs.get((scan.npairs - 1) as usize & (limits::FILE_WALK_DEPTH - 1)) {
-            // SAFETY: as above.
-            let hash = unsafe { core::ptr::read_volatile(hash) };
-            by_name(agent_id, name_kind::BASE_PAIR, hash, ops, best);
-        }
-    }
-    if flags & agent_flags::FILE_BASENAME != 0 {
-        by_name(agent_id, name_kind::BASENAME, scan.h, ops, best);
-    }
-    if flags & agent_flags::FILE_SUFFIX != 0 {
-        for k in 0..3 {
-            if (k as u64) < scan.tails {
-                by_name(agent_id, name_kind::SUFFIX, scan.t[k], ops, best);
-            }
-        }
-    }
-    for k in 0..4 {
-        if (k as u64) < scan.prefixes {
-            by_name(agent_id, name_kind::BASE_PREFIX, scan.p[k], ops, best);
-        }
-    }
+    best.rule_id = scan.best_rule as u32;
+    best.decision = scan.best_decision as u32;
 }
 
 /// Decide a tagged task's action on the path in `s`. `inode` is the

@@ -30,11 +30,11 @@ pub struct FileScratch {
     pub id_be: [u8; 4],
     /// Twice the longest path, so a masked offset plus a chunk always fits.
     pub path: [u8; FILE_PATH_MAX * 2],
-    /// Dentry name pointers collected by [`walk`], leaf first; then the
-    /// component hashes of the judge's name scan.
+    /// Dentry name pointers collected by [`walk`], leaf first.
     pub comps: [u64; FILE_WALK_DEPTH],
-    /// Hashes of adjacent component pairs, from the name scan.
-    pub pairs: [u64; FILE_WALK_DEPTH],
+    /// Name keys the judge's scan queued for lookup.
+    pub key_kind: [u32; NAME_KEYS],
+    pub key_hash: [u64; NAME_KEYS],
     /// The judge's name scan, carried between `bpf_loop` iterations.
     pub scan: Scan,
     /// The dentry walk, likewise.
@@ -59,10 +59,15 @@ pub struct Walk {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Scan {
-    /// Component hashes stored in `comps` so far.
-    pub components: u64,
-    /// Pair hashes (`A/B` of adjacent components) stored in `pairs` so far.
-    pub npairs: u64,
+    /// The agent's `agent_flags`: which name kinds to queue.
+    pub flags: u64,
+    pub agent_id: u64,
+    pub ops: u64,
+    /// The winning rule so far (filejudge.rs `Best`).
+    pub best_rule: u64,
+    pub best_decision: u64,
+    /// Name keys queued in `key_kind`/`key_hash`.
+    pub nkeys: u64,
     /// The previous component's hash (the FNV state after its bytes), and
     /// whether there is one: a pair's hash continues from it with `/`.
     pub prev: u64,
@@ -77,6 +82,10 @@ pub struct Scan {
     pub p: [u64; 4],
     pub prefixes: u64,
 }
+
+/// Name keys one path can queue: components and pairs (32 each) and the
+/// basename's own (at most 9), rounded up to a power of two for masking.
+pub const NAME_KEYS: usize = 128;
 
 #[map(name = "AG_FILE_SCRATCH")]
 static FILE_SCRATCH: PerCpuArray<FileScratch> = PerCpuArray::with_max_entries(1, 0);

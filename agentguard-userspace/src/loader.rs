@@ -434,13 +434,12 @@ pub enum FileEnforcement {
 }
 
 pub fn file_enforcement(statuses: &[ProbeStatus]) -> FileEnforcement {
+    let fallback = |program: &str| PROBES.iter().any(|p| p.program == program && p.lifetime == Lifetime::FallbackWhileAgentLive);
+    let mut observers = statuses.iter().filter(|s| s.class == ActionClass::File && fallback(s.program)).peekable();
     if class_attached(statuses, ActionClass::File) {
         FileEnforcement::Veto
-    } else if statuses.iter().any(|s| {
-        s.class == ActionClass::File
-            && matches!(s.state, ProbeState::Ready)
-            && PROBES.iter().any(|p| p.program == s.program && p.lifetime == Lifetime::FallbackWhileAgentLive)
-    }) {
+    } else if observers.peek().is_some() && observers.all(|s| matches!(s.state, ProbeState::Ready)) {
+        // Every observation program, or a destructive path would go unseen.
         FileEnforcement::ObserveAndContain
     } else {
         FileEnforcement::None
