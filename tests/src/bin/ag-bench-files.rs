@@ -11,7 +11,7 @@
 //! operations and prints ns/op. The report gives per setup the median over
 //! rounds, the spread, and the overhead against the baseline.
 //!
-//!     ag-bench-files [--quick] [--json FILE] [unlink|rename|rmdir]...
+//!     ag-bench-files [--quick] [--json FILE] [b1|b1f|unlink|rename|rmdir]...
 //!     ag-bench-files loop OP ITERATIONS DIR      (child mode)
 //!
 //! Run by the test harness (libtest arguments such as `--test-threads`), it
@@ -285,8 +285,23 @@ fn main() {
     let harness = args.iter().any(|a| a.starts_with("--test-threads") || a == "--nocapture");
     let quick = harness || args.iter().any(|a| a == "--quick");
     let json_out = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
-    let wanted: Vec<Op> = Op::ALL.into_iter().filter(|o| args.iter().any(|a| a == o.name())).collect();
-    let ops = if wanted.is_empty() { Op::ALL.to_vec() } else { wanted };
+    // Selection as `cargo xtask bench` passes it: benchmark ids (b1, b1f)
+    // or operations; ids of other harnesses select nothing here.
+    let selectors: Vec<String> = args
+        .iter()
+        .enumerate()
+        .filter(|(i, a)| !a.starts_with("--") && (*i == 0 || args[i - 1] != "--json"))
+        .map(|(_, a)| a.to_lowercase())
+        .collect();
+    let wanted: Vec<Op> = Op::ALL.into_iter().filter(|o| selectors.iter().any(|a| a == o.name())).collect();
+    let ops = if selectors.is_empty() || selectors.iter().any(|a| a == "b1" || a == "b1f") {
+        Op::ALL.to_vec()
+    } else if wanted.is_empty() {
+        eprintln!("ag-bench-files: nothing selected (B1/B1f: b1, b1f, unlink, rename, rmdir)");
+        return;
+    } else {
+        wanted
+    };
     let (rounds, n) = if quick { (3, 2_000) } else { (7, 20_000) };
     if harness {
         println!("\nrunning 1 test");
