@@ -105,6 +105,9 @@ pub mod globals {
     pub const EXEC_FILENAME_OFF: &str = "EXEC_FILENAME_OFF";
     /// [`crate::KernelOffsets`]: struct member offsets from this kernel's BTF.
     pub const KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
+    /// Byte offset of `exit_code` in `struct task_struct` (from BTF; 0 when
+    /// BTF is unavailable, and the exit event then carries no status).
+    pub const TASK_EXIT_CODE_OFF: &str = "TASK_EXIT_CODE_OFF";
 }
 
 /// Capacities. Changing one changes the size of a map, never an event layout.
@@ -652,11 +655,15 @@ const _: () = assert!(core::mem::size_of::<ForkEvent>() == 40);
 #[derive(Clone, Copy, Debug)]
 pub struct ExitEvent {
     pub header: EventHeader,
-    /// The exit code as the kernel keeps it (`task->exit_code`) is not read here;
-    /// userspace reads the status of its own children where it can.
-    pub _pad: u64,
+    /// `task->exit_code` as the kernel keeps it (wait(2) status encoding:
+    /// exit status in bits 8..16, terminating signal in bits 0..7, 0x80 core
+    /// dumped); valid only when [`EXIT_STATUS_KNOWN`] is set in `flags`.
+    pub exit_code: u32,
+    pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<ExitEvent>() == 40);
+/// [`ExitEvent::flags`]: `exit_code` was read from the task.
+pub const EXIT_STATUS_KNOWN: u32 = 1;
 
 /// A tagged process tried to connect or send to an address.
 #[repr(C)]

@@ -16,7 +16,8 @@ use agentguard_common::{
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_probe_read_kernel_str_bytes, generated::bpf_send_signal,
+        bpf_get_current_task, bpf_get_current_uid_gid, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes, generated::bpf_send_signal,
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -38,6 +39,9 @@ static FORK_CHILD_PID_OFF: Global<u32> = Global::new(0);
 static EXEC_OLD_PID_OFF: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static EXEC_FILENAME_OFF: Global<u32> = Global::new(0);
+/// `task_struct.exit_code` (from BTF); 0: unknown, no status is read.
+#[unsafe(no_mangle)]
+static TASK_EXIT_CODE_OFF: Global<u32> = Global::new(0);
 
 #[tracepoint]
 pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
@@ -183,10 +187,27 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let _ = TAGS.remove(&tid);
     // One event per process, not per thread.
     if (pid_tgid >> 32) as u32 == tid {
+        let (exit_code, flags) = exit_code();
         emit(ExitEvent {
             header: header(EventKind::Exit, tag),
-            _pad: 0,
+            exit_code,
+            flags,
         });
     }
     0
+}
+
+/// do_exit() stores the code in `current->exit_code` before this tracepoint
+/// fires (for exit_group, every thread's is the group's code).
+fn exit_code() -> (u32, u32) {
+    let off = TASK_EXIT_CODE_OFF.load();
+    if off == 0 {
+        return (0, 0);
+    }
+    // SAFETY: `current` is a valid task; a probe read of one of its fields.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    match unsafe { bpf_probe_read_kernel(task.wrapping_add(off as usize) as *const u32) } {
+        Ok(code) => (code, agentguard_common::EXIT_STATUS_KNOWN),
+        Err(_) => (0, 0),
+    }
 }

@@ -203,7 +203,10 @@ pub enum Detail {
     Fork {
         child_tid: u32,
     },
-    Exit,
+    Exit {
+        /// wait(2)-encoded status; None where the kernel's BTF gave no offset.
+        status: Option<u32>,
+    },
     Net {
         ip: IpAddr,
         port: u16,
@@ -290,7 +293,21 @@ impl Record<'_> {
                 crate::json_key!(out, "child_tid");
                 uint(out, u64::from(*child_tid));
             }
-            Detail::Exit => {}
+            Detail::Exit { status } => {
+                // `exit_code`: the process's exit status; `signal`: the signal
+                // that ended it; both null when unknown.
+                let (code, signal, core) = match status {
+                    Some(st) if st & 0x7f == 0 => (Some(u64::from((st >> 8) & 0xff)), None, false),
+                    Some(st) => (None, Some(u64::from(st & 0x7f)), st & 0x80 != 0),
+                    None => (None, None, false),
+                };
+                crate::json_key!(out, "exit_code");
+                opt_uint(out, code);
+                crate::json_key!(out, "signal");
+                opt_uint(out, signal);
+                crate::json_key!(out, "core_dumped");
+                json::bool(out, core);
+            }
             Detail::Net { ip, port, protocol, rule_index } => {
                 crate::json_key!(out, "address");
                 out.push(b'"');
@@ -358,7 +375,7 @@ pub fn record<'a>(ev: &KernelEvent, policies: &'a PolicySet, clock: &Clock, ppid
         reversibility: None,
         rollback: None,
         enforcement: None,
-        detail: Detail::Exit,
+        detail: Detail::Exit { status: None },
     };
     match ev {
         KernelEvent::Exec(e) => {
@@ -377,7 +394,10 @@ pub fn record<'a>(ev: &KernelEvent, policies: &'a PolicySet, clock: &Clock, ppid
             (r.kind, r.action) = ("fork", "fork");
             r.detail = Detail::Fork { child_tid: f.child_tid };
         }
-        KernelEvent::Exit(_) => (r.kind, r.action) = ("exit", "exit"),
+        KernelEvent::Exit(x) => {
+            (r.kind, r.action) = ("exit", "exit");
+            r.detail = Detail::Exit { status: (x.flags & agentguard_common::EXIT_STATUS_KNOWN != 0).then_some(x.exit_code) };
+        }
         KernelEvent::Net(n) => {
             let ip: IpAddr = match i32::from(n.family) {
                 libc::AF_INET => Ipv4Addr::new(n.addr[0], n.addr[1], n.addr[2], n.addr[3]).into(),

@@ -239,13 +239,34 @@ pub fn load_object() -> Result<Ebpf, LoadError> {
     // Without offsets the file programs are reported unavailable (attach_all);
     // the zeros they would read are never used.
     let offsets = kernel_offsets().clone().unwrap_or_default();
+    let exit_code_off = task_exit_code_offset();
     let ebpf = EbpfLoader::new()
         .override_global(globals::FORK_CHILD_PID_OFF, &fork_child, true)
         .override_global(globals::EXEC_OLD_PID_OFF, &exec_old_pid, true)
         .override_global(globals::EXEC_FILENAME_OFF, &exec_filename, true)
         .override_global(globals::KERNEL_OFFSETS, &offsets, true)
+        .override_global(globals::TASK_EXIT_CODE_OFF, &exit_code_off, true)
         .load(EBPF_OBJECT)?;
     Ok(ebpf)
+}
+
+/// This kernel's BTF, parsed once.
+fn kernel_btf() -> &'static Result<crate::btf::Btf, String> {
+    static BTF: OnceLock<Result<crate::btf::Btf, String>> = OnceLock::new();
+    BTF.get_or_init(|| crate::btf::Btf::from_sys_fs().map_err(|e| e.to_string()))
+}
+
+/// `task_struct.exit_code` from BTF, for the exit event's status; 0 (no
+/// status in exit events) where this kernel has no BTF.
+fn task_exit_code_offset() -> u32 {
+    let found = kernel_btf()
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|b| b.member_offset("task_struct", "exit_code").map_err(|e| e.to_string()));
+    found.unwrap_or_else(|e| {
+        tracing::warn!("exit events will carry no exit status: task_struct.exit_code not found in BTF ({e})");
+        0
+    })
 }
 
 /// The struct offsets the file programs read (from BTF) and the syscall
@@ -253,7 +274,7 @@ pub fn load_object() -> Result<Ebpf, LoadError> {
 pub fn kernel_offsets() -> &'static Result<KernelOffsets, String> {
     static OFFSETS: OnceLock<Result<KernelOffsets, String>> = OnceLock::new();
     OFFSETS.get_or_init(|| {
-        let btf = crate::btf::Btf::from_sys_fs().map_err(|e| e.to_string())?;
+        let btf = kernel_btf().as_ref().map_err(Clone::clone)?;
         let mut o = btf.kernel_offsets().map_err(|e| e.to_string())?;
         let field = |name: &str, f: &str| tracefs::field_offset("syscalls", name, f).map_err(|e| e.to_string());
         o.syscall_args = field("sys_enter_unlinkat", "dfd")?;

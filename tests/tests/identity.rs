@@ -252,6 +252,17 @@ fn a_process_that_leaves_its_cgroup_is_moved_back_and_recorded() {
     let _ = c.wait();
 }
 
+#[test]
+fn exit_events_carry_the_status_or_the_signal() {
+    let d = Daemon::start(&[("a.toml", &policy("tester", ""))]);
+    for (script, code, signal) in [("exit 7", Some(7), None), ("kill -KILL $$", None, Some(9))] {
+        let out = d.run_cmd("tester", &["/bin/sh", "-c", &format!("echo pid=$$; {script}")]).stdout(Stdio::piped()).output().expect("run");
+        let pid: u32 = fact(&out.stdout, "pid").expect("pid").parse().expect("n");
+        let exit = d.wait_event(WAIT, "exit of the tagged shell", |e| e["kind"] == "exit" && e["pid"] == pid);
+        assert_eq!((exit["exit_code"].as_u64(), exit["signal"].as_u64()), (code, signal), "{script}: {exit}");
+    }
+}
+
 /// Make the next fork get `pid` (root in the initial pid namespace only).
 fn set_last_pid(pid: u32) -> bool {
     std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).is_ok()
@@ -263,7 +274,8 @@ fn a_reused_pid_does_not_inherit_a_stale_tag() {
     let out = d.run_cmd("tester", &[&tb(), "sleep", "0"]).output().expect("run");
     assert!(out.status.success());
     let pid: u32 = fact(&out.stdout, "pid").expect("pid").parse().expect("n");
-    d.wait_event(WAIT, "exit of the tagged process", |e| e["kind"] == "exit" && e["pid"] == pid);
+    let exit = d.wait_event(WAIT, "exit of the tagged process", |e| e["kind"] == "exit" && e["pid"] == pid);
+    assert_eq!((exit["exit_code"].as_u64(), exit["signal"].as_u64()), (Some(0), None), "{exit}");
     agentguard_tests::require!(
         Path::new("/proc/sys/kernel/ns_last_pid").exists(),
         "no /proc/sys/kernel/ns_last_pid: cannot force pid reuse"
