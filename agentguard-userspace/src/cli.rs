@@ -148,7 +148,7 @@ pub fn ps(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
     if procs.is_empty() {
         println!("no agent processes");
     }
-    println!("{:<16} {:>10} {:>8} {:>8}  {}", "AGENT", "SESSION", "PID", "PPID", "COMMAND");
+    println!("{:<16} {:>10} {:>8} {:>8}  COMMAND", "AGENT", "SESSION", "PID", "PPID");
     let mut rows: Vec<_> = procs.iter().collect();
     rows.sort_by_key(|p| (p["agent"].as_str().unwrap_or("").to_owned(), p["session"].as_u64(), p["pid"].as_u64()));
     for p in rows {

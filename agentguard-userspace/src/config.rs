@@ -106,7 +106,7 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("mkdir");
         let f = dir.join("c.toml");
         std::fs::write(&f, "socket = \"/x\"\nsokcet = 1\n").expect("write");
-        let e = Config::load(&f).unwrap_err();
+        let e = Config::load(&f).expect_err("must be rejected");
         assert_eq!((e.0[0].line, e.0[0].column), (2, 1), "{e}");
         let _ = std::fs::remove_dir_all(dir);
     }

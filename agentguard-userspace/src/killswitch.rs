@@ -561,7 +561,7 @@ mod tests {
         for bad in ["", ".", "..", "../x", "a/b"] {
             assert!(matches!(ks.resolve(&Target::Agent(bad.into())), Err(KillswitchError::BadName { .. })), "{bad:?}");
         }
-        let e = ks.resolve(&Target::Agent("claude".into())).unwrap_err();
+        let e = ks.resolve(&Target::Agent("claude".into())).expect_err("must be rejected");
         assert!(e.to_string().contains("no agent has one"), "{e}");
         assert_eq!(ks.resolve(&Target::All).expect("all"), Vec::<String>::new());
     }

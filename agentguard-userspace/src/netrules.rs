@@ -183,7 +183,7 @@ mod tests {
         for i in 0..17 {
             text.push_str(&format!("[[network.rule]]\nid = \"r{i}\"\ndecision = \"allow\"\nports = [{}]\n", 1000 + i));
         }
-        let e = compile_agent(&agent(&text), &Resolved::new()).unwrap_err();
+        let e = compile_agent(&agent(&text), &Resolved::new()).expect_err("must be rejected");
         assert_eq!(e.count, 17);
     }
 }

@@ -671,7 +671,7 @@ ops = ["unlink", "rename"]
 
     #[test]
     fn unknown_key_is_located() {
-        let e = p("[agent]\nname = \"a\"\ncolour = \"red\"\n").unwrap_err();
+        let e = p("[agent]\nname = \"a\"\ncolour = \"red\"\n").expect_err("must be rejected");
         assert_eq!(e.0.len(), 1);
         assert_eq!((e.0[0].line, e.0[0].column), (3, 1), "{e}");
         assert!(e.0[0].message.contains("unknown field"), "{e}");
@@ -680,7 +680,7 @@ ops = ["unlink", "rename"]
     #[test]
     fn bad_cidr_and_port_are_located() {
         let text = "[agent]\nname = \"a\"\n[network]\ndefault = \"deny\"\n[[network.rule]]\nid = \"x\"\ndecision = \"allow\"\ncidr = [\"10.0.0.0/33\"]\nports = [70000]\n";
-        let e = p(text).unwrap_err();
+        let e = p(text).expect_err("must be rejected");
         let lines: Vec<_> = e.0.iter().map(|e| (e.line, e.column)).collect();
         assert_eq!(lines, vec![(8, 9), (9, 10)], "{e}");
         assert!(e.to_string().starts_with("t.toml:8:9: "), "{e}");
@@ -688,9 +688,9 @@ ops = ["unlink", "rename"]
 
     #[test]
     fn bad_decision_and_unresolvable_host() {
-        let e = p("[agent]\nname = \"a\"\n[network]\ndefault = \"maybe\"\n").unwrap_err();
+        let e = p("[agent]\nname = \"a\"\n[network]\ndefault = \"maybe\"\n").expect_err("must be rejected");
         assert_eq!(e.0[0].line, 4, "{e}");
-        let e = p("[agent]\nname = \"a\"\n[network]\ndefault = \"deny\"\n[[network.rule]]\nid = \"h\"\ndecision = \"allow\"\nhosts = [\"no-such-host.invalid\"]\n").unwrap_err();
+        let e = p("[agent]\nname = \"a\"\n[network]\ndefault = \"deny\"\n[[network.rule]]\nid = \"h\"\ndecision = \"allow\"\nhosts = [\"no-such-host.invalid\"]\n").expect_err("must be rejected");
         assert_eq!((e.0[0].line, e.0[0].column), (8, 10), "{e}");
     }
 

@@ -176,7 +176,7 @@ fn first_agent_is_held_at_exec_until_network_hooks_are_attached() {
     let port = listener.local_addr().expect("addr").port();
 
     let testbin = agentguard_tests::daemon::testbin();
-    let mut child = spawn_in_cgroup(
+    let child = spawn_in_cgroup(
         Command::new(&testbin)
             .args(["connect", "tcp", &format!("127.0.0.1:{port}")])
             .stdout(std::process::Stdio::piped()),

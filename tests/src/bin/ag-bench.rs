@@ -309,7 +309,7 @@ fn run_bench(b: &Bench, rounds: usize, quick: bool) -> Value {
 }
 
 fn print_table(results: &[Value]) {
-    println!("{:<4} {:<46} {:<24} {:>11} {:>21} {:>9} {:>10}  {}", "id", "what", "setup", "median", "spread", "vs base", "vs floor", "target");
+    println!("{:<4} {:<46} {:<24} {:>11} {:>21} {:>9} {:>10}  target", "id", "what", "setup", "median", "spread", "vs base", "vs floor");
     for r in results {
         for row in r["rows"].as_array().into_iter().flatten() {
             let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
