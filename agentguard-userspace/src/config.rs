@@ -37,6 +37,9 @@ pub struct Config {
     pub socket_group: Option<String>,
     /// Where every freeze writes its incident record (one JSON file each).
     pub incident_dir: PathBuf,
+    /// DNS servers (`"ip:port"`) asked to keep policy host names current;
+    /// empty: the system's (/etc/resolv.conf, /etc/hosts).
+    pub dns_servers: Vec<std::net::SocketAddr>,
 }
 
 impl Default for Config {
@@ -54,6 +57,7 @@ impl Default for Config {
             cgroup_subtree: "agentguard".to_owned(),
             socket_group: None,
             incident_dir: PathBuf::from("/var/log/agentguard/incidents"),
+            dns_servers: Vec::new(),
         }
     }
 }

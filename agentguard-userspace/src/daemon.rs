@@ -161,6 +161,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let events_task = tokio::spawn(read_events(ring, state.clone()));
     let socket_task = tokio::spawn(serve_socket(listener, state.clone()));
     let reconcile_task = tokio::spawn(reconcile_loop(state.clone()));
+    let dns_task = tokio::spawn(dns_refresh_loop(state.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let hup_state = state.clone();
@@ -180,6 +181,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         r = events_task => bail!("event reader stopped: {r:?}"),
         r = socket_task => bail!("control socket stopped: {r:?}"),
         r = reconcile_task => bail!("reconciler stopped: {r:?}"),
+        r = dns_task => bail!("host name refresher stopped: {r:?}"),
     }
     let mut s = lock(&state);
     s.log.close();
@@ -504,6 +506,72 @@ async fn reconcile_loop(state: Shared) -> anyhow::Result<()> {
     loop {
         tick.tick().await;
         reconcile(&mut lock(&state));
+    }
+}
+
+/// Re-resolve each policy host name when its DNS answer expires (dns.rs);
+/// the lookups run without the state lock.
+async fn dns_refresh_loop(state: Shared) -> anyhow::Result<()> {
+    let servers = lock(&state).config.dns_servers.clone();
+    let resolver = match crate::dns::resolver(&servers) {
+        Ok(r) => r,
+        Err(e) => {
+            // Not fatal: the names keep the addresses load and reload gave them.
+            tracing::warn!("no DNS resolver configuration ({e:#}): policy host names are resolved at load and reload only, not refreshed within their TTL");
+            std::future::pending::<()>().await;
+            unreachable!("pending never completes");
+        }
+    };
+    let mut schedule = crate::dns::Schedule::default();
+    loop {
+        let hosts: Vec<String> = lock(&state).policies.hosts().cloned().collect();
+        let mut fresh = Resolved::new();
+        for host in schedule.due(&hosts, tokio::time::Instant::now()) {
+            match crate::dns::lookup(&resolver, &host).await {
+                Ok((addrs, ttl)) => {
+                    schedule.set(host.clone(), tokio::time::Instant::now() + ttl);
+                    fresh.insert(host, addrs);
+                }
+                Err(e) => {
+                    tracing::warn!(host, "host name does not resolve ({e}); keeping its previous addresses");
+                    schedule.set(host, tokio::time::Instant::now() + crate::dns::RETRY);
+                }
+            }
+        }
+        if !fresh.is_empty() {
+            lock(&state).refresh_hosts(fresh);
+        }
+        tokio::time::sleep(crate::dns::MIN_REFRESH).await;
+    }
+}
+
+impl State {
+    /// New addresses for some host names: recompile the network tries if
+    /// any changed, and log what changed.
+    fn refresh_hosts(&mut self, fresh: Resolved) {
+        let changed: Vec<(String, Vec<std::net::IpAddr>)> =
+            fresh.into_iter().filter(|(h, a)| self.resolved.get(h) != Some(a) && !a.is_empty()).collect();
+        if changed.is_empty() {
+            return;
+        }
+        let mut next = self.resolved.clone();
+        next.extend(changed.iter().cloned());
+        if let Err(e) = compile::apply_network(&mut self.ebpf, &self.policies, &next) {
+            tracing::error!("host addresses changed but the network rules cannot be recompiled: {e}; the previous addresses stay in force");
+            return;
+        }
+        for (host, addrs) in changed {
+            tracing::info!(host, ?addrs, "host name resolves to new addresses; network rules updated");
+            let _ = self.log.append(&json!({
+                "time": events::rfc3339(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)),
+                "kind": "host_addresses",
+                "name": host,
+                "addresses": addrs,
+                "previous": self.resolved.get(&host),
+            }));
+        }
+        let _ = self.log.flush();
+        self.resolved = next;
     }
 }
 

@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod decode;
+pub mod dns;
 pub mod doctor;
 pub mod events;
 pub mod filemaps;

@@ -20,6 +20,9 @@ pub struct Daemon {
     pub events_log: PathBuf,
     pub subtree: String,
     stderr_log: PathBuf,
+    /// Run the daemon in a mount namespace of its own where this file is
+    /// /etc/hosts (see [`Self::start_with_hosts`]).
+    hosts: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -32,6 +35,13 @@ impl Daemon {
     /// Like [`Self::start`], with `extra` appended to the configuration
     /// (top-level `key = value` lines; a key given there replaces the default).
     pub fn start_with(policies: &[(&str, &str)], extra: &str) -> Self {
+        let mut d = Self::prepare(policies, extra);
+        d.spawn();
+        d
+    }
+
+    /// The directory and configuration, without starting the process.
+    fn prepare(policies: &[(&str, &str)], extra: &str) -> Self {
         crate::kernel::assert_root();
         let dir = TempDir::new("daemon");
         let policy_dir = dir.join("policies");
@@ -61,7 +71,17 @@ impl Daemon {
         let kept: Vec<&str> = defaults.lines().filter(|l| !overridden(l)).collect();
         std::fs::write(&config, format!("{}\n{extra}\n", kept.join("\n"))).expect("write config");
         let stderr_log = dir.join("daemon.stderr");
-        let mut d = Self { dir, child: None, config, socket, events_log, subtree, stderr_log };
+        Self { dir, child: None, config, socket, events_log, subtree, stderr_log, hosts: None }
+    }
+
+    /// Like [`Self::start_with`], with the daemon seeing `hosts` as its
+    /// /etc/hosts (bind-mounted in a private mount namespace: the host's own
+    /// file is never touched).
+    pub fn start_with_hosts(policies: &[(&str, &str)], extra: &str, hosts: &str) -> Self {
+        let mut d = Self::prepare(policies, extra);
+        let file = d.dir.join("hosts");
+        std::fs::write(&file, hosts).expect("write hosts");
+        d.hosts = Some(file);
         d.spawn();
         d
     }
@@ -78,14 +98,29 @@ impl Daemon {
             .append(true)
             .open(&self.stderr_log)
             .expect("stderr log");
-        let mut child = Command::new(agentguard_bin())
-            .args(["--config"])
+        let mut cmd = Command::new(agentguard_bin());
+        cmd.args(["--config"])
             .arg(&self.config)
             .arg("daemon")
             .env("AGENTGUARD_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(stderr)
+            .stderr(stderr);
+        if let Some(hosts) = self.hosts.clone() {
+            use std::os::unix::process::CommandExt as _;
+
+            use nix::{mount::MsFlags, sched::CloneFlags};
+            // SAFETY: only syscalls between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sched::unshare(CloneFlags::CLONE_NEWNS)?;
+                    nix::mount::mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)?;
+                    nix::mount::mount(Some(&hosts), "/etc/hosts", None::<&str>, MsFlags::MS_BIND, None::<&str>)?;
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", agentguard_bin().display()));
         let stdout = child.stdout.take().expect("piped stdout");

@@ -70,3 +70,5 @@ pub fn shipped_policy_dir() -> PathBuf {
             manifest.parent().unwrap_or(manifest).join("policies")
         })
 }
+
+pub mod dns;

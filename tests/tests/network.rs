@@ -246,3 +246,46 @@ fn policy_check_reports_file_line_column() {
     let out = Command::new(agentguard_tests::agentguard_bin()).args(["policy", "check"]).arg(&shipped).arg(shipped.join("examples")).output().expect("run");
     assert!(out.status.success(), "shipped policies must pass: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A host name's addresses follow its DNS answers: when the record changes,
+/// the rule follows within the record's TTL (plus the refresher's tick), and
+/// the old address is released.
+#[test]
+fn host_name_rules_follow_the_dns_answer_within_its_ttl() {
+    use std::net::Ipv4Addr;
+
+    use agentguard_tests::dns::{DnsServer, TTL_SECS};
+    let dns = DnsServer::start(Ipv4Addr::new(127, 0, 0, 2));
+    let port = Listeners::new().port();
+    // The name passes the policy check through the system resolver (a
+    // hosts file only the daemon sees says 127.0.0.1); the daemon is told
+    // to follow the test server, which says otherwise.
+    const HOST: &str = "api.agentguard-ttl.test";
+    let text = format!(
+        "[agent]\nname = \"ttl\"\n[network]\ndefault = \"allow\"\n\
+         [[network.rule]]\nid = \"named\"\ndecision = \"deny\"\nhosts = [\"{HOST}\"]\nports = [{port}]\nprotocol = \"tcp\"\n"
+    );
+    let d = Daemon::start_with_hosts(
+        &[("ttl.toml", &text)],
+        &format!("dns_servers = [\"{}\"]", dns.addr()),
+        &format!("127.0.0.1 localhost {HOST}\n"),
+    );
+    let moved_to = |ip: &str| {
+        let ip = ip.to_owned();
+        move |v: &Value| v["kind"] == "host_addresses" && v["name"] == HOST && v["addresses"] == serde_json::json!([ip])
+    };
+    d.wait_event(WAIT, "localhost re-resolved through the test server", moved_to("127.0.0.2"));
+    let at = |ip: &str| errno(&agent_run(&d, "ttl", &["connect", "tcp", &format!("{ip}:{port}")]));
+    assert_eq!(at("127.0.0.2"), "EPERM", "the address DNS gave is denied");
+    assert_eq!(at("127.0.0.1"), "ECONNREFUSED", "the address /etc/hosts gave is no longer the host's");
+
+    // The record changes: within its TTL and one refresh tick, the rule moves.
+    let changed = std::time::Instant::now();
+    dns.set(Ipv4Addr::new(127, 0, 0, 3));
+    d.wait_event(WAIT, "the new address", moved_to("127.0.0.3"));
+    let took = changed.elapsed();
+    assert!(took < Duration::from_secs(u64::from(TTL_SECS) + 3), "refreshed {took:?} after the change (TTL {TTL_SECS} s)");
+    assert_eq!(at("127.0.0.3"), "EPERM", "the new address is denied");
+    assert_eq!(at("127.0.0.2"), "ECONNREFUSED", "the old address is released");
+    assert!(dns.queries() >= 2, "the daemon asked the server: {} queries", dns.queries());
+}
