@@ -234,6 +234,8 @@ fn bind_socket(config: &Config) -> anyhow::Result<UnixListener> {
 /// Records taken from the ring per turn: the control socket is served
 /// between batches, and each batch is written with one write(2).
 const RING_BATCH: usize = 8192;
+/// The longest the event reader holds the state lock in one go.
+const MAX_LOCK_HOLD: Duration = Duration::from_millis(20);
 
 async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, state: Shared) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(events::log::TICK);
@@ -245,9 +247,13 @@ async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, state: Shared) -> anyh
                 let mut taken = 0;
                 let drained = {
                     let mut s = lock(&state);
+                    let held = std::time::Instant::now();
                     let ring = guard.get_inner_mut();
                     let drained = loop {
-                        if taken == RING_BATCH {
+                        // Bounded by count and by time, so the control
+                        // socket (the killswitch, approvals) never waits
+                        // long behind a flood of events.
+                        if taken == RING_BATCH || (taken % 64 == 63 && held.elapsed() > MAX_LOCK_HOLD) {
                             break false;
                         }
                         let Some(item) = ring.next() else { break true };

@@ -340,10 +340,17 @@ fn a_freeze_during_a_fork_storm_lets_no_process_escape() {
         cmd.env("AG_STORM_TOKEN", &token).stdout(Stdio::null()).stdin(Stdio::null());
         children.0.push(cmd.spawn().expect("spawn storm"));
     }
-    // Freeze while the trees are still growing and forks never stop.
+    // Freeze while the trees are still growing and forks never stop, once
+    // both `agentguard run`s are in the agent's cgroup (before the daemon
+    // moves it there, a `run` waiting for its session is not the agent yet).
+    let inside = format!("/{}/storm/", d.subtree);
     let start = Instant::now();
-    while with_token(&token).len() < 40 {
-        assert!(start.elapsed() < WAIT, "the storm did not start");
+    loop {
+        let procs = with_token(&token);
+        if procs.len() >= 40 && procs.iter().all(|p| cgroup_of(*p).is_none_or(|c| c.starts_with(&inside))) {
+            break;
+        }
+        assert!(start.elapsed() < WAIT * 3, "the storm did not start: {} processes", procs.len());
         std::thread::sleep(Duration::from_millis(5));
     }
     // The freeze goes through the library, not the CLI: under this storm a
@@ -356,7 +363,6 @@ fn a_freeze_during_a_fork_storm_lets_no_process_escape() {
     assert!(r.confirmed, "{r:?}");
     let agent_dir = d.cgroup_subtree().join("storm");
     assert!(events_line(&agent_dir, "frozen 1"));
-    let inside = format!("/{}/storm/", d.subtree);
     let procs = with_token(&token);
     let outside: Vec<_> = procs.iter().filter(|p| !cgroup_of(**p).unwrap_or_default().starts_with(&inside)).map(|p| (p, cgroup_of(*p))).collect();
     assert!(outside.is_empty(), "processes of the agent outside its cgroup after the freeze: {outside:?}");

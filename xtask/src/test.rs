@@ -32,6 +32,10 @@ pub struct TestArgs {
     /// Kill a VM that runs longer than this and count it as a failure.
     #[arg(long, value_name = "SECS", default_value_t = 900)]
     vm_timeout: u64,
+    /// Run only these integration test files (tests/tests/NAME.rs; repeat
+    /// for more). For working on one capability; CI runs everything.
+    #[arg(long = "only", value_name = "NAME")]
+    only: Vec<String>,
     /// Also run this test executable as an integration test (host and VM);
     /// for exercising the harness.
     #[arg(long, value_name = "PATH")]
@@ -51,6 +55,13 @@ pub fn run(root: &Path, args: &TestArgs) -> Result<ExitCode> {
         .filter(|t| t.is_integration())
         .cloned()
         .collect();
+    if !args.only.is_empty() {
+        let known: Vec<String> = integration.iter().map(|t| t.target.clone()).collect();
+        if let Some(bad) = args.only.iter().find(|n| !known.contains(n)) {
+            anyhow::bail!("--only {bad}: no such integration test; there are: {}", known.join(", "));
+        }
+        integration.retain(|t| args.only.contains(&t.target));
+    }
     for path in &args.extra_test_bin {
         integration.push(extra(path)?);
     }
