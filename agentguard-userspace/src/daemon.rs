@@ -47,6 +47,12 @@ pub struct Session {
     pub cgroup_id: u64,
     pub workspace: Option<PathBuf>,
     pub kind: &'static str,
+    /// Where a selector-matched session's processes were before the daemon
+    /// moved them (`0::` path): a process found there was never moved yet
+    /// and did not escape. None for `agentguard run` sessions, whose
+    /// processes start inside.
+    #[serde(skip)]
+    pub origin: Option<String>,
 }
 
 pub struct State {
@@ -358,6 +364,9 @@ impl State {
         let Some(agent) = self.agent(tag.agent_id).map(|a| a.name.clone()) else {
             return;
         };
+        let current = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok();
+        let current_path = current.as_deref().and_then(|c| c.lines().find_map(|l| l.strip_prefix("0::"))).map(str::to_owned);
+        let existed = self.sessions.contains_key(&tag.session_id);
         let dir = match self.sessions.get(&tag.session_id) {
             Some(s) => s.cgroup.clone(),
             None => match self.tree.ensure_session(&agent, tag.session_id) {
@@ -372,6 +381,7 @@ impl State {
                             cgroup_id: id,
                             workspace: None,
                             kind: "matched",
+                            origin: current_path.clone(),
                         },
                     );
                     dir
@@ -383,9 +393,17 @@ impl State {
             },
         };
         let want = self.tree.relative(&dir);
-        let current = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok();
         if current.as_deref().is_some_and(|c| c.lines().any(|l| l == format!("0::{want}"))) {
             return;
+        }
+        // A process of a known session found elsewhere left (the fork or exec
+        // event can reach the daemon before the periodic check does).
+        if existed {
+            if let (Some(left_to), Some(session)) = (current_path, self.sessions.get(&tag.session_id).cloned()) {
+                if session.origin.as_deref() != Some(left_to.as_str()) && !procfs::is_zombie(pid) {
+                    self.log_escape(&session, pid, tag, &left_to);
+                }
+            }
         }
         if let Err(e) = CgroupTree::move_pid(&dir, pid) {
             // ESRCH: it already exited; anything else is worth saying.
@@ -406,6 +424,34 @@ impl State {
         tids.iter()
             .filter(|tid| tags.insert(**tid, tag, 0).is_ok())
             .count()
+    }
+
+    /// A tagged process was found outside its session cgroup (it moved, or
+    /// was moved): say so; the caller moves it back.
+    fn log_escape(&mut self, session: &Session, pid: u32, tag: Tag, left_to: &str) {
+        tracing::warn!(pid, agent = session.agent, left_to, "tagged process left its session cgroup; moving it back");
+        let rec = json!({
+            "time": events::rfc3339(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)),
+            "kind": "cgroup_escape",
+            "agent": session.agent,
+            "agent_id": tag.agent_id,
+            "session": tag.session_id,
+            "pid": pid,
+            "left_to": left_to,
+            "enforcement": "contained",
+        });
+        let _ = self.log.append(&rec);
+    }
+
+    /// Drop the tags of `pid`'s tasks, and of `pid` itself.
+    fn untag_tids(&mut self, pid: u32) {
+        let mut tids = procfs::tids(pid);
+        tids.push(pid);
+        if let Some(mut tags) = self.tags() {
+            for tid in tids {
+                let _ = tags.remove(&tid);
+            }
+        }
     }
 
     fn is_tagged(&mut self, pid: u32) -> bool {
@@ -455,8 +501,21 @@ fn adopt_existing(s: &mut State) -> usize {
             }
         }
         for (pid, tag) in tagged {
+            // A process that already exited (a zombie, or gone since the
+            // scan) has had its exit hook: a tag now would outlive it and
+            // pass to whatever reuses the pid.
+            if procfs::is_zombie(pid) {
+                continue;
+            }
             let already = s.is_tagged(pid);
-            if s.tag_tids(pid, tag) > 0 && !already {
+            let tagged_now = s.tag_tids(pid, tag);
+            // It may have exited between the check and the tag (is_zombie
+            // is also true for a process that is gone).
+            if tagged_now > 0 && procfs::is_zombie(pid) {
+                s.untag_tids(pid);
+                continue;
+            }
+            if tagged_now > 0 && !already {
                 adopted += 1;
                 tracing::info!(pid, agent_id = tag.agent_id, "tagged an agent process that was already running");
                 let rec = json!({
@@ -603,18 +662,9 @@ fn reconcile(s: &mut State) {
         // A zombie reports the root cgroup: it has left, but not by moving.
         if !current.lines().any(|l| l == want) && !current.is_empty() && !procfs::is_zombie(pid) && s.has_tag(pid, tag) {
             let left_to = current.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("?").to_owned();
-            tracing::warn!(pid, agent = session.agent, left_to, "tagged process left its session cgroup; moving it back");
-            let rec = json!({
-                "time": events::rfc3339(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)),
-                "kind": "cgroup_escape",
-                "agent": session.agent,
-                "agent_id": tag.agent_id,
-                "session": tag.session_id,
-                "pid": pid,
-                "left_to": left_to,
-                "enforcement": "contained",
-            });
-            let _ = s.log.append(&rec);
+            if session.origin.as_deref() != Some(left_to.as_str()) {
+                s.log_escape(&session, pid, tag, &left_to);
+            }
             if let Err(e) = CgroupTree::move_pid(&session.cgroup, pid) {
                 tracing::error!(pid, error = %e, "cannot move the process back");
             }
@@ -684,6 +734,7 @@ impl State {
             cgroup_id,
             workspace,
             kind: "run",
+            origin: None,
         };
         self.sessions.insert(id, session.clone());
         self.ensure_live_hooks();

@@ -201,7 +201,11 @@ impl Daemon {
             if pred(&ps) {
                 return ps;
             }
-            assert!(start.elapsed() < timeout, "timed out waiting for {what}; ps: {ps:#}\ndaemon log:\n{}", self.stderr());
+            if start.elapsed() >= timeout {
+                let text = std::fs::read_to_string(&self.events_log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+                panic!("timed out waiting for {what}; ps: {ps:#}\nlast events:\n{}\ndaemon log:\n{}", tail.join("\n"), self.stderr());
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }

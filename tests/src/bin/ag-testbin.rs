@@ -85,8 +85,17 @@ fn environ() -> *const *mut libc::c_char {
 
 fn wait_child(pid: libc::pid_t) -> i32 {
     let mut status = 0;
-    // SAFETY: plain waitpid.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
+    loop {
+        // SAFETY: plain waitpid.
+        if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            eprintln!("ag-testbin: waitpid({pid}): {e}");
+            return 125;
+        }
+    }
     if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) }
 }
 
