@@ -30,7 +30,7 @@ pub struct TestArgs {
     #[arg(long, value_name = "LABEL")]
     kernel: Option<String>,
     /// Kill a VM that runs longer than this and count it as a failure.
-    #[arg(long, value_name = "SECS", default_value_t = 900)]
+    #[arg(long, value_name = "SECS", default_value_t = 1500)]
     vm_timeout: u64,
     /// Run only these integration test files (tests/tests/NAME.rs; repeat
     /// for more). For working on one capability; CI runs everything.
