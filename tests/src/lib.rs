@@ -4,6 +4,7 @@
 //!
 //! Tests panic with context instead of returning `Result`.
 
+pub mod bench;
 pub mod daemon;
 pub mod guard;
 pub mod kernel;

@@ -21,7 +21,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentguard_tests::daemon::{testbin, Daemon};
+use agentguard_tests::{
+    bench::{self, Row, Spread},
+    daemon::{testbin, Daemon},
+};
 use serde_json::{json, Value};
 
 const POLICY: &str = "[agent]\nname = \"bench\"\n[network]\ndefault = \"allow\"\n[files]\ndefault = \"allow\"\n";
@@ -204,32 +207,60 @@ fn print(results: &[Value]) {
     }
 }
 
+/// The summary: B4 as the logged rate of each run (the target is judged on
+/// the paced run: the agent offered >= 95 % of 500 000/s and nothing was
+/// lost; above the rate, every drop must be counted exactly); B5 as the
+/// hook-to-line latency of each run, p50 with p99 and max as spread.
+fn summary(results: &[Value]) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for r in results {
+        for run in r["runs"].as_array().into_iter().flatten() {
+            let num = |k: &str| run[k].as_f64().unwrap_or(f64::NAN);
+            let setup = match run["pace_per_s"].as_u64() {
+                Some(0) => format!("{} events flat out", run["events"]),
+                p => format!("{} events paced at {}/s", run["events"], p.unwrap_or(0)),
+            };
+            let drops = run["ringbuf_drops"].as_u64().unwrap_or(0) + run["userspace_drops"].as_u64().unwrap_or(0);
+            let exact = run["exact"] == true;
+            let account = format!("offered {:.0}/s, {drops} drops, account {}", num("offered_per_s"), if exact { "exact" } else { "NOT exact" });
+            let row = match r["id"].as_str() {
+                Some("B4") => {
+                    let row = Row::new("B4", "events to the audit log", setup).figure(num("logged_per_s"), "events/s", Spread::None);
+                    if run["pace_per_s"] == 0 {
+                        row.target("every drop counted", Some(exact))
+                    } else {
+                        let pass = exact && drops == 0 && num("offered_per_s") >= TARGET_RATE as f64 * 0.95;
+                        row.target(">= 500000/s, no loss", Some(pass))
+                    }
+                    .note(account)
+                }
+                _ => {
+                    let h = &run["hook_to_line"];
+                    let ms = |k: &str| h[k].as_f64().map_or(f64::NAN, |us| us / 1000.0);
+                    let p99 = ms("p99_us");
+                    Row::new("B5", "hook-to-line latency (p50)", setup)
+                        .figure(ms("p50_us"), "ms", Spread::Tail(vec![("p99", p99), ("max", ms("max_us"))]))
+                        .target("p99 <= 20 ms", Some(p99 <= 20.0))
+                        .note(account)
+                }
+            };
+            rows.push(row);
+        }
+    }
+    rows
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let json_out = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
-    let wanted: Vec<String> = args
-        .iter()
-        .enumerate()
-        .filter(|(i, a)| !a.starts_with("--") && (*i == 0 || args[i - 1] != "--json"))
-        .map(|(_, a)| a.to_lowercase())
-        .collect();
-    let want = |id: &str| wanted.is_empty() || wanted.iter().any(|w| w == id);
+    let args = bench::Args::from_env();
+    args.exit_unless_any("ag-bench-events", &["b4", "b5"]);
     let mut results = Vec::new();
-    if want("b4") {
-        results.push(b4(quick));
+    if args.wants("b4") {
+        results.push(b4(args.quick));
     }
-    if want("b5") {
-        results.push(b5(quick));
-    }
-    if results.is_empty() {
-        eprintln!("ag-bench-events: nothing to run for {wanted:?} (it runs b4 and b5)");
-        return;
+    if args.wants("b5") {
+        results.push(b5(args.quick));
     }
     print(&results);
-    if let Some(path) = json_out {
-        let doc = json!({ "bench": "ag-bench-events", "quick": quick, "results": results });
-        let mut f = std::fs::File::create(&path).unwrap_or_else(|e| panic!("cannot write {path}: {e}"));
-        writeln!(f, "{}", serde_json::to_string_pretty(&doc).expect("json")).expect("write json");
-    }
+    let rows = summary(&results);
+    args.write(json!({ "bench": "ag-bench-events", "results": results }), &rows);
 }

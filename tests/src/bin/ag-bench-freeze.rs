@@ -9,7 +9,7 @@
 //!
 //!     ag-bench-freeze [--quick] [--json FILE] [b6]
 use std::{
-    io::{BufRead as _, Write as _},
+    io::BufRead as _,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -17,6 +17,7 @@ use std::{
 
 use agentguard::killswitch::{Killswitch, Target};
 use agentguard_tests::{
+    bench::{self, Row, Spread},
     daemon::{remove_cgroup_tree, testbin},
     guard::CgroupGuard,
     kernel::spawn_in_cgroup,
@@ -198,24 +199,34 @@ fn storm_runs(b: &mut Bench, runs: usize) -> Value {
     })
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let json_out = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).map(PathBuf::from);
-    // `cargo xtask bench b2 b3` passes its selection to every harness.
-    let selected: Vec<&String> = args
-        .iter()
-        .enumerate()
-        .filter(|(i, a)| {
-            let is_json_path = *i > 0 && args[i - 1] == "--json";
-            !a.starts_with("--") && !is_json_path
+/// The summary: freeze times as milliseconds (median of runs, p90 and max
+/// as spread) against DESIGN.md's B6 targets, and the fork storm's escapes.
+fn summary(p100: &Value, p1000: &Value, storm: &Value) -> Vec<Row> {
+    let ms = |v: &Value, k: &str| v[k].as_u64().map_or(f64::NAN, |us| us as f64 / 1000.0);
+    let mut rows: Vec<Row> = [(p100, 5.0), (p1000, 25.0)]
+        .into_iter()
+        .map(|(v, target)| {
+            let m = ms(v, "median_us");
+            Row::new("B6", "freeze to frozen 1", format!("{} processes", v["processes"]))
+                .figure(m, "ms", Spread::Tail(vec![("p90", ms(v, "p90_us")), ("max", ms(v, "max_us"))]))
+                .target(format!("<= {target} ms"), Some(m <= target))
+                .note(format!("{} runs; cgroup.kill of all: {:.1} ms", v["runs"], v["kill_us"].as_u64().unwrap_or(0) as f64 / 1000.0))
         })
-        .map(|(_, a)| a)
         .collect();
-    if !selected.is_empty() && !selected.iter().any(|a| a.eq_ignore_ascii_case("b6")) {
-        eprintln!("B6 not selected");
-        return;
-    }
+    let escapes = storm["escapes"].as_u64().unwrap_or(u64::MAX);
+    rows.push(
+        Row::new("B6", "escapes from a freeze in a fork storm", format!("{} runs", storm["runs"]))
+            .figure(escapes as f64, "count", Spread::None)
+            .target("0", Some(escapes == 0))
+            .note(format!("~{} processes frozen per run, freeze median {:.1} ms", storm["processes_median"], ms(storm, "median_us"))),
+    );
+    rows
+}
+
+fn main() {
+    let args = bench::Args::from_env();
+    args.exit_unless_any("ag-bench-freeze", &["b6"]);
+    let quick = args.quick;
     let runs = if quick { 7 } else { 31 };
     let mut b = Bench::new();
     eprintln!("B6: freeze 100 processes, {runs} runs...");
@@ -243,16 +254,12 @@ fn main() {
         "0"
     );
     let doc = json!({
-        "bench": "B6",
-        "quick": quick,
+        "bench": "ag-bench-freeze",
         "freeze_100": p100,
         "freeze_1000": p1000,
         "fork_storm": storm,
         "targets": { "freeze_100_median_us": 5000, "freeze_1000_median_us": 25000, "fork_storm_escapes": 0 },
     });
-    println!("{}", serde_json::to_string(&doc).expect("json"));
-    if let Some(path) = json_out {
-        let mut f = std::fs::File::create(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-        writeln!(f, "{}", serde_json::to_string_pretty(&doc).expect("json")).expect("write json");
-    }
+    let rows = summary(&p100, &p1000, &storm);
+    args.write(doc, &rows);
 }

@@ -10,13 +10,15 @@
 //!     ag-bench [--quick] [--json FILE] [b0|b2|b2u|b3]...
 //!     ag-bench loop WORKLOAD ITERATIONS [PORT]     (child mode)
 use std::{
-    io::Write as _,
     net::{TcpListener, TcpStream, UdpSocket},
     process::{Command, Stdio},
     time::Instant,
 };
 
-use agentguard_tests::daemon::Daemon;
+use agentguard_tests::{
+    bench::{self, Row},
+    daemon::Daemon,
+};
 use serde_json::{json, Value};
 
 const POLICY: &str = "[agent]\nname = \"bench\"\n[network]\ndefault = \"allow\"\n[files]\ndefault = \"allow\"\n";
@@ -253,13 +255,52 @@ fn measure(setup: Setup, env: &Env, w: Workload, n: u64, port: u16) -> f64 {
         .expect("child prints ns_per_op")
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+/// The summary rows of one benchmark: per setup with a target, the figure
+/// the target is stated in (percent added against the baseline, or ns above
+/// the floor), as the median of per-round pairs; the floor itself as context.
+fn summary(b: &Bench, samples: &[Vec<f64>]) -> Vec<Row> {
+    let of = |s: Setup| b.setups.iter().position(|x| *x == s).map(|i| &samples[i][..]);
+    let base = of(Setup::Baseline).expect("every benchmark has a baseline");
+    let floor = of(Setup::Floor);
+    let ns = |v: &[f64]| format!("{:.0} ns/op", bench::median(v));
+    let mut rows = Vec::new();
+    if let Some(floor) = floor {
+        let d = bench::paired(floor, base, |s, r| s - r);
+        rows.push(
+            Row::new(b.id, b.what, Setup::Floor.name())
+                .figure(bench::median(&d), "ns", bench::range(&d))
+                .target("(floor: the mechanism's own cost)", None)
+                .note(format!("{} vs {} without", ns(floor), ns(base))),
+        );
+    }
+    for (setup, target) in b.targets {
+        let s = of(*setup).expect("a target's setup is measured");
+        let row = Row::new(b.id, b.what, setup.name());
+        let row = if let (Some(allowed), Some(floor)) = (target.strip_prefix("<= floor + ").and_then(|t| t.trim_end_matches(" ns").parse::<f64>().ok()), floor) {
+            let d = bench::paired(s, floor, |s, f| s - f);
+            let m = bench::median(&d);
+            row.figure(m, "ns", bench::range(&d))
+                .target(format!("<= {allowed:.0} ns above the floor"), Some(m <= allowed))
+                .note(format!("{} (floor {}, without {})", ns(s), ns(floor), ns(base)))
+        } else {
+            let d = bench::paired(s, base, bench::pct_added);
+            let m = bench::median(&d);
+            let pass = if target.starts_with("0 %") {
+                // "Nothing added" cannot be shown to the last digit; it holds
+                // unless the setup was slower in every round of the alternation.
+                d.iter().any(|x| *x <= 0.0)
+            } else {
+                let pct: f64 = target.trim_start_matches("<= ").trim_end_matches(" %").parse().expect("target in %");
+                m <= pct
+            };
+            row.figure(m, "%", bench::range(&d)).target(*target, Some(pass)).note(format!("{} vs {} without", ns(s), ns(base)))
+        };
+        rows.push(row);
+    }
+    rows
 }
 
-fn run_bench(b: &Bench, rounds: usize, quick: bool) -> Value {
+fn run_bench(b: &Bench, rounds: usize, quick: bool) -> (Value, Vec<Row>) {
     let sink = UdpSocket::bind("127.0.0.1:0").expect("bind sink");
     let port = sink.local_addr().expect("addr").port();
     let n = b.workload.iterations(quick);
@@ -271,7 +312,8 @@ fn run_bench(b: &Bench, rounds: usize, quick: bool) -> Value {
             leave(env);
         }
     }
-    let medians: Vec<f64> = samples.iter_mut().map(|v| median(v)).collect();
+    let summary = summary(b, &samples);
+    let medians: Vec<f64> = samples.iter().map(|v| bench::median(v)).collect();
     let base = medians[0];
     let floor = b.setups.iter().position(|s| *s == Setup::Floor).map(|i| medians[i]);
     let rows: Vec<Value> = b
@@ -282,30 +324,24 @@ fn run_bench(b: &Bench, rounds: usize, quick: bool) -> Value {
         .map(|((s, v), m)| {
             let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
             let target = b.targets.iter().find(|(t, _)| t == s).map(|(_, t)| *t);
-            let vs_base = (m / base - 1.0) * 100.0;
-            let verdict = target.map(|t| {
-                let pass = if t.contains("floor") {
-                    let allowed: f64 = t.split('+').nth(1).and_then(|x| x.trim().trim_end_matches(" ns").parse().ok()).unwrap_or(0.0);
-                    floor.is_some_and(|f| *m <= f + allowed)
-                } else {
-                    let pct: f64 = t.trim_start_matches("<= ").trim_end_matches(" % added").trim_end_matches(" %").parse().unwrap_or(0.0);
-                    vs_base <= pct
-                };
-                if pass { "pass" } else { "miss" }
-            });
+            let verdict = summary
+                .iter()
+                .find(|r| r.setup == s.name() && r.pass.is_some())
+                .map(|r| if r.pass == Some(true) { "pass" } else { "miss" });
             json!({
                 "setup": s.name(),
                 "median_ns": m,
                 "min_ns": lo,
                 "max_ns": hi,
-                "vs_baseline_pct": vs_base,
+                "samples_ns": v,
+                "vs_baseline_pct": (m / base - 1.0) * 100.0,
                 "vs_floor_ns": floor.map(|f| m - f),
                 "target": target,
                 "verdict": verdict,
             })
         })
         .collect();
-    json!({ "id": b.id, "what": b.what, "workload": b.workload.name(), "iterations": n, "rounds": rounds, "rows": rows })
+    (json!({ "id": b.id, "what": b.what, "workload": b.workload.name(), "iterations": n, "rounds": rounds, "rows": rows }), summary)
 }
 
 fn print_table(results: &[Value]) {
@@ -339,27 +375,19 @@ fn main() {
         println!("ns_per_op={}", child_loop(w, n, port));
         return;
     }
-    let quick = args.iter().any(|a| a == "--quick");
-    let json_out = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
-    let wanted: Vec<String> = args
-        .iter()
-        .enumerate()
-        .filter(|(i, a)| !a.starts_with("--") && json_out.as_ref().is_none_or(|j| !(*a == j && *i > 0 && args[i - 1] == "--json")))
-        .map(|(_, a)| a.to_lowercase())
-        .collect();
-    let rounds = if quick { 3 } else { 7 };
-    let mut results = Vec::new();
+    let args = bench::Args::parse(&args);
+    args.exit_unless_any("ag-bench", &["b0", "b2", "b2u", "b3"]);
+    let rounds = if args.quick { 3 } else { 7 };
+    let (mut results, mut rows) = (Vec::new(), Vec::new());
     for b in BENCHES {
-        if !wanted.is_empty() && !wanted.iter().any(|w| *w == b.id.to_lowercase()) {
+        if !args.wants(b.id) {
             continue;
         }
         eprintln!("running {} {} ({} rounds)...", b.id, b.what, rounds);
-        results.push(run_bench(b, rounds, quick));
+        let (detail, summary) = run_bench(b, rounds, args.quick);
+        results.push(detail);
+        rows.extend(summary);
     }
     print_table(&results);
-    if let Some(path) = json_out {
-        let doc = json!({ "bench": "ag-bench", "quick": quick, "results": results });
-        let mut f = std::fs::File::create(&path).unwrap_or_else(|e| panic!("cannot write {path}: {e}"));
-        writeln!(f, "{}", serde_json::to_string_pretty(&doc).expect("json")).expect("write json");
-    }
+    args.write(json!({ "bench": "ag-bench", "results": results }), &rows);
 }
