@@ -321,6 +321,38 @@ impl State {
         if let KernelEvent::File(f) = ev {
             self.contain_file_violation(f);
         }
+        self.freeze_on_violation(ev);
+    }
+
+    /// A rule with `freeze = true` refused an action: stop the whole agent
+    /// (the killswitch), with an incident record naming the rule.
+    fn freeze_on_violation(&mut self, ev: &KernelEvent) {
+        use agentguard_common::Decision;
+        let h = *ev.header();
+        let (decision, rule_id, what) = match ev {
+            KernelEvent::Net(n) => (n.decision, n.rule_id, "network"),
+            KernelEvent::File(f) => (f.decision, f.rule_id, "file"),
+            _ => return,
+        };
+        if decision != Decision::Deny as u32 {
+            return;
+        }
+        let Some(agent) = self.agent(h.agent_id) else { return };
+        let rule = match ev {
+            KernelEvent::Net(_) => agent.net_rule(rule_id).filter(|r| r.freeze).map(|r| r.id.clone()),
+            _ => agent.file_rule(rule_id).filter(|r| r.freeze).map(|r| r.id.clone()),
+        };
+        let Some(rule) = rule else { return };
+        let name = agent.name.clone();
+        let frozen = std::fs::read_to_string(self.tree.agent_dir(&name).join("cgroup.freeze")).is_ok_and(|v| v.trim() == "1");
+        if frozen {
+            return;
+        }
+        let reason = format!("{what} rule {rule} (freeze = true) refused an action of pid {}", h.pid);
+        match self.freeze_agent(&name, &reason) {
+            Ok(r) => tracing::warn!(agent = name, rule, pid = h.pid, processes = r.outcome.processes, "rule violation: agent frozen"),
+            Err(e) => tracing::error!(agent = name, rule, pid = h.pid, error = %e, "rule violation: cannot freeze the agent"),
+        }
     }
 
     /// Attach the on-demand hooks (an agent is live). A failure leaves the

@@ -154,6 +154,9 @@ struct RawNetRule {
     reversibility: Option<Reversibility>,
     #[serde(default)]
     rollback: Option<String>,
+    /// Freeze the whole agent when this rule refuses an action.
+    #[serde(default)]
+    freeze: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,6 +179,9 @@ struct RawFileRule {
     reversibility: Option<Reversibility>,
     #[serde(default)]
     rollback: Option<String>,
+    /// Freeze the whole agent when this rule refuses an action.
+    #[serde(default)]
+    freeze: bool,
 }
 
 // ---- the checked form ----------------------------------------------------
@@ -213,6 +219,9 @@ pub struct NetRule {
     pub protocol: Protocol,
     pub reversibility: Reversibility,
     pub rollback: Option<String>,
+    /// A refusal by this rule also freezes the agent (killswitch), for a
+    /// human to look at: `agentguard thaw` or `kill`.
+    pub freeze: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -224,6 +233,9 @@ pub struct FileRule {
     pub ops: Vec<FileOpName>,
     pub reversibility: Reversibility,
     pub rollback: Option<String>,
+    /// A refusal by this rule also freezes the agent (killswitch), for a
+    /// human to look at: `agentguard thaw` or `kill`.
+    pub freeze: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -444,7 +456,7 @@ fn check_selectors(cx: &mut Ctx<'_>, m: RawMatch) -> Selectors {
 
 fn check_net_rule(cx: &mut Ctx<'_>, rule: Spanned<RawNetRule>) -> NetRule {
     let rule_span = rule.span();
-    let RawNetRule { id, decision, cidr, hosts, ports, protocol, reversibility, rollback } =
+    let RawNetRule { id, decision, cidr, hosts, ports, protocol, reversibility, rollback, freeze } =
         rule.into_inner();
     let id = id.into_inner();
     if cidr.is_empty() && hosts.is_empty() && ports.is_empty() {
@@ -486,6 +498,7 @@ fn check_net_rule(cx: &mut Ctx<'_>, rule: Spanned<RawNetRule>) -> NetRule {
         protocol: protocol.unwrap_or(Protocol::Any),
         reversibility: reversibility.unwrap_or(Reversibility::Irreversible),
         rollback,
+        freeze,
     }
 }
 
@@ -521,7 +534,7 @@ fn parse_port(v: &toml::Value) -> Result<PortRange, String> {
 
 fn check_file_rule(cx: &mut Ctx<'_>, rule: Spanned<RawFileRule>) -> FileRule {
     let rule_span = rule.span();
-    let RawFileRule { id, decision, paths, ops, reversibility, rollback } = rule.into_inner();
+    let RawFileRule { id, decision, paths, ops, reversibility, rollback, freeze } = rule.into_inner();
     let id = id.into_inner();
     let mut checked = Vec::new();
     for p in paths {
@@ -548,6 +561,7 @@ fn check_file_rule(cx: &mut Ctx<'_>, rule: Spanned<RawFileRule>) -> FileRule {
         ops,
         reversibility: reversibility.unwrap_or(Reversibility::Irreversible),
         rollback,
+        freeze,
     }
 }
 

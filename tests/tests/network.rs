@@ -289,3 +289,28 @@ fn host_name_rules_follow_the_dns_answer_within_its_ttl() {
     assert_eq!(at("127.0.0.2"), "ECONNREFUSED", "the old address is released");
     assert!(dns.queries() >= 2, "the daemon asked the server: {} queries", dns.queries());
 }
+
+/// A rule with `freeze = true` refuses the connect and stops the whole agent
+/// at once (the killswitch); `thaw` lets it go on.
+#[test]
+fn a_freeze_rule_refuses_and_freezes_the_agent() {
+    let port = Listeners::new().port();
+    let text = format!(
+        "[agent]\nname = \"fz\"\n[network]\ndefault = \"allow\"\n\
+         [[network.rule]]\nid = \"tripwire\"\ndecision = \"deny\"\nports = [{port}]\nfreeze = true\n"
+    );
+    let d = Daemon::start(&[("fz.toml", &text)]);
+    let tb = testbin();
+    let tb = tb.to_str().expect("utf-8");
+    let script = format!("{tb} connect tcp 127.0.0.1:{port}; exec {tb} sleep 30");
+    let mut agent = d.run_cmd("fz", &["/bin/sh", "-c", &script]).stdout(Stdio::piped()).spawn().expect("spawn agent");
+    let ev = d.wait_event(WAIT, "the freeze", |v| v["kind"] == "freeze" && v["agent"] == "fz");
+    assert!(ev["reason"].as_str().is_some_and(|r| r.contains("tripwire")), "the freeze names the rule: {ev}");
+    let events = std::fs::read_to_string(d.cgroup_subtree().join("fz").join("cgroup.events")).expect("cgroup.events");
+    assert!(events.lines().any(|l| l == "frozen 1"), "the kernel reports the agent frozen: {events}");
+    let out = d.cli(&["thaw", "fz", "--reason", "test"]);
+    assert!(out.status.success(), "thaw: {}", String::from_utf8_lossy(&out.stderr));
+    let _ = agent.kill();
+    let out = agent.wait_with_output().expect("agent output");
+    assert_eq!(fact(&out.stdout, "errno").or_else(|| fact(&out.stdout, "result")).as_deref(), Some("EPERM"), "{out:?}");
+}
