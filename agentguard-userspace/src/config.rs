@@ -40,6 +40,10 @@ pub struct Config {
     /// DNS servers (`"ip:port"`) asked to keep policy host names current;
     /// empty: the system's (/etc/resolv.conf, /etc/hosts).
     pub dns_servers: Vec<std::net::SocketAddr>,
+    /// Size of the kernel's event ring buffer: a power of two, at least one
+    /// page. Bigger rides out longer stalls of the daemon before events are
+    /// lost (and counted).
+    pub events_ring_bytes: u32,
 }
 
 impl Default for Config {
@@ -58,6 +62,7 @@ impl Default for Config {
             socket_group: None,
             incident_dir: PathBuf::from("/var/log/agentguard/incidents"),
             dns_servers: Vec::new(),
+            events_ring_bytes: agentguard_common::limits::EVENTS_RING_BYTES,
         }
     }
 }
@@ -79,7 +84,7 @@ impl Config {
                 }]))
             }
         };
-        toml::from_str(&text).map_err(|e| {
+        let config: Self = toml::from_str(&text).map_err(|e| {
             let (line, column) = e
                 .span()
                 .map_or((1, 1), |s| crate::policy::line_col(&text, s.start));
@@ -89,13 +94,38 @@ impl Config {
                 column,
                 message: e.message().trim().to_owned(),
             }])
-        })
+        })?;
+        let ring = config.events_ring_bytes;
+        if !ring.is_power_of_two() || ring < 4096 {
+            let at = text.find("events_ring_bytes").unwrap_or(0);
+            let (line, column) = crate::policy::line_col(&text, at);
+            return Err(PolicyErrors(vec![PolicyError {
+                file: path.to_owned(),
+                line,
+                column,
+                message: format!("events_ring_bytes = {ring}: must be a power of two of at least 4096 (a page), e.g. 16777216"),
+            }]));
+        }
+        Ok(config)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ring_size_that_is_not_a_power_of_two_is_refused_with_its_line() {
+        let dir = std::env::temp_dir().join(format!("ag-config-ring-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let f = dir.join("agentguard.toml");
+        std::fs::write(&f, "fail_closed = true\nevents_ring_bytes = 100000\n").expect("write");
+        let e = Config::load(&f).expect_err("must be rejected");
+        assert_eq!((e.0[0].line, e.0[0].column), (2, 1), "{e}");
+        std::fs::write(&f, "events_ring_bytes = 65536\n").expect("write");
+        assert_eq!(Config::load(&f).expect("valid").events_ring_bytes, 65536);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn partial_config_keeps_defaults() {

@@ -108,6 +108,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .context("no cgroup2 hierarchy is mounted: mount one (`mount -t cgroup2 none /sys/fs/cgroup`)")?;
     let tree = CgroupTree::new(&cgroup_root, &config.cgroup_subtree)?;
 
+    loader::EVENTS_RING_BYTES.store(config.events_ring_bytes, std::sync::atomic::Ordering::Relaxed);
     let mut ebpf = loader::load_object()?;
     let probes = loader::attach_all(&mut ebpf, &cgroup_root)?;
     report_probes(&probes);

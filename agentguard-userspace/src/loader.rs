@@ -246,9 +246,15 @@ pub fn load_object() -> Result<Ebpf, LoadError> {
         .override_global(globals::EXEC_FILENAME_OFF, &exec_filename, true)
         .override_global(globals::KERNEL_OFFSETS, &offsets, true)
         .override_global(globals::TASK_EXIT_CODE_OFF, &exit_code_off, true)
+        .set_max_entries(maps::EVENTS, EVENTS_RING_BYTES.load(std::sync::atomic::Ordering::Relaxed))
         .load(EBPF_OBJECT)?;
     Ok(ebpf)
 }
+
+/// The event ring's size for the next [`load_object`] (the daemon sets it
+/// from its configuration).
+pub static EVENTS_RING_BYTES: std::sync::atomic::AtomicU32 =
+    std::sync::atomic::AtomicU32::new(agentguard_common::limits::EVENTS_RING_BYTES);
 
 /// This kernel's BTF, parsed once.
 fn kernel_btf() -> &'static Result<crate::btf::Btf, String> {
