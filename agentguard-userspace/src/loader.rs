@@ -246,7 +246,7 @@ pub fn load_object() -> Result<Ebpf, LoadError> {
         .override_global(globals::EXEC_FILENAME_OFF, &exec_filename, true)
         .override_global(globals::KERNEL_OFFSETS, &offsets, true)
         .override_global(globals::TASK_EXIT_CODE_OFF, &exit_code_off, true)
-        .set_max_entries(maps::EVENTS, EVENTS_RING_BYTES.load(std::sync::atomic::Ordering::Relaxed))
+        .map_max_entries(maps::EVENTS, EVENTS_RING_BYTES.load(std::sync::atomic::Ordering::Relaxed))
         .load(EBPF_OBJECT)?;
     Ok(ebpf)
 }
