@@ -33,6 +33,9 @@ pub struct BenchArgs {
     /// Do not boot the VM (B1 with BPF-LSM is measured only there).
     #[arg(long)]
     pub no_vm: bool,
+    /// Only B1 in the VM, none of the host harnesses.
+    #[arg(long, conflicts_with = "no_vm")]
+    pub vm_only: bool,
     /// Kill the benchmark VM after this long and count it as a failure.
     #[arg(long, value_name = "SECS", default_value_t = 3600)]
     pub vm_timeout: u64,
@@ -70,8 +73,8 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<ExitCode> {
     let release = root.join("target/release");
 
     let mut runs = Vec::new();
-    for h in harnesses(&release)? {
-        runs.push(run_harness(&h, &results, &stamp, args));
+    for h in harnesses(&release)?.iter().filter(|_| !args.vm_only) {
+        runs.push(run_harness(h, &results, &stamp, args));
     }
     if args.no_vm {
         println!("\nxtask: bench: --no-vm: B1 (BPF-LSM, in the VM) not measured");

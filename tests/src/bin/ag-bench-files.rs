@@ -8,8 +8,11 @@
 //! "untagged" only in that the child is started by `agentguard run` under a
 //! policy that allows the loop but has rules of every kind (so the kernel
 //! does every lookup). The child prepares its files, then times only the
-//! operations and prints ns/op. The report gives per setup the median over
-//! rounds, the spread, and the overhead against the baseline.
+//! operations and prints ns/op. Setups alternate round by round; each round
+//! enters each setup once and measures every operation in it. The report
+//! gives per setup the median over rounds, the spread, and the overhead
+//! against the baseline; the summary rows (tests/src/bench.rs) the median of
+//! per-round pairs against the baseline.
 //!
 //!     ag-bench-files [--quick] [--json FILE] [b1|b1f|unlink|rename|rmdir]...
 //!     ag-bench-files loop OP ITERATIONS DIR      (child mode)
@@ -207,10 +210,15 @@ fn scratch_dir() -> PathBuf {
     d
 }
 
-fn run_op(op: Op, rounds: usize, n: usize, dir: &Path) -> (Value, Vec<Row>) {
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); Setup::ALL.len()];
+/// Measure every op in `ops` under every setup, `rounds` times. Each
+/// round enters each setup once (starting a daemon is the slow part, above
+/// all in the VM) and runs every op in it, one child per op.
+fn run_ops(ops: &[Op], rounds: usize, n: usize, dir: &Path) -> Vec<(Value, Vec<Row>)> {
+    // samples[op][setup][round]
+    let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); Setup::ALL.len()]; ops.len()];
     let mut mode = String::new();
-    for _ in 0..rounds {
+    for round in 0..rounds {
+        eprintln!("B1/B1f round {} of {rounds}...", round + 1);
         for (i, s) in Setup::ALL.iter().enumerate() {
             let env = enter(*s);
             if let Env::Daemon(d, _) = &env {
@@ -220,11 +228,17 @@ fn run_op(op: Op, rounds: usize, n: usize, dir: &Path) -> (Value, Vec<Row>) {
                     mode = v["file_enforcement"]["mode"].as_str().unwrap_or("?").to_owned();
                 }
             }
-            samples[i].push(measure(*s, &env, op, n, dir));
+            for (o, op) in ops.iter().enumerate() {
+                samples[o][i].push(measure(*s, &env, *op, n, dir));
+            }
             leave(env);
         }
     }
-    let summary = summary(op, &mode, &samples);
+    ops.iter().zip(samples).map(|(op, samples)| detail(*op, &mode, rounds, n, samples)).collect()
+}
+
+fn detail(op: Op, mode: &str, rounds: usize, n: usize, samples: Vec<Vec<f64>>) -> (Value, Vec<Row>) {
+    let summary = summary(op, mode, &samples);
     let medians: Vec<f64> = samples.iter().map(|v| bench::median(v)).collect();
     let (base, floor) = (medians[0], medians[1]);
     let rows: Vec<Value> = Setup::ALL
@@ -338,7 +352,11 @@ fn main() {
     }
     let harness = args.iter().any(|a| a.starts_with("--test-threads") || a == "--nocapture");
     let mut args = bench::Args::parse(&args);
-    // Under the test harness (the VM) only libtest's arguments come in.
+    // Under the test harness (the VM) only libtest's arguments come in
+    // (`--test-threads=1 --color never`): run everything.
+    if harness {
+        args.selected.clear();
+    }
     args.quick |= harness;
     // Selection as `cargo xtask bench` passes it: benchmark ids (b1, b1f)
     // or operations; ids of other harnesses select nothing here.
@@ -357,9 +375,8 @@ fn main() {
     }
     let dir = scratch_dir();
     let (mut results, mut rows) = (Vec::new(), Vec::new());
-    for op in ops {
-        eprintln!("running B1/B1f {} ({rounds} rounds of {n})...", op.name());
-        let (detail, summary) = run_op(op, rounds, n, &dir);
+    eprintln!("running B1/B1f {} ({rounds} rounds of {n})...", ops.iter().map(|o| o.name()).collect::<Vec<_>>().join(", "));
+    for (detail, summary) in run_ops(&ops, rounds, n, &dir) {
         results.push(detail);
         rows.extend(summary);
     }

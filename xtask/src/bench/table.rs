@@ -77,13 +77,13 @@ pub fn failure_row(name: &str, why: &str) -> Value {
     json!({
         "id": "FAIL",
         "what": name,
-        "setup": why,
+        "setup": "failed (see the note)",
         "median": null,
         "unit": "",
         "spread": null,
         "target": "",
         "pass": false,
-        "note": "",
+        "note": why,
         "env": "",
         "failed": true,
     })
