@@ -31,8 +31,20 @@ impl Ctx {
 }
 
 pub fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _, EnvFilter};
     let filter = EnvFilter::try_from_env("AGENTGUARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Under systemd, to the journal with structured fields (PRIORITY, the
+    // tracing fields as journal fields); a journal that cannot be reached
+    // falls back to stderr, which systemd also collects.
+    if crate::systemd::stderr_is_journal() {
+        if let Ok(journald) = tracing_journald::layer() {
+            let _ = tracing_subscriber::registry()
+                .with(filter)
+                .with(journald.with_syslog_identifier("agentguard".into()))
+                .try_init();
+            return;
+        }
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -138,6 +150,37 @@ pub fn reload(ctx: &Ctx) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `agentguard stop [--unload]`. With the daemon down, `--unload` removes
+/// the pins itself (the programs a crashed daemon left enforcing).
+pub fn stop(ctx: &Ctx, unload: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let config = ctx.config()?;
+    let v = match control::request(&config.socket, &Request::Stop { unload }) {
+        Ok(v) => v,
+        Err(control::ClientError::NotRunning(_)) if unload => crate::daemon::unload_without_daemon(&config),
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        if v["stopped"] == true {
+            println!("daemon stopped");
+        } else {
+            println!("the daemon was not running");
+        }
+        if !unload {
+            println!("the pinned programs keep enforcing ({}); `agentguard stop --unload` removes them", config.pin_dir.display());
+        } else if v["unloaded"] == true {
+            println!("unloaded: {} pins removed; nothing of AgentGuard is left in the kernel", v["pins_removed"]);
+        } else {
+            println!("unload incomplete: {}", v["pin_error"]);
+        }
+        for c in v["cgroups_left"].as_array().into_iter().flatten() {
+            println!("  cgroup kept (processes still in it): {}", c.as_str().unwrap_or_default());
+        }
+    }
+    Ok(if !unload || v["unloaded"] == true { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
 pub fn ps(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
     let v = ask(ctx, &Request::Ps)?;
     if json {
@@ -174,9 +217,20 @@ pub fn status(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("agentguard {}", v["version"].as_str().unwrap_or("?"));
+        println!("agentguard {} (pid {})", v["version"].as_str().unwrap_or("?"), v["daemon_pid"]);
+        println!("policy:   version {} sha256 {}", v["policy"]["version"], v["policy"]["hash"].as_str().unwrap_or("?"));
         println!("agents:   {}", v["agents"]);
         println!("sessions: {}", v["sessions"]);
+        for s in v["session_list"].as_array().into_iter().flatten() {
+            println!("  {:<16} {:>10} {:<8} {}", s["agent"].as_str().unwrap_or("?"), session_label(s["id"].as_u64().unwrap_or(0)), s["kind"].as_str().unwrap_or("?"), s["cgroup"].as_str().unwrap_or(""));
+        }
+        if let Some(e) = v["enforcement"].as_object() {
+            for (class, how) in e {
+                println!("{:<10} {}", format!("{class}:"), how.as_str().unwrap_or("?"));
+            }
+        }
+        println!("pins: {} ({} pinned)", v["pins"]["dir"].as_str().unwrap_or("?"), v["pins"]["pinned"]);
+        println!("pending approvals: {}", v["pending_approvals"].as_array().map_or(0, Vec::len));
         println!("events logged: {}, decode errors: {}", v["events_logged"], v["decode_errors"]);
         println!("kernel counters: {}", v["kernel_counters"]);
         if let Some(detail) = v["file_enforcement"]["detail"].as_str() {

@@ -27,8 +27,11 @@ pub struct Config {
     /// Deny agents' network and file actions while their events cannot be
     /// recorded (log unwritable, ring buffer overflowing).
     pub fail_closed: bool,
-    /// Where programs and maps are pinned.
+    /// Where programs and maps are pinned (on bpffs): enforcement survives
+    /// the daemon, and a restarted daemon takes it over (pins.rs).
     pub pin_dir: PathBuf,
+    /// The daemon's sessions, saved for a restarted daemon (runstate.rs).
+    pub run_state: PathBuf,
     /// The control socket the CLI talks to.
     pub socket: PathBuf,
     /// Name of AgentGuard's subtree under the cgroup2 root.
@@ -57,6 +60,7 @@ impl Default for Config {
             events_fsync_interval_ms: 100,
             fail_closed: true,
             pin_dir: PathBuf::from("/sys/fs/bpf/agentguard"),
+            run_state: PathBuf::from("/run/agentguard/sessions.json"),
             socket: PathBuf::from("/run/agentguard/agentguard.sock"),
             cgroup_subtree: "agentguard".to_owned(),
             socket_group: None,

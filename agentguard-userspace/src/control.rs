@@ -40,6 +40,11 @@ pub enum Request {
         target: crate::killswitch::Target,
         reason: Option<String>,
     },
+    /// Stop the daemon. The pinned programs keep enforcing unless `unload`:
+    /// then every pin, the saved sessions and the empty cgroups go too.
+    Stop {
+        unload: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

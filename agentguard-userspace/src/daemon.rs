@@ -33,8 +33,12 @@ use crate::{
     mounts,
     netrules::{self, Resolved},
     policy::{self, AgentPolicy, PolicySet},
-    procfs,
+    pins::Pins,
+    procfs, runstate, systemd,
 };
+
+mod lifecycle;
+pub use lifecycle::unload_without_daemon;
 
 /// A session: one `agentguard run`, or one process tree a selector matched.
 #[derive(Debug, Clone, Serialize)]
@@ -71,6 +75,17 @@ pub struct State {
     resolved: Resolved,
     /// The network hooks, attached only while an agent is live.
     live: LiveHooks,
+    /// Where the maps and links are pinned (they outlive this process).
+    pins: Pins,
+    /// The sessions as last saved to `config.run_state`.
+    run_state_written: String,
+    /// The policy in force: SHA-256 of its files, and how many reloads
+    /// brought it (0: the one loaded at start).
+    policy_hash: String,
+    policy_version: u64,
+    /// `agentguard stop` asked to exit (true: and unload).
+    stopping: Option<bool>,
+    stop_signal: Arc<tokio::sync::Notify>,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -109,15 +124,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let tree = CgroupTree::new(&cgroup_root, &config.cgroup_subtree)?;
 
     loader::EVENTS_RING_BYTES.store(config.events_ring_bytes, std::sync::atomic::Ordering::Relaxed);
-    let mut ebpf = loader::load_object()?;
-    let probes = loader::attach_all(&mut ebpf, &cgroup_root)?;
+    // Pinned maps and links: reopened (not recreated) when a previous
+    // daemon left them, so enforcement never paused (pins.rs). A pinned ring
+    // keeps the size it was created with.
+    let pins = Pins::open(&config.pin_dir).context("cannot use the pin directory (pin_dir)")?;
+    let mut ebpf = loader::load_object_with(Some(&pins))?;
+    let probes = loader::attach_all_with(&mut ebpf, &cgroup_root, Some(&pins))?;
     report_probes(&probes);
+    let (sessions, next_run) = lifecycle::restore_sessions(&tree, &runstate::load(&config.run_state));
+    if pins.adopted {
+        tracing::warn!(pins = %pins.dir.display(), sessions = sessions.len(), "took over the kernel state a previous daemon left pinned: enforcement did not stop");
+    }
 
     let (resolved, dns_problems) = netrules::resolve_hosts(policies.hosts(), &Resolved::new());
     for p in dns_problems {
         tracing::warn!("{p}");
     }
-    let warnings = compile::apply(&mut ebpf, &policies, &cgroup_root, &BTreeMap::new(), &resolved)?;
+    let warnings = compile::apply(&mut ebpf, &policies, &cgroup_root, &lifecycle::run_selectors(&sessions), &resolved)?;
     for w in warnings {
         tracing::warn!("{w}");
     }
@@ -136,25 +159,48 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     log.attach_kernel(&mut ebpf).context("cannot reach the event log's fail-closed state in the kernel")?;
     let listener = bind_socket(&config)?;
 
+    let stop_signal = Arc::new(tokio::sync::Notify::new());
     let state: Shared = Arc::new(Mutex::new(State {
         ebpf,
         probes,
+        policy_hash: lifecycle::policy_hash(&config.policy_dir),
+        policy_version: 0,
         policies,
         config,
         tree,
-        sessions: BTreeMap::new(),
-        next_run: 1,
+        sessions,
+        next_run,
         log,
         clock: Clock::new(),
         decode_errors: 0,
         events_logged: 0,
         resolved,
-        live: LiveHooks::default(),
+        live: LiveHooks::pinned(pins.clone()),
+        pins,
+        run_state_written: String::new(),
+        stopping: None,
+        stop_signal: stop_signal.clone(),
     }));
 
+    {
+        let mut s = lock(&state);
+        let s = &mut *s;
+        s.sync_workspaces(&s.policies.clone())?;
+        let root = s.tree.root.clone();
+        let live = s.live.adopt(&mut s.ebpf, &root)?;
+        if live > 0 {
+            tracing::info!(links = live, "took over the pinned on-demand hooks");
+        }
+    }
     let adopted = adopt_existing(&mut lock(&state));
     {
-        let s = lock(&state);
+        let mut s = lock(&state);
+        // An older binary's generation: ours judges now, so it can go.
+        for old in s.pins.stale_generations() {
+            tracing::info!(pins = %old.display(), "removing the pins of a previous eBPF object");
+            let _ = crate::pins::remove_all(&old);
+        }
+        s.save_sessions();
         tracing::info!(
             agents = s.policies.agents.len(),
             adopted,
@@ -162,6 +208,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             events = %s.config.events_log.display(),
             "agentguard daemon ready"
         );
+        systemd::ready(&format!("enforcing for {} agent policies", s.policies.agents.len()));
     }
     println!("agentguard daemon ready");
 
@@ -184,13 +231,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tokio::select! {
         r = hup_task => bail!("SIGHUP handler stopped: {r:?}"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = term.recv() => tracing::info!("SIGTERM: stopping; the pinned programs keep enforcing"),
+        () = stop_signal.notified() => {
+            // Let the client read its answer before the process goes.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            tracing::info!(unload = lock(&state).stopping, "agentguard stop");
+        }
         r = events_task => bail!("event reader stopped: {r:?}"),
         r = socket_task => bail!("control socket stopped: {r:?}"),
         r = reconcile_task => bail!("reconciler stopped: {r:?}"),
         r = dns_task => bail!("host name refresher stopped: {r:?}"),
     }
+    systemd::stopping();
     let mut s = lock(&state);
+    s.save_sessions();
     s.log.close();
     let _ = std::fs::remove_file(&s.config.socket);
     Ok(())
@@ -723,6 +777,7 @@ fn reconcile(s: &mut State) {
             }
         }
     }
+    s.save_sessions();
     let _ = s.log.flush();
 }
 
@@ -770,6 +825,7 @@ impl State {
             origin: None,
         };
         self.sessions.insert(id, session.clone());
+        self.save_sessions();
         self.ensure_live_hooks();
         if !self.live.attached() {
             anyhow::bail!("the network hooks cannot be attached; refusing to start an unjudged agent");
@@ -785,6 +841,14 @@ impl State {
     /// Parse, check and compile the policy directory, then switch to it. An
     /// invalid policy changes nothing: the error names file:line:column.
     fn reload(&mut self) -> anyhow::Result<serde_json::Value> {
+        systemd::reloading();
+        let result = self.reload_inner();
+        systemd::ready(&format!("enforcing for {} agent policies", self.policies.agents.len()));
+        result
+    }
+
+    fn reload_inner(&mut self) -> anyhow::Result<serde_json::Value> {
+        let hash = lifecycle::policy_hash(&self.config.policy_dir);
         let policies = policy::load_dir(&self.config.policy_dir)
             .map_err(|e| anyhow::anyhow!("{e}
 policy rejected; the previous policy stays in force"))?;
@@ -798,6 +862,8 @@ policy rejected; the previous policy stays in force"))?;
         self.sync_workspaces(&policies)?;
         self.policies = policies;
         self.resolved = resolved;
+        self.policy_hash = hash;
+        self.policy_version += 1;
         let agents: Vec<_> = self.policies.agents.keys().cloned().collect();
         tracing::info!(?agents, "policy reloaded");
         let _ = self.log.append(&json!({
@@ -806,7 +872,7 @@ policy rejected; the previous policy stays in force"))?;
             "agents": agents,
         }));
         let _ = self.log.flush();
-        Ok(json!({ "agents": agents, "warnings": problems }))
+        Ok(json!({ "agents": agents, "warnings": problems, "policy_version": self.policy_version, "policy_hash": self.policy_hash }))
     }
 
     fn ps(&mut self) -> serde_json::Value {
@@ -842,8 +908,9 @@ policy rejected; the previous policy stays in force"))?;
 
     fn status(&mut self) -> serde_json::Value {
         let counters = read_counters(&self.ebpf);
-        json!({
+        let mut v = json!({
             "version": env!("CARGO_PKG_VERSION"),
+            "daemon_pid": std::process::id(),
             "agents": self.policies.agents.keys().collect::<Vec<_>>(),
             "sessions": self.sessions.len(),
             "probes": self.probes,
@@ -852,7 +919,9 @@ policy rejected; the previous policy stays in force"))?;
             "decode_errors": self.decode_errors,
             "kernel_counters": counters,
             "audit": self.log.status(),
-        })
+        });
+        self.status_ops(&mut v);
+        v
     }
 }
 
@@ -934,6 +1003,7 @@ fn dispatch(s: &mut State, req: Request, peer: Option<i32>) -> Response {
             Err(e) => Response::err(format!("{e:#}")),
         },
         Request::Ps => Response::ok(s.ps()),
+        Request::Stop { unload } => s.stop(unload),
         Request::Freeze { target, reason } => s.killswitch_request(Action::Freeze, &target, reason.as_deref(), peer),
         Request::Thaw { target, reason } => s.killswitch_request(Action::Thaw, &target, reason.as_deref(), peer),
         Request::Kill { target, reason } => s.killswitch_request(Action::Kill, &target, reason.as_deref(), peer),

@@ -9,15 +9,15 @@ use std::{
 use agentguard_common::{globals, maps, programs, HookFlag, KernelOffsets};
 use aya::{
     programs::{
-        cgroup_sock_addr::CgroupSockAddrLinkId, trace_point::TracePointLinkId, CgroupAttachMode,
-        CgroupSockAddr, Lsm, TracePoint,
+        cgroup_sock_addr::CgroupSockAddrLinkId, links::{FdLink, PinnedLink}, lsm::LsmLinkId,
+        trace_point::TracePointLinkId, CgroupAttachMode, CgroupSockAddr, Lsm, TracePoint,
     },
     Btf, Ebpf, EbpfLoader,
 };
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::tracefs;
+use crate::{pins::{self, Pins}, tracefs};
 
 /// The kernel object built from agentguard-ebpf, embedded at build time.
 pub static EBPF_OBJECT: &[u8] =
@@ -232,6 +232,12 @@ pub fn raise_memlock() {
 /// globals from this kernel's tracefs and BTF, and create the maps.
 /// Programs are not loaded yet.
 pub fn load_object() -> Result<Ebpf, LoadError> {
+    load_object_with(None)
+}
+
+/// [`load_object`], with every map pinned under `pins` (an existing pin is
+/// opened instead of creating the map: see pins.rs).
+pub fn load_object_with(pins: Option<&Pins>) -> Result<Ebpf, LoadError> {
     raise_memlock();
     let fork_child = tracefs::field_offset("sched", "sched_process_fork", "child_pid")?;
     let exec_old_pid = tracefs::field_offset("sched", "sched_process_exec", "old_pid")?;
@@ -240,15 +246,21 @@ pub fn load_object() -> Result<Ebpf, LoadError> {
     // the zeros they would read are never used.
     let offsets = kernel_offsets().clone().unwrap_or_default();
     let exit_code_off = task_exit_code_offset();
-    let ebpf = EbpfLoader::new()
+    let pinned: Vec<(String, PathBuf)> = pins
+        .map(|p| pins::pinned_map_names().into_iter().map(|n| (p.map(&n), n)).map(|(path, n)| (n, path)).collect())
+        .unwrap_or_default();
+    let mut loader = EbpfLoader::new();
+    loader
         .override_global(globals::FORK_CHILD_PID_OFF, &fork_child, true)
         .override_global(globals::EXEC_OLD_PID_OFF, &exec_old_pid, true)
         .override_global(globals::EXEC_FILENAME_OFF, &exec_filename, true)
         .override_global(globals::KERNEL_OFFSETS, &offsets, true)
         .override_global(globals::TASK_EXIT_CODE_OFF, &exit_code_off, true)
-        .map_max_entries(maps::EVENTS, EVENTS_RING_BYTES.load(std::sync::atomic::Ordering::Relaxed))
-        .load(EBPF_OBJECT)?;
-    Ok(ebpf)
+        .map_max_entries(maps::EVENTS, EVENTS_RING_BYTES.load(std::sync::atomic::Ordering::Relaxed));
+    for (name, path) in &pinned {
+        loader.map_pin_path(name.as_str(), path.as_path());
+    }
+    Ok(loader.load(EBPF_OBJECT)?)
 }
 
 /// The event ring's size for the next [`load_object`] (the daemon sets it
@@ -315,27 +327,81 @@ pub fn load_probe(ebpf: &mut Ebpf, spec: &ProbeSpec) -> Result<(), String> {
     }
 }
 
+/// The link of an attached probe, as its program holds it.
+#[derive(Debug)]
+enum LinkId {
+    TracePoint(TracePointLinkId),
+    Cgroup(CgroupSockAddrLinkId),
+    Lsm(LsmLinkId),
+}
+
 /// Load and attach one probe. Returns a human reason on failure.
 pub fn attach_probe(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup_root: &Path) -> Result<(), String> {
+    attach_probe_id(ebpf, spec, cgroup_root).map(drop)
+}
+
+/// Take an attached probe's link out of its program and pin it at `path`,
+/// so it stays attached when the daemon is gone. A link the kernel cannot
+/// pin (no bpf_link for this attach type, kernels before 5.15 for
+/// tracepoints) was detached by the attempt: the caller attaches again,
+/// unpinned.
+fn pin_link(ebpf: &mut Ebpf, program: &'static str, id: LinkId, path: &Path) -> Result<PinnedLink, String> {
+    let prog = ebpf.program_mut(program).ok_or_else(|| LoadError::MissingProgram(program).to_string())?;
+    let fd: Result<FdLink, _> = match id {
+        LinkId::TracePoint(id) => {
+            let p: &mut TracePoint = prog.try_into().map_err(|e| describe(&e))?;
+            p.take_link(id).map_err(|e| describe(&e))?.try_into()
+        }
+        LinkId::Cgroup(id) => {
+            let p: &mut CgroupSockAddr = prog.try_into().map_err(|e| describe(&e))?;
+            p.take_link(id).map_err(|e| describe(&e))?.try_into()
+        }
+        LinkId::Lsm(id) => {
+            let p: &mut Lsm = prog.try_into().map_err(|e| describe(&e))?;
+            Ok(p.take_link(id).map_err(|e| describe(&e))?.into())
+        }
+    };
+    let fd = fd.map_err(|e| format!("{program}: this kernel has no bpf_link for it ({})", describe(&e)))?;
+    pins::pin(fd, path)
+}
+
+/// Attach `spec` (taking over the link a previous daemon pinned, if any)
+/// and pin its link. Returns whether it was adopted.
+fn attach_pinned(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup_root: &Path, pins: &Pins) -> Result<bool, String> {
+    if pins.adopt_link(spec.program).is_some() {
+        return Ok(true);
+    }
+    let id = attach_probe_id(ebpf, spec, cgroup_root)?;
+    if let Err(e) = pin_link(ebpf, spec.program, id, &pins.link(spec.program)) {
+        tracing::warn!(program = spec.program, error = %e, "cannot pin: the program stays attached only while the daemon runs");
+        attach_probe_id(ebpf, spec, cgroup_root)?;
+    }
+    Ok(false)
+}
+
+fn attach_probe_id(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup_root: &Path) -> Result<LinkId, String> {
     let program = ebpf
         .program_mut(spec.program)
         .ok_or_else(|| LoadError::MissingProgram(spec.program).to_string())?;
     match spec.kind {
         ProbeKind::TracePoint { category, name } => {
             let tp: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
-            tp.load().map_err(|e| describe(&e))?;
-            tp.attach(category, name).map_err(|e| describe(&e))?;
+            if tp.fd().is_err() {
+                tp.load().map_err(|e| describe(&e))?;
+            }
+            Ok(LinkId::TracePoint(tp.attach(category, name).map_err(|e| describe(&e))?))
         }
         ProbeKind::CgroupSockAddr => {
             let prog: &mut CgroupSockAddr = program.try_into().map_err(|e| format!("{e}"))?;
-            prog.load().map_err(|e| describe(&e))?;
+            if prog.fd().is_err() {
+                prog.load().map_err(|e| describe(&e))?;
+            }
             let cgroup = File::open(cgroup_root)
                 .map_err(|e| format!("cannot open cgroup {}: {e}", cgroup_root.display()))?;
             // On 5.7+ aya attaches through a bpf_link, which always coexists
             // with other programs and rejects BPF_F_ALLOW_MULTI (EINVAL):
             // "Single" passes no flags.
-            prog.attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| describe(&e))?;
+            Ok(LinkId::Cgroup(prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| describe(&e))?))
         }
         ProbeKind::Lsm { hook, .. } => {
             if let Err(e) = kernel_offsets() {
@@ -344,11 +410,12 @@ pub fn attach_probe(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup_root: &Path) -> Re
             let btf = Btf::from_sys_fs()
                 .map_err(|e| format!("kernel BTF unavailable (/sys/kernel/btf/vmlinux): {e}"))?;
             let lsm: &mut Lsm = program.try_into().map_err(|e| format!("{e}"))?;
-            lsm.load(hook, &btf).map_err(|e| describe(&e))?;
-            lsm.attach().map_err(|e| describe(&e))?;
+            if lsm.fd().is_err() {
+                lsm.load(hook, &btf).map_err(|e| describe(&e))?;
+            }
+            Ok(LinkId::Lsm(lsm.attach().map_err(|e| describe(&e))?))
         }
     }
-    Ok(())
 }
 
 /// An aya error with its whole source chain, on one line.
@@ -380,6 +447,21 @@ pub fn lsm_hook_check(hook: &str, args: usize) -> Result<(), ProbeState> {
 /// an optional one is reported as unavailable. Fallback probes are loaded
 /// only when their class's primary probes did not all attach.
 pub fn attach_all(ebpf: &mut Ebpf, cgroup_root: &Path) -> Result<Vec<ProbeStatus>, LoadError> {
+    attach_all_with(ebpf, cgroup_root, None)
+}
+
+/// [`attach_all`], pinning the always-attached links under `pins`, or
+/// taking over the ones a previous daemon pinned there (pins.rs).
+pub fn attach_all_with(ebpf: &mut Ebpf, cgroup_root: &Path, pins: Option<&Pins>) -> Result<Vec<ProbeStatus>, LoadError> {
+    let attach = |ebpf: &mut Ebpf, spec: &ProbeSpec| match pins {
+        Some(p) => attach_pinned(ebpf, spec, cgroup_root, p).map(|adopted| {
+            if adopted {
+                tracing::debug!(program = spec.program, "took over the pinned link");
+            }
+            ProbeState::Attached
+        }),
+        None => attach_probe(ebpf, spec, cgroup_root).map(|()| ProbeState::Attached),
+    };
     let mut statuses = Vec::with_capacity(PROBES.len());
     for spec in PROBES {
         if spec.lifetime == Lifetime::FallbackWhileAgentLive {
@@ -391,9 +473,9 @@ pub fn attach_all(ebpf: &mut Ebpf, cgroup_root: &Path) -> Result<Vec<ProbeStatus
                     statuses.push(ProbeStatus { program: spec.program, class: spec.class, state });
                     continue;
                 }
-                Ok(()) => attach_probe(ebpf, spec, cgroup_root).map(|()| ProbeState::Attached),
+                Ok(()) => attach(ebpf, spec),
             },
-            (Lifetime::Always, _) => attach_probe(ebpf, spec, cgroup_root).map(|()| ProbeState::Attached),
+            (Lifetime::Always, _) => attach(ebpf, spec),
             _ => load_probe(ebpf, spec).map(|()| ProbeState::Ready),
         };
         let state = match result {
@@ -475,70 +557,127 @@ pub fn file_enforcement(statuses: &[ProbeStatus]) -> FileEnforcement {
 
 /// The on-demand probes ([`Lifetime::WhileAgentLive`], and the loaded
 /// [`Lifetime::FallbackWhileAgentLive`] ones) and the kernel flag that tells
-/// the exec hook whether they are attached.
+/// the exec hook whether they are attached. With pins, each attached link is
+/// pinned under `live/` while it is attached, so it outlives the daemon; a
+/// restarted daemon takes them over ([`LiveHooks::adopt`]).
 #[derive(Debug, Default)]
 pub struct LiveHooks {
     links: Vec<(&'static str, CgroupSockAddrLinkId)>,
     tracepoints: Vec<(&'static str, TracePointLinkId)>,
+    pinned: Vec<(&'static str, PinnedLink)>,
+    pins: Option<Pins>,
+}
+
+fn is_network(program: &str) -> bool {
+    PROBES.iter().any(|p| p.program == program && p.lifetime == Lifetime::WhileAgentLive)
 }
 
 impl LiveHooks {
+    /// On-demand hooks whose links are pinned under `pins`.
+    pub fn pinned(pins: Pins) -> Self {
+        Self { pins: Some(pins), ..Self::default() }
+    }
+
     pub fn attached(&self) -> bool {
-        !self.links.is_empty()
+        !self.links.is_empty() || self.pinned.iter().any(|(p, _)| is_network(p))
     }
 
     /// How many fallback observation programs are attached.
     pub fn observing(&self) -> usize {
-        self.tracepoints.len()
+        self.tracepoints.len() + self.pinned.iter().filter(|(p, _)| !is_network(p)).count()
     }
 
-    /// Attach the loaded fallback tracepoints (nothing where BPF-LSM vetoes).
-    fn attach_fallback(&mut self, ebpf: &mut Ebpf) -> Result<(), LoadError> {
-        for spec in PROBES.iter().filter(|p| p.lifetime == Lifetime::FallbackWhileAgentLive) {
-            let ProbeKind::TracePoint { category, name } = spec.kind else { continue };
-            let Some(program) = ebpf.program_mut(spec.program) else { continue };
-            let Ok(tp) = <&mut TracePoint>::try_from(program) else { continue };
-            if tp.fd().is_err() {
-                continue; // not loaded: not needed, or unavailable (reported at start)
+    /// Take over the on-demand links a previous daemon left pinned, then
+    /// attach whatever of the set is missing (it died between two attaches)
+    /// and raise the flag; with none pinned, lower it. Returns how many it
+    /// took over.
+    pub fn adopt(&mut self, ebpf: &mut Ebpf, cgroup_root: &Path) -> Result<usize, LoadError> {
+        let Some(pins) = &self.pins else { return Ok(0) };
+        for spec in PROBES.iter().filter(|p| p.lifetime != Lifetime::Always) {
+            let path = pins.live(spec.program);
+            if !path.exists() {
+                continue;
             }
-            let id = tp
-                .attach(category, name)
-                .map_err(|e| LoadError::Required { program: spec.program, reason: describe(&e) })?;
-            self.tracepoints.push((spec.program, id));
+            match PinnedLink::from_pin(&path) {
+                Ok(link) => self.pinned.push((spec.program, link)),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "unreadable pinned link; removing it");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let adopted = self.pinned.len();
+        if adopted > 0 {
+            self.attach(ebpf, cgroup_root)?;
+        } else {
+            set_hook_flag(ebpf, HookFlag::NetAttached, 0).map_err(|reason| LoadError::Required { program: maps::HOOKS, reason })?;
+        }
+        Ok(adopted)
+    }
+
+    fn has(&self, program: &str) -> bool {
+        self.pinned.iter().any(|(p, _)| *p == program)
+            || self.links.iter().any(|(p, _)| *p == program)
+            || self.tracepoints.iter().any(|(p, _)| *p == program)
+    }
+
+    /// Keep an attached link: pinned under `live/` where possible.
+    fn keep(&mut self, ebpf: &mut Ebpf, spec: &ProbeSpec, id: LinkId, cgroup_root: &Path) -> Result<(), LoadError> {
+        let err = |reason| LoadError::Required { program: spec.program, reason };
+        let id = match &self.pins {
+            Some(pins) => match pin_link(ebpf, spec.program, id, &pins.live(spec.program)) {
+                Ok(link) => {
+                    self.pinned.push((spec.program, link));
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(program = spec.program, error = %e, "cannot pin: attached only while the daemon runs");
+                    attach_probe_id(ebpf, spec, cgroup_root).map_err(err)?
+                }
+            },
+            None => id,
+        };
+        match id {
+            LinkId::Cgroup(id) => self.links.push((spec.program, id)),
+            LinkId::TracePoint(id) => self.tracepoints.push((spec.program, id)),
+            LinkId::Lsm(_) => {}
         }
         Ok(())
     }
 
     /// Attach every on-demand probe (the network programs at the cgroup2
-    /// root, the file fallback's tracepoints where it is loaded), then raise
-    /// the flag.
+    /// root, the file fallback's tracepoints where it is loaded) that is not
+    /// attached yet, then raise the flag.
     pub fn attach(&mut self, ebpf: &mut Ebpf, cgroup_root: &Path) -> Result<(), LoadError> {
-        if self.attached() {
+        let complete = |this: &Self, ebpf: &mut Ebpf| {
+            PROBES.iter().filter(|p| p.lifetime != Lifetime::Always).all(|p| this.has(p.program) || !loaded(ebpf, p))
+        };
+        if self.attached() && complete(self, ebpf) {
             return Ok(());
         }
-        let cgroup = File::open(cgroup_root).map_err(|e| LoadError::Required {
-            program: "network hooks",
-            reason: format!("cannot open cgroup {}: {e}", cgroup_root.display()),
-        })?;
         for spec in PROBES.iter().filter(|p| p.lifetime == Lifetime::WhileAgentLive) {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(spec.program)
-                .ok_or(LoadError::MissingProgram(spec.program))?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| LoadError::Required { program: spec.program, reason: describe(&e) })?;
+            if self.has(spec.program) {
+                continue;
+            }
+            ebpf.program(spec.program).ok_or(LoadError::MissingProgram(spec.program))?;
             // See attach_probe: "Single" passes no flags to bpf_link_create.
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| LoadError::Required { program: spec.program, reason: describe(&e) })?;
-            self.links.push((spec.program, id));
+            let id = attach_probe_id(ebpf, spec, cgroup_root).map_err(|reason| LoadError::Required { program: spec.program, reason })?;
+            self.keep(ebpf, spec, id, cgroup_root)?;
         }
-        self.attach_fallback(ebpf)?;
+        // The loaded fallback tracepoints (nothing where BPF-LSM vetoes).
+        for spec in PROBES.iter().filter(|p| p.lifetime == Lifetime::FallbackWhileAgentLive) {
+            if self.has(spec.program) || !loaded(ebpf, spec) {
+                continue; // not loaded: not needed, or unavailable (reported at start)
+            }
+            let id = attach_probe_id(ebpf, spec, cgroup_root).map_err(|reason| LoadError::Required { program: spec.program, reason })?;
+            self.keep(ebpf, spec, id, cgroup_root)?;
+        }
         set_hook_flag(ebpf, HookFlag::NetAttached, 1).map_err(|reason| LoadError::Required { program: maps::HOOKS, reason })
     }
 
     /// Lower the flag first (a process tagged from now on stops itself at
     /// exec), then let `still_idle` confirm nothing became live meanwhile,
-    /// then detach. Returns whether it detached.
+    /// then detach (and unpin). Returns whether it detached.
     pub fn detach_if(&mut self, ebpf: &mut Ebpf, still_idle: impl FnOnce(&mut Ebpf) -> bool) -> bool {
         if !self.attached() {
             return false;
@@ -549,6 +688,12 @@ impl LiveHooks {
         if !still_idle(ebpf) {
             let _ = set_hook_flag(ebpf, HookFlag::NetAttached, 1);
             return false;
+        }
+        for (program, link) in self.pinned.drain(..) {
+            // Dropping the last fd of an unpinned link detaches it.
+            if let Err(e) = link.unpin() {
+                tracing::warn!(program, error = %e, "cannot unpin");
+            }
         }
         for (program, id) in self.links.drain(..) {
             let Some(prog) = ebpf.program_mut(program) else { continue };
@@ -568,6 +713,15 @@ impl LiveHooks {
             }
         }
         true
+    }
+}
+
+/// Whether `spec`'s program is loaded (verified) in this daemon.
+fn loaded(ebpf: &Ebpf, spec: &ProbeSpec) -> bool {
+    match ebpf.program(spec.program) {
+        Some(aya::programs::Program::TracePoint(p)) => p.fd().is_ok(),
+        Some(aya::programs::Program::CgroupSockAddr(p)) => p.fd().is_ok(),
+        _ => false,
     }
 }
 

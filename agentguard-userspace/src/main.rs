@@ -60,6 +60,15 @@ enum Command {
     },
     /// Re-read and apply the policies (as SIGHUP does); an invalid policy keeps the old one.
     Reload,
+    /// Stop the daemon. The pinned programs keep enforcing (as after SIGTERM or a
+    /// crash) unless --unload: then every program, map and pin is removed.
+    Stop {
+        /// Detach and remove everything AgentGuard put in the kernel, and its empty cgroups.
+        #[arg(long)]
+        unload: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop every process of an agent at once (cgroup freezer); writes an incident record.
     /// Works with the daemon stopped.
     Freeze(KillswitchArgs),
@@ -171,6 +180,7 @@ fn main() -> ExitCode {
         Command::Run { agent, workspace, cmd } => cli::run(&ctx, &agent, workspace, &cmd),
         Command::Ps { json } => cli::ps(&ctx, json),
         Command::Reload => cli::reload(&ctx),
+        Command::Stop { unload, json } => cli::stop(&ctx, unload, json),
         Command::Freeze(args) => args.run(&ctx, Action::Freeze),
         Command::Thaw(args) => args.run(&ctx, Action::Thaw),
         Command::Kill(args) => args.run(&ctx, Action::Kill),

@@ -74,6 +74,12 @@ pub fn compile_agent(agent: &AgentPolicy, resolved: &Resolved) -> Result<Lists, 
         .collect();
     let nodes: std::collections::BTreeSet<IpNet> =
         rules.iter().flat_map(|(_, nets, _)| nets.iter().copied()).collect();
+    let mut by_net: std::collections::HashMap<IpNet, Vec<usize>> = std::collections::HashMap::new();
+    for (i, (_, nets, _)) in rules.iter().enumerate() {
+        for n in nets {
+            by_net.entry(n.trunc()).or_default().push(i);
+        }
+    }
     let mut out = Lists::new();
     for node in nodes {
         let mut list = NetRuleList {
@@ -81,11 +87,18 @@ pub fn compile_agent(agent: &AgentPolicy, resolved: &Resolved) -> Result<Lists, 
             _pad: 0,
             entries: [NetRuleEntry::default(); limits::NET_RULES_PER_PREFIX],
         };
-        let applicable: Vec<NetRuleEntry> = rules
-            .iter()
-            .filter(|(_, nets, _)| nets.iter().any(|n| n.contains(&node)))
-            .flat_map(|(_, _, e)| e.iter().copied())
+        // The rules that cover `node` are those naming one of its
+        // ancestors (itself included): at most 33 (or 129) lookups, not a
+        // pass over every rule, so 10 000 rules compile in milliseconds.
+        let mut covering: Vec<usize> = (0..=node.prefix_len())
+            .filter_map(|len| IpNet::new(node.addr(), len).ok())
+            .filter_map(|anc| by_net.get(&anc.trunc()))
+            .flatten()
+            .copied()
             .collect();
+        covering.sort_unstable();
+        covering.dedup();
+        let applicable: Vec<NetRuleEntry> = covering.iter().flat_map(|i| rules[*i].2.iter().copied()).collect();
         if applicable.len() > limits::NET_RULES_PER_PREFIX {
             return Err(TooManyRules {
                 agent: agent.name.clone(),

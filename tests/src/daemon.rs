@@ -19,10 +19,28 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub events_log: PathBuf,
     pub subtree: String,
+    /// On bpffs (pins cannot live in the temporary directory), one per
+    /// daemon so tests never share kernel state; removed on drop.
+    pub pin_dir: PathBuf,
     stderr_log: PathBuf,
     /// Run the daemon in a mount namespace of its own where this file is
     /// /etc/hosts (see [`Self::start_with_hosts`]).
     hosts: Option<PathBuf>,
+}
+
+/// Pin directories of test daemons whose test process is gone (killed
+/// before its drops ran): their programs would stay attached forever.
+fn remove_stale_pin_dirs() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("agentguard-test-").and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 impl Daemon {
@@ -53,25 +71,34 @@ impl Daemon {
         let events_log = dir.join("events.jsonl");
         let subtree = format!("agentguard-test-{}", std::process::id());
         let config = dir.join("agentguard.toml");
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let _ = agentguard::mounts::ensure_mounted("bpf", "/sys/fs/bpf");
+        remove_stale_pin_dirs();
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/agentguard-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         // A key in `extra` replaces the default line for it.
         let overridden = |line: &&str| {
             let key = line.split('=').next().unwrap_or("").trim();
             extra.lines().any(|l| l.split('=').next().unwrap_or("").trim() == key)
         };
         let defaults = format!(
-            "policy_dir = {:?}\nevents_log = {:?}\nsocket = {:?}\ncgroup_subtree = {:?}\npin_dir = {:?}\nincident_dir = {:?}\nchain_head = {:?}\n",
+            "policy_dir = {:?}\nevents_log = {:?}\nsocket = {:?}\ncgroup_subtree = {:?}\npin_dir = {:?}\nincident_dir = {:?}\nchain_head = {:?}\nrun_state = {:?}\n",
             policy_dir,
             events_log,
             socket,
             subtree,
-            dir.join("pins"),
+            pin_dir,
             dir.join("incidents"),
             dir.join("chain-head"),
+            dir.join("sessions.json"),
         );
         let kept: Vec<&str> = defaults.lines().filter(|l| !overridden(l)).collect();
         std::fs::write(&config, format!("{}\n{extra}\n", kept.join("\n"))).expect("write config");
         let stderr_log = dir.join("daemon.stderr");
-        Self { dir, child: None, config, socket, events_log, subtree, stderr_log, hosts: None }
+        Self { dir, child: None, config, socket, events_log, subtree, pin_dir, stderr_log, hosts: None }
     }
 
     /// Like [`Self::start_with`], with the daemon seeing `hosts` as its
@@ -157,6 +184,30 @@ impl Daemon {
         }
     }
 
+    /// SIGKILL the daemon (no shutdown path runs), keeping its pins.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start the daemon process again after [`Self::stop`] or [`Self::kill9`].
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the daemon is still running");
+        self.spawn();
+    }
+
+    /// The daemon's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Everything pinned under this daemon's pin directory (relative paths).
+    pub fn pins(&self) -> Vec<String> {
+        agentguard::pins::list(&self.pin_dir)
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
     }
@@ -239,6 +290,8 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
+        // The pins keep the programs attached after the daemon: remove them.
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
         remove_cgroup_tree(&self.cgroup_subtree());
     }
 }

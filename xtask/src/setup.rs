@@ -9,7 +9,8 @@ use anyhow::{Context as _, Result};
 
 use crate::{apt::Apt, cmd, kernels};
 
-/// Debian packages: LLVM 22 for bpf-linker, qemu + busybox + cpio for the VM tests.
+/// Debian packages: LLVM 22 for bpf-linker, qemu + busybox + cpio for the VM
+/// tests, systemd for `systemd-analyze verify` of the unit.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -18,6 +19,7 @@ const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "cpio",
+    "systemd",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

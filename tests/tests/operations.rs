@@ -1,0 +1,339 @@
+//! Daemon operations on the real kernel: enforcement that outlives a
+//! SIGKILLed daemon and is taken over by the next one, `stop --unload`,
+//! reloads that leave no window, `status`, and the systemd unit.
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use agentguard_tests::{
+    agentguard_bin,
+    daemon::{fact, testbin, Daemon},
+    guard::CgroupGuard,
+    kernel::spawn_in_cgroup,
+    require,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn policy(agent: &str, port: u16, filler: usize) -> String {
+    let mut p = format!(
+        r#"[agent]
+name = "{agent}"
+
+[network]
+default = "allow"
+
+[[network.rule]]
+id = "deny-port"
+decision = "deny"
+cidr = ["127.0.0.1/32"]
+ports = [{port}]
+protocol = "udp"
+"#
+    );
+    // Other rules, so that a reload rewrites many entries around the one
+    // that matters (and moves it between two prefixes).
+    for i in 0..filler {
+        p.push_str(&format!(
+            "\n[[network.rule]]\nid = \"filler-{i}\"\ndecision = \"deny\"\ncidr = [\"10.{}.{}.0/24\"]\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    if filler > 0 {
+        p.push_str(&format!("\n[[network.rule]]\nid = \"deny-loopback-net\"\ndecision = \"deny\"\ncidr = [\"127.0.0.0/8\"]\nports = [{port}]\nprotocol = \"udp\"\n"));
+    }
+    p
+}
+
+fn status(d: &Daemon) -> Value {
+    let out = d.cli(&["status", "--json"]);
+    assert!(out.status.success(), "status: {}{}", String::from_utf8_lossy(&out.stderr), d.stderr());
+    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+}
+
+/// An agent started with `agentguard run` that runs `connects ADDR N 0 stdin`:
+/// ready, then N UDP connects in a tight loop when told, then waits.
+struct Connector {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Connector {
+    fn start(d: &Daemon, agent: &str, port: u16, n: u64) -> Self {
+        let tb = testbin();
+        let mut child = d
+            .run_cmd(agent, &[tb.to_str().expect("utf-8"), "connects", &format!("127.0.0.1:{port}"), &n.to_string(), "0", "stdin"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn agent");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let c = Self { child, stdin, lines };
+        while c.next_line() != "ready=1" {}
+        c
+    }
+
+    fn next_line(&self) -> String {
+        self.lines.recv_timeout(Duration::from_secs(120)).expect("a line from the agent")
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn go(&mut self) {
+        writeln!(self.stdin).expect("tell the agent");
+    }
+
+    /// (attempts, denied), once the loop is done.
+    fn result(&self) -> (u64, u64) {
+        let mut attempts = None;
+        loop {
+            let l = self.next_line();
+            if let Some(v) = l.strip_prefix("attempts=") {
+                attempts = v.parse().ok();
+            }
+            if let Some(v) = l.strip_prefix("denied=") {
+                return (attempts.expect("attempts first"), v.parse().expect("number"));
+            }
+        }
+    }
+
+    /// Close its stdin: whatever it waits for, it exits.
+    fn finish(self) {
+        let Self { mut child, stdin, .. } = self;
+        drop(stdin);
+        let _ = child.wait();
+    }
+}
+
+/// A new process exec'd inside `cgroup` (a run session's), which the kernel
+/// tags at exec from the session's selector: its UDP connect's errno.
+fn connect_from(cgroup: &std::path::Path, port: u16) -> String {
+    let guard = CgroupGuard { path: cgroup.to_owned() };
+    let mut cmd = Command::new(testbin());
+    cmd.args(["connect", "udp", &format!("127.0.0.1:{port}")]).stdout(Stdio::piped());
+    let out = spawn_in_cgroup(&mut cmd, &guard).wait_with_output().expect("wait");
+    std::mem::forget(guard); // the daemon's cgroup, not the test's to remove
+    fact(&out.stdout, "errno").or_else(|| fact(&out.stdout, "result")).unwrap_or_default()
+}
+
+fn session_cgroup(d: &Daemon, agent: &str) -> std::path::PathBuf {
+    let st = status(d);
+    let s = st["session_list"].as_array().and_then(|l| l.iter().find(|s| s["agent"] == agent)).cloned();
+    let s = s.unwrap_or_else(|| panic!("no session of {agent} in status: {st:#}"));
+    s["cgroup"].as_str().expect("cgroup").into()
+}
+
+fn net_events_of(d: &Daemon, pid: u32) -> Vec<Value> {
+    d.events().into_iter().filter(|e| e["kind"] == "net" && e["pid"] == pid).collect()
+}
+
+#[test]
+fn sigkill_leaves_enforcement_in_place_and_a_restart_takes_it_over() {
+    let port = 40_000 + (std::process::id() % 1000) as u16;
+    let mut d = Daemon::start(&[("crash.toml", &policy("crashy", port, 0))]);
+    let mut agent = Connector::start(&d, "crashy", port, 50);
+    let cgroup = session_cgroup(&d, "crashy");
+    let pins_before = d.pins();
+    for must in ["links/sched_process_fork", "links/sched_process_exec", "links/sched_process_exit", "live/connect4", "maps/AG_TAGS", "maps/AG_EVENTS", "maps/AG_NET_V4"] {
+        assert!(pins_before.iter().any(|p| p.ends_with(must)), "{must} is not pinned: {pins_before:#?}");
+    }
+
+    d.kill9();
+    assert!(!d.socket.exists() || std::os::unix::net::UnixStream::connect(&d.socket).is_err(), "the daemon is gone");
+    assert_eq!(d.pins(), pins_before, "SIGKILL leaves every pin");
+    // The running agent is still judged...
+    agent.go();
+    assert_eq!(agent.result(), (50, 50), "every connect after the daemon died must be denied");
+    // ...and so is a process that starts in its session now: tagged at exec
+    // by the pinned program from the pinned selector.
+    assert_eq!(connect_from(&cgroup, port), "EPERM", "a new agent process while no daemon runs");
+
+    d.start_again();
+    let err = d.stderr();
+    assert!(err.contains("took over the kernel state a previous daemon left pinned"), "{err}");
+    let st = status(&d);
+    assert_eq!(st["pins"]["adopted_at_start"], true, "{st:#}");
+    assert_eq!(d.pins(), pins_before, "nothing attached twice, nothing lost");
+    // The session and the tag are the same ones.
+    assert_eq!(session_cgroup(&d, "crashy"), cgroup);
+    let tag = d.tag_of(agent.pid());
+    assert!(tag.as_ref().is_some_and(|(a, s)| a == "crashy" && *s >= 0x8000_0000), "{tag:?}");
+    // What the kernel did while no daemon ran was in the pinned ring buffer:
+    // each of the 50 denials is logged once (once: not two programs attached).
+    let start = Instant::now();
+    while net_events_of(&d, agent.pid()).len() < 50 {
+        assert!(start.elapsed() < WAIT, "the denials made while the daemon was dead never reached the log: {:#?}\n{}", net_events_of(&d, agent.pid()), d.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let evs = net_events_of(&d, agent.pid());
+    assert_eq!(evs.len(), 50, "each denial exactly once");
+    assert!(evs.iter().all(|e| e["decision"] == "deny" && e["rule"] == "deny-port"), "{evs:#?}");
+    // Still enforcing, with the new daemon.
+    assert_eq!(connect_from(&cgroup, port), "EPERM", "after the restart");
+    agent.finish();
+    // The log is one chain across the crash.
+    d.stop();
+    let out = d.cli(&["audit", "verify"]);
+    assert!(out.status.success(), "audit verify after a SIGKILL and a restart: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn stop_keeps_enforcing_and_stop_unload_removes_everything() {
+    let port = 41_000 + (std::process::id() % 1000) as u16;
+    let mut d = Daemon::start(&[("u.toml", &policy("unloady", port, 0))]);
+    let mut agent = Connector::start(&d, "unloady", port, 20);
+    let cgroup = session_cgroup(&d, "unloady");
+    assert!(!d.pins().is_empty());
+
+    // `stop`: the daemon exits, the programs stay.
+    let out = d.cli(&["stop"]);
+    assert!(out.status.success(), "stop: {}", String::from_utf8_lossy(&out.stderr));
+    wait_exit(&mut d);
+    assert!(!d.pins().is_empty(), "stop without --unload keeps the pins");
+    assert_eq!(connect_from(&cgroup, port), "EPERM", "still enforced after `stop`");
+
+    // Back, then `stop --unload` through the daemon.
+    d.start_again();
+    assert_eq!(status(&d)["pins"]["adopted_at_start"], true);
+    let out = d.cli(&["stop", "--unload", "--json"]);
+    assert!(out.status.success(), "stop --unload: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!((v["stopped"].as_bool(), v["unloaded"].as_bool()), (Some(true), Some(true)), "{v:#}");
+    wait_exit(&mut d);
+    assert!(!d.pin_dir.exists(), "the pin directory is gone: {:?}", d.pins());
+    // Nothing judges the agent any more.
+    agent.go();
+    assert_eq!(agent.result(), (20, 0), "after unload no connect is denied");
+    agent.finish();
+}
+
+#[test]
+fn stop_unload_without_a_daemon_removes_what_a_crashed_daemon_left() {
+    let port = 42_000 + (std::process::id() % 1000) as u16;
+    let mut d = Daemon::start(&[("c.toml", &policy("orphan", port, 0))]);
+    let mut agent = Connector::start(&d, "orphan", port, 10);
+    d.kill9();
+    let out = d.cli(&["stop", "--unload"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("was not running") && text.contains("unloaded"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!d.pin_dir.exists(), "{:?}", d.pins());
+    agent.go();
+    assert_eq!(agent.result(), (10, 0), "no program left to deny");
+    agent.finish();
+}
+
+fn wait_exit(d: &mut Daemon) {
+    let mut child = d.child.take().expect("running");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the daemon did not exit; log:\n{}", d.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn reloads_under_load_leave_no_window_and_an_invalid_policy_keeps_the_old_one() {
+    let port = 43_000 + (std::process::id() % 1000) as u16;
+    // fail_closed off: a ring-buffer overflow must not deny in the policy's
+    // place and hide a window. Small rotated log files: many events.
+    let d = Daemon::start_with(
+        &[("r.toml", &policy("reloady", port, 0))],
+        "fail_closed = false\nevents_rotate_bytes = 4194304\nevents_rotate_keep = 2",
+    );
+    let file = d.dir.join("policies").join("r.toml");
+    let a = policy("reloady", port, 0);
+    let b = policy("reloady", port, 300);
+    let mut agent = Connector::start(&d, "reloady", port, 3_000_000);
+    agent.go();
+    // Reload, alternating the two versions, until the loop is over.
+    let mut reloads = 0u64;
+    let mut got: Vec<String> = Vec::new();
+    let finished = |got: &[String]| got.iter().any(|l| l.starts_with("denied="));
+    while !finished(&got) {
+        std::fs::write(&file, if reloads % 2 == 0 { &b } else { &a }).expect("write policy");
+        let out = d.cli(&["reload"]);
+        assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+        reloads += 1;
+        got.extend(agent.lines.try_iter());
+    }
+    let num = |key: &str| got.iter().find_map(|l| l.strip_prefix(key)).and_then(|v| v.parse::<u64>().ok()).expect("a number");
+    let (attempts, denied) = (num("attempts="), num("denied="));
+    eprintln!("{attempts} connects across {reloads} reloads, {denied} denied");
+    assert!(reloads >= 3, "the loop ended before the reloads could overlap it ({reloads})");
+    assert_eq!(denied, attempts, "{} connects got through during reloads", attempts - denied);
+    let st = status(&d);
+    assert_eq!(st["policy"]["version"], reloads, "{st:#}");
+
+    // An invalid policy: refused with file:line:column, the old one stays.
+    let before = st["policy"]["hash"].clone();
+    std::fs::write(&file, format!("{a}\n[[network.rule]]\nid = \"broken\"\ndecision = \"maybe\"\ncidr = [\"1.2.3.4/32\"]\n")).expect("write");
+    let out = d.cli(&["reload"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("r.toml:") && err.contains("previous policy stays"), "{err}");
+    let st = status(&d);
+    assert_eq!((st["policy"]["version"].as_u64(), &st["policy"]["hash"]), (Some(reloads), &before), "{st:#}");
+    assert_eq!(connect_from(&session_cgroup(&d, "reloady"), port), "EPERM", "the old policy is in force");
+    agent.finish();
+}
+
+#[test]
+fn status_reports_policy_sessions_enforcement_and_pins() {
+    let port = 44_000 + (std::process::id() % 1000) as u16;
+    let d = Daemon::start(&[("s.toml", &policy("statusy", port, 0))]);
+    let agent = Connector::start(&d, "statusy", port, 1);
+    let st = status(&d);
+    assert_eq!(st["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(st["policy"]["version"], 0);
+    assert_eq!(st["policy"]["hash"].as_str().map(str::len), Some(64), "{st:#}");
+    assert!(st["agents"].as_array().is_some_and(|a| a.iter().any(|x| x == "statusy")), "{st:#}");
+    assert!(st["session_list"].as_array().is_some_and(|l| l.iter().any(|s| s["agent"] == "statusy" && s["kind"] == "run")), "{st:#}");
+    for class in ["tagging", "network", "file", "killswitch"] {
+        assert!(st["enforcement"][class].is_string(), "no mechanism for {class}: {st:#}");
+    }
+    assert!(st["enforcement"]["network"].as_str().is_some_and(|n| n.contains("(attached)")), "{st:#}");
+    assert!(st["events"]["kernel"]["ringbuf_drops"].is_u64(), "{st:#}");
+    assert!(st["pending_approvals"].is_array(), "{st:#}");
+    assert!(st["pins"]["pinned"].as_u64().is_some_and(|n| n > 10), "{st:#}");
+    let text = d.cli(&["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("policy:   version 0 sha256 ") && text.contains("network:") && text.contains("pending approvals: 0"), "{text}");
+    agent.finish();
+}
+
+/// The unit file in the repo, as systemd itself reads it.
+#[test]
+fn systemd_analyze_verify_accepts_the_unit() {
+    let unit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agentguard.service");
+    require!(unit.exists(), "packaging/agentguard.service is not in this image ({})", unit.display());
+    let analyze = ["/usr/bin/systemd-analyze", "/bin/systemd-analyze"].into_iter().find(|p| std::path::Path::new(p).exists());
+    require!(analyze.is_some(), "systemd-analyze is not installed here (apt package systemd; `cargo xtask setup` installs it on the host)");
+    // The unit names /usr/local/bin/agentguard; point it at the binary under
+    // test (verify checks that ExecStart exists and is executable).
+    let dir = agentguard_tests::guard::TempDir::new("unit");
+    let text = std::fs::read_to_string(&unit).expect("read unit").replace("/usr/local/bin/agentguard", agentguard_bin().to_str().expect("utf-8"));
+    let copy = dir.join("agentguard.service");
+    std::fs::write(&copy, text).expect("write unit");
+    let out = Command::new(analyze.expect("checked")).args(["verify", "--man=no"]).arg(&copy).output().expect("systemd-analyze");
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // Lines about the unit itself; the host's other units are not ours to judge.
+    let ours: Vec<&str> = all.lines().filter(|l| l.contains("agentguard.service")).collect();
+    assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify: {all}");
+}
