@@ -268,7 +268,7 @@ fn reloads_under_load_leave_no_window_and_an_invalid_policy_keeps_the_old_one() 
     let mut got: Vec<String> = Vec::new();
     let finished = |got: &[String]| got.iter().any(|l| l.starts_with("denied="));
     while !finished(&got) {
-        std::fs::write(&file, if reloads % 2 == 0 { &b } else { &a }).expect("write policy");
+        std::fs::write(&file, if reloads.is_multiple_of(2) { &b } else { &a }).expect("write policy");
         let out = d.cli(&["reload"]);
         assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
         reloads += 1;

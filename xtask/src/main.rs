@@ -9,6 +9,7 @@ mod bench;
 mod build;
 mod cmd;
 mod host;
+mod install;
 mod kernels;
 mod libtest;
 mod repo;
@@ -47,6 +48,9 @@ enum Command {
     /// Setup and build, then run unit tests and integration tests on the host
     /// and in qemu VMs (Debian cloud kernels 6.12 and 6.1).
     Test(test::TestArgs),
+    /// Build in release and install the daemon as a systemd service: binary,
+    /// unit, configuration (kept if it exists) and the shipped policies.
+    Install(install::InstallArgs),
     /// Build in release and run the benchmark harnesses (B0-B9 as far as
     /// they exist); results go to bench/results/*.json.
     Bench(bench::BenchArgs),
@@ -87,5 +91,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Test(args) => test::run(&root, &args),
         Command::Bench(args) => bench::run(&root, &args),
+        Command::Install(args) => {
+            install::run(&root, &args)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

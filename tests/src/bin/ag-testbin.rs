@@ -17,7 +17,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: ag-testbin connect tcp|udp ADDR:PORT | sendto ADDR:PORT | sleep SECS | threads N SECS | \
          vfork CMD... | clone3 CMD... | daemonize CMD... | unlink PATH | rmdir PATH | rename FROM TO | \
-         truncate PATH | open-trunc PATH | ftruncate PATH | unlinkat DIR NAME | link FROM TO | exec CMD... | connects ADDR:PORT N RATE now|stdin | counter DIR|- MS | tree N DIR|- MS | forkstorm DEPTH FANOUT SECS"
+         truncate PATH | open-trunc PATH | ftruncate PATH | unlinkat DIR NAME | link FROM TO | exec CMD... | connects ADDR:PORT N RATE now|stdin | connects-until ADDR:PORT STOPFILE | counter DIR|- MS | tree N DIR|- MS | forkstorm DEPTH FANOUT SECS"
     );
     exit(2)
 }
@@ -234,6 +234,7 @@ fn main() {
             rate.parse().unwrap_or_else(|_| usage()),
             gate == "stdin",
         ),
+        ("connects-until", [a, stop]) => connects_until(addr(a), stop),
         ("counter", [dir, ms]) => counter_loop(dir, millis(ms)),
         ("tree", [n, dir, ms]) => tree(n.parse().unwrap_or_else(|_| usage()), dir, millis(ms)),
         ("forkstorm", [depth, fanout, secs]) => {
@@ -403,6 +404,34 @@ fn forkstorm(depth: u32, max_depth: u32, fanout: u32, rounds: u64) -> ! {
 /// `gated`, prints `ready=1` and waits for a line on stdin before starting,
 /// and for another (or EOF) before exiting. Prints `attempts=`, `denied=`
 /// (EPERM), `start_ns=` (CLOCK_REALTIME) and `elapsed_ns=`.
+/// UDP connects in a tight loop until `stop` exists (looked at every 1024
+/// connects): `ready=1` first, then `attempts=` and `denied=` (EPERM).
+fn connects_until(a: SocketAddr, stop: &str) -> ! {
+    let bind = if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let sock = UdpSocket::bind(bind).unwrap_or_else(|e| {
+        eprintln!("bind: {e}");
+        exit(2)
+    });
+    println!("ready=1");
+    let (mut attempts, mut denied) = (0u64, 0u64);
+    loop {
+        for _ in 0..1024 {
+            attempts += 1;
+            if let Err(e) = sock.connect(a) {
+                if e.raw_os_error() == Some(libc::EPERM) {
+                    denied += 1;
+                }
+            }
+        }
+        if std::path::Path::new(stop).exists() {
+            break;
+        }
+    }
+    println!("attempts={attempts}");
+    println!("denied={denied}");
+    exit(0)
+}
+
 fn connects(a: SocketAddr, n: u64, rate: u64, gated: bool) -> ! {
     use std::{io::BufRead as _, os::fd::AsRawFd as _};
     let SocketAddr::V4(v4) = a else {
