@@ -181,7 +181,12 @@ pub fn apply_network(ebpf: &mut Ebpf, set: &PolicySet, resolved: &Resolved) -> R
 
 type TrieOrd = (u32, [u8; 4], Vec<u8>);
 
-/// Bring an LPM trie to exactly `desired`: insert/update first, then delete.
+/// Bring an LPM trie to exactly `desired`: insert/update first, longest
+/// prefix first, then delete, shortest prefix first. In that order the
+/// longest prefix present for any address is, at every instant, either the
+/// old policy's longest match with its old list or the new policy's with its
+/// new list, so lookups see one version or the other, never a mix (see
+/// docs/architecture.md, "Reloads without a window").
 fn sync_trie<K: Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -191,11 +196,11 @@ fn sync_trie<K: Pod>(
     let map = ebpf.map_mut(name).ok_or(CompileError::MissingMap(name))?;
     let mut trie: LpmTrie<&mut MapData, K, NetRuleList> =
         LpmTrie::try_from(map).map_err(|source| CompileError::Map { map: name, source })?;
-    for ((prefix, _, _), (key, list)) in desired {
+    for ((prefix, _, _), (key, list)) in desired.iter().rev() {
         trie.insert(&Key::new(*prefix, *key), *list, 0)
             .map_err(|source| CompileError::Map { map: name, source })?;
     }
-    let stale: Vec<Key<K>> = trie
+    let mut stale: Vec<Key<K>> = trie
         .keys()
         .filter_map(Result::ok)
         .filter(|k| {
@@ -203,6 +208,7 @@ fn sync_trie<K: Pod>(
             !desired.contains_key(&(k.prefix_len(), a, d))
         })
         .collect();
+    stale.sort_by_key(Key::prefix_len);
     for k in stale {
         let _ = trie.remove(&k);
     }

@@ -191,6 +191,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         if live > 0 {
             tracing::info!(links = live, "took over the pinned on-demand hooks");
         }
+        let retagged = s.retag_sessions();
+        if retagged > 0 {
+            tracing::info!(processes = retagged, "tagged the processes of restored sessions");
+        }
     }
     let adopted = adopt_existing(&mut lock(&state));
     {

@@ -116,15 +116,16 @@ fn sync_prefixes(ebpf: &mut Ebpf, sessions: bool, desired: &BTreeMap<u32, BTreeM
     let name = maps::FILE_PREFIX;
     let map = ebpf.map_mut(name).ok_or(CompileError::MissingMap(name))?;
     let mut trie: LpmTrie<&mut MapData, FilePrefixKey, FileRuleList> = LpmTrie::try_from(map).map_err(map_err(name))?;
+    // Longest prefix first in, shortest first out: see compile::sync_trie.
     let mut want = BTreeSet::new();
-    for (id, nodes) in desired {
-        for (node, list) in nodes {
-            let key = prefix_key(*id, node);
-            trie.insert(&key, *list, 0).map_err(map_err(name))?;
-            want.insert((key.prefix_len(), key.data().id_be, key.data().path.to_vec()));
-        }
+    let mut keys: Vec<(Key<FilePrefixKey>, FileRuleList)> =
+        desired.iter().flat_map(|(id, nodes)| nodes.iter().map(|(node, list)| (prefix_key(*id, node), *list))).collect();
+    keys.sort_by_key(|(k, _)| std::cmp::Reverse(k.prefix_len()));
+    for (key, list) in keys {
+        trie.insert(&key, list, 0).map_err(map_err(name))?;
+        want.insert((key.prefix_len(), key.data().id_be, key.data().path.to_vec()));
     }
-    let stale: Vec<Key<FilePrefixKey>> = trie
+    let mut stale: Vec<Key<FilePrefixKey>> = trie
         .keys()
         .filter_map(Result::ok)
         .filter(|k| {
@@ -133,6 +134,7 @@ fn sync_prefixes(ebpf: &mut Ebpf, sessions: bool, desired: &BTreeMap<u32, BTreeM
             is_session == sessions && !want.contains(&(k.prefix_len(), d.id_be, d.path.to_vec()))
         })
         .collect();
+    stale.sort_by_key(Key::prefix_len);
     for k in stale {
         let _ = trie.remove(&k);
     }

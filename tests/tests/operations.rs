@@ -35,19 +35,30 @@ ports = [{port}]
 protocol = "udp"
 "#
     );
-    // Other rules, so that a reload rewrites many entries around the one
-    // that matters (and moves it between two prefixes).
-    for i in 0..filler {
-        p.push_str(&format!(
-            "\n[[network.rule]]\nid = \"filler-{i}\"\ndecision = \"deny\"\ncidr = [\"10.{}.{}.0/24\"]\n",
-            i / 256,
-            i % 256
-        ));
-    }
     if filler > 0 {
-        p.push_str(&format!("\n[[network.rule]]\nid = \"deny-loopback-net\"\ndecision = \"deny\"\ncidr = [\"127.0.0.0/8\"]\nports = [{port}]\nprotocol = \"udp\"\n"));
+        p.push_str("\n[[network.rule]]\nid = \"allow-lo24\"\ndecision = \"allow\"\ncidr = [\"127.0.0.0/24\"]\n");
     }
+    p.push_str(&filler_rules(filler));
     p
+}
+
+/// `n` host rules elsewhere, so a reload rewrites many entries, in the
+/// compiler's order, between the ones that matter.
+fn filler_rules(n: usize) -> String {
+    (0..n)
+        .map(|i| format!("\n[[network.rule]]\nid = \"filler-{i}\"\ndecision = \"deny\"\ncidr = [\"10.{}.{}.{}/32\"]\n", i >> 16, (i >> 8) & 255, i & 255))
+        .collect()
+}
+
+/// The other version for the reload test: the port denied through a /24
+/// instead. Going from this one to `policy(.., filler > 0)` changes the /24's
+/// list to an allow and adds a /32 that denies: a compiler that rewrote the
+/// /24 before adding the /32 would let connects through in between.
+fn policy_via_net(agent: &str, port: u16, filler: usize) -> String {
+    format!(
+        "[agent]\nname = \"{agent}\"\n\n[network]\ndefault = \"allow\"\n\n[[network.rule]]\nid = \"deny-lo24\"\ndecision = \"deny\"\ncidr = [\"127.0.0.0/24\"]\nports = [{port}]\nprotocol = \"udp\"\n{}",
+        filler_rules(filler)
+    )
 }
 
 fn status(d: &Daemon) -> Value {
@@ -259,8 +270,8 @@ fn reloads_under_load_leave_no_window_and_an_invalid_policy_keeps_the_old_one() 
         "fail_closed = false\nevents_rotate_bytes = 4194304\nevents_rotate_keep = 2",
     );
     let file = d.dir.join("policies").join("r.toml");
-    let a = policy("reloady", port, 0);
-    let b = policy("reloady", port, 300);
+    let a = policy_via_net("reloady", port, 1000);
+    let b = policy("reloady", port, 1000);
     let mut agent = Connector::start(&d, "reloady", port, 3_000_000);
     agent.go();
     // Reload, alternating the two versions, until the loop is over.

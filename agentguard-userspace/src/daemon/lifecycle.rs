@@ -59,6 +59,24 @@ pub(super) fn policy_hash(dir: &Path) -> String {
 }
 
 impl State {
+    /// Tag every process in a restored session's cgroup that the kernel
+    /// does not know (after an upgrade the new object starts with empty
+    /// maps; after a plain restart they are all tagged already). Returns how
+    /// many it tagged.
+    pub(super) fn retag_sessions(&mut self) -> usize {
+        let sessions: Vec<(std::path::PathBuf, Tag)> =
+            self.sessions.values().map(|s| (s.cgroup.clone(), Tag { agent_id: s.agent_id, session_id: s.id })).collect();
+        let mut tagged = 0;
+        for (dir, tag) in sessions {
+            for pid in crate::killswitch::pids_below(&dir) {
+                if !self.is_tagged(pid) && self.tag_tids(pid, tag) > 0 {
+                    tagged += 1;
+                }
+            }
+        }
+        tagged
+    }
+
     /// Save the sessions for a restarted daemon, when they changed.
     pub(super) fn save_sessions(&mut self) {
         let saved: Vec<SavedSession> = self
