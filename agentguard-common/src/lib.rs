@@ -68,6 +68,9 @@ pub mod programs {
     pub const LSM_PATH_TRUNCATE: &str = "path_truncate";
     pub const LSM_FILE_TRUNCATE: &str = "file_truncate";
     pub const LSM_PATH_LINK: &str = "path_link";
+    pub const PROTECT_TASK_KILL: &str = "protect_task_kill";
+    pub const PROTECT_PTRACE: &str = "protect_ptrace";
+    pub const PROTECT_BPF: &str = "protect_bpf";
     // Fallback observation: syscall tracepoints (fileobs.rs), one program per
     // tracepoint, named after it.
     pub const OBS_UNLINK: &str = "sys_enter_unlink";
@@ -108,6 +111,8 @@ pub mod globals {
     /// Byte offset of `exit_code` in `struct task_struct` (from BTF; 0 when
     /// BTF is unavailable, and the exit event then carries no status).
     pub const TASK_EXIT_CODE_OFF: &str = "TASK_EXIT_CODE_OFF";
+    pub const TASK_TGID_OFF: &str = "TASK_TGID_OFF";
+    pub const BPF_HOOK_ARGS: &str = "BPF_HOOK_ARGS";
 }
 
 /// Capacities. Changing one changes the size of a map, never an event layout.
@@ -214,9 +219,12 @@ pub enum HookFlag {
     CalibrateTid = 2,
     /// ...and the `f_mode` of its last open.
     CalibrateMode = 3,
+    /// The daemon's tgid, which agents may not signal or ptrace
+    /// (selfprotect.rs); written at each daemon start.
+    DaemonTgid = 4,
 }
 
-pub const HOOK_SLOTS: u32 = 4;
+pub const HOOK_SLOTS: u32 = 8;
 
 /// Per-CPU counters in [`maps::COUNTERS`].
 #[repr(u32)]

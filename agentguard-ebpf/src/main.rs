@@ -5,6 +5,7 @@
 //! - `files`: BPF-LSM file-action decisions for tagged processes;
 //! - `fileobs`: the same actions observed through syscall tracepoints and
 //!   contained, where BPF-LSM cannot load;
+//! - `selfprotect`: agents may not signal or ptrace the daemon, nor call bpf();
 //! - `filejudge`, `filepath`, `kstructs`: the file decision they share, path
 //!   assembly, and reading kernel structs at offsets taken from BTF.
 //!
@@ -19,6 +20,7 @@ mod files;
 mod kstructs;
 mod lineage;
 mod net;
+mod selfprotect;
 mod shared;
 
 #[cfg(not(test))]

@@ -131,6 +131,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mut ebpf = loader::load_object_with(Some(&pins))?;
     let probes = loader::attach_all_with(&mut ebpf, &cgroup_root, Some(&pins))?;
     report_probes(&probes);
+    // Self-protection (selfprotect.rs) guards this process from agents.
+    if let Err(e) = loader::set_hook_flag(&mut ebpf, agentguard_common::HookFlag::DaemonTgid, std::process::id()) {
+        tracing::warn!(error = %e, "cannot register the daemon for self-protection");
+    }
     let (sessions, next_run) = lifecycle::restore_sessions(&tree, &runstate::load(&config.run_state));
     if pins.adopted {
         tracing::warn!(pins = %pins.dir.display(), sessions = sessions.len(), "took over the kernel state a previous daemon left pinned: enforcement did not stop");

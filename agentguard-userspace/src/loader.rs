@@ -45,6 +45,8 @@ pub enum ActionClass {
     Tagging,
     Network,
     File,
+    /// Agents may not signal, ptrace or bpf() their way around AgentGuard.
+    SelfProtection,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +151,10 @@ pub const PROBES: &[ProbeSpec] = &[
     // 6.2+ only: ftruncate and O_TRUNC opens (6.1 sends them to path_truncate).
     lsm(programs::LSM_FILE_TRUNCATE, "file_truncate", 1),
     lsm(programs::LSM_PATH_LINK, "path_link", 3),
+    protect(programs::PROTECT_TASK_KILL, "task_kill", 4),
+    protect(programs::PROTECT_PTRACE, "ptrace_access_check", 2),
+    // 3 parameters up to 6.8, 4 after: the program reads BPF_HOOK_ARGS.
+    protect(programs::PROTECT_BPF, "bpf", 0),
     observe(programs::OBS_UNLINK, "sys_enter_unlink"),
     observe(programs::OBS_UNLINKAT, "sys_enter_unlinkat"),
     observe(programs::OBS_RMDIR, "sys_enter_rmdir"),
@@ -175,6 +181,18 @@ const fn lsm(program: &'static str, hook: &'static str, args: usize) -> ProbeSpe
         program,
         kind: ProbeKind::Lsm { hook, args },
         class: ActionClass::File,
+        required: false,
+        lifetime: Lifetime::Always,
+    }
+}
+
+/// A self-protection probe (BPF-LSM): optional, always attached. `args` 0:
+/// the program adapts to the hook's parameter count on this kernel.
+const fn protect(program: &'static str, hook: &'static str, args: usize) -> ProbeSpec {
+    ProbeSpec {
+        program,
+        kind: ProbeKind::Lsm { hook, args },
+        class: ActionClass::SelfProtection,
         required: false,
         lifetime: Lifetime::Always,
     }
@@ -246,6 +264,7 @@ pub fn load_object_with(pins: Option<&Pins>) -> Result<Ebpf, LoadError> {
     // the zeros they would read are never used.
     let offsets = kernel_offsets().clone().unwrap_or_default();
     let exit_code_off = task_exit_code_offset();
+    let (tgid_off, bpf_hook_args) = self_protect_globals();
     let pinned: Vec<(String, PathBuf)> = pins
         .map(|p| pins::pinned_map_names().into_iter().map(|n| (p.map(&n), n)).map(|(path, n)| (n, path)).collect())
         .unwrap_or_default();
@@ -256,6 +275,8 @@ pub fn load_object_with(pins: Option<&Pins>) -> Result<Ebpf, LoadError> {
         .override_global(globals::EXEC_FILENAME_OFF, &exec_filename, true)
         .override_global(globals::KERNEL_OFFSETS, &offsets, true)
         .override_global(globals::TASK_EXIT_CODE_OFF, &exit_code_off, true)
+        .override_global(globals::TASK_TGID_OFF, &tgid_off, true)
+        .override_global(globals::BPF_HOOK_ARGS, &bpf_hook_args, true)
         .map_max_entries(maps::EVENTS, EVENTS_RING_BYTES.load(std::sync::atomic::Ordering::Relaxed));
     for (name, path) in &pinned {
         loader.map_pin_path(name.as_str(), path.as_path());
@@ -272,6 +293,16 @@ pub static EVENTS_RING_BYTES: std::sync::atomic::AtomicU32 =
 fn kernel_btf() -> &'static Result<crate::btf::Btf, String> {
     static BTF: OnceLock<Result<crate::btf::Btf, String>> = OnceLock::new();
     BTF.get_or_init(|| crate::btf::Btf::from_sys_fs().map_err(|e| e.to_string()))
+}
+
+/// `task_struct.tgid` and the `bpf` LSM hook's parameter count, from BTF,
+/// for selfprotect.rs (0 and 3 where this kernel has no BTF: the programs
+/// then judge no signal or ptrace).
+fn self_protect_globals() -> (u32, u32) {
+    let Ok(btf) = kernel_btf() else { return (0, 3) };
+    let tgid = btf.member_offset("task_struct", "tgid").unwrap_or(0);
+    let args = btf.func_params("bpf_lsm_bpf").and_then(|n| u32::try_from(n).ok()).unwrap_or(3);
+    (tgid, args)
 }
 
 /// `task_struct.exit_code` from BTF, for the exit event's status; 0 (no
@@ -436,7 +467,7 @@ pub fn lsm_hook_check(hook: &str, args: usize) -> Result<(), ProbeState> {
     let Ok(btf) = crate::btf::Btf::from_sys_fs() else { return Ok(()) };
     match btf.func_params(&format!("bpf_lsm_{hook}")) {
         None => Err(ProbeState::Skipped { reason: format!("this kernel has no {hook} LSM hook") }),
-        Some(n) if n != args => Err(ProbeState::Unavailable {
+        Some(n) if args != 0 && n != args => Err(ProbeState::Unavailable {
             reason: format!("the {hook} LSM hook takes {n} arguments on this kernel, the program expects {args}"),
         }),
         Some(_) => Ok(()),

@@ -348,3 +348,55 @@ fn systemd_analyze_verify_accepts_the_unit() {
     let ours: Vec<&str> = all.lines().filter(|l| l.contains("agentguard.service")).collect();
     assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify: {all}");
 }
+
+/// Run `ag-testbin ARGS` as a process of `agent`'s session (tagged at exec)
+/// and return its errno (or `ok`).
+fn as_agent(d: &Daemon, cgroup: &std::path::Path, args: &[&str]) -> String {
+    let guard = CgroupGuard { path: cgroup.to_owned() };
+    let mut cmd = Command::new(testbin());
+    cmd.args(args).stdout(Stdio::piped());
+    let out = spawn_in_cgroup(&mut cmd, &guard).wait_with_output().expect("wait");
+    std::mem::forget(guard);
+    let _ = d;
+    fact(&out.stdout, "errno").or_else(|| fact(&out.stdout, "result")).unwrap_or_default()
+}
+
+/// Self-protection (BPF-LSM; the qemu harness): an agent cannot signal or
+/// ptrace the daemon, nor open AgentGuard's pinned maps with bpf(), while
+/// the same actions from an untagged process go through.
+#[test]
+fn an_agent_cannot_signal_ptrace_or_bpf_the_daemon() {
+    let port = 46_000 + (std::process::id() % 1000) as u16;
+    let d = Daemon::start(&[("p.toml", &policy("protected", port, 0))]);
+    let st = status(&d);
+    let probe = st["probes"].as_array().and_then(|p| p.iter().find(|p| p["program"] == "protect_task_kill")).cloned().unwrap_or_default();
+    require!(probe["state"] == "attached", "BPF-LSM self-protection cannot load on this kernel ({}); it runs in the qemu harness", probe["reason"].as_str().unwrap_or("no reason given"));
+    assert!(st["enforcement"]["self_protection"].as_str().is_some_and(|s| s.starts_with("BPF-LSM")), "{st:#}");
+    let agent = Connector::start(&d, "protected", port, 1);
+    let cgroup = session_cgroup(&d, "protected");
+    let daemon = d.pid().expect("running").to_string();
+    let tags = d.pins().into_iter().find(|p| p.ends_with("maps/AG_TAGS")).map(|p| d.pin_dir.join(p)).expect("AG_TAGS pinned");
+    let tags = tags.to_str().expect("utf-8");
+
+    // An agent: every attempt refused.
+    for (what, args) in [
+        ("SIGKILL to the daemon", vec!["signal", &daemon, "9"]),
+        ("SIGSTOP to the daemon", vec!["signal", &daemon, "19"]),
+        ("signal 0 to the daemon", vec!["signal", &daemon, "0"]),
+        ("ptrace of the daemon", vec!["ptrace", &daemon]),
+        ("bpf() on the pinned tag map", vec!["bpf-obj-get", tags]),
+    ] {
+        assert_eq!(as_agent(&d, &cgroup, &args), "EPERM", "{what} by an agent");
+    }
+    assert!(status(&d)["daemon_pid"].as_u64().is_some(), "the daemon still answers");
+    // The agent's own kin is not protected: it can still signal itself.
+    assert_eq!(as_agent(&d, &cgroup, &["signal", &agent.pid().to_string(), "0"]), "ok", "signals between agent processes");
+    // Not an agent: the same calls work (the refusal is the tag's, not the kernel's).
+    let untagged = |args: &[&str]| {
+        let out = Command::new(testbin()).args(args).output().expect("run");
+        fact(&out.stdout, "errno").or_else(|| fact(&out.stdout, "result")).unwrap_or_default()
+    };
+    assert_eq!(untagged(&["signal", &daemon, "0"]), "ok");
+    assert_eq!(untagged(&["bpf-obj-get", tags]), "ok");
+    agent.finish();
+}

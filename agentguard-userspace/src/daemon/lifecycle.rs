@@ -175,6 +175,13 @@ impl State {
             FileEnforcement::ObserveAndContain => "observe and contain: syscall tracepoints + freeze (Landlock for run sessions)",
             FileEnforcement::None => "none",
         };
+        let protection = if class_attached(&self.probes, ActionClass::SelfProtection)
+            && self.probes.iter().any(|p| p.class == ActionClass::SelfProtection && matches!(p.state, crate::loader::ProbeState::Attached))
+        {
+            "BPF-LSM: agents cannot signal or ptrace the daemon, nor call bpf()"
+        } else {
+            "none: BPF-LSM is not available here (agents are refused on the control socket only)"
+        };
         let killswitch = if self.tree.base.join("cgroup.freeze").exists() {
             "cgroup v2 freezer"
         } else {
@@ -193,6 +200,7 @@ impl State {
                 "network": network,
                 "file": file,
                 "killswitch": killswitch,
+                "self_protection": protection,
             },
             "events": {
                 "logged": self.events_logged,

@@ -17,7 +17,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: ag-testbin connect tcp|udp ADDR:PORT | sendto ADDR:PORT | sleep SECS | threads N SECS | \
          vfork CMD... | clone3 CMD... | daemonize CMD... | unlink PATH | rmdir PATH | rename FROM TO | \
-         truncate PATH | open-trunc PATH | ftruncate PATH | unlinkat DIR NAME | link FROM TO | exec CMD... | connects ADDR:PORT N RATE now|stdin | connects-until ADDR:PORT STOPFILE | counter DIR|- MS | tree N DIR|- MS | forkstorm DEPTH FANOUT SECS"
+         truncate PATH | open-trunc PATH | ftruncate PATH | unlinkat DIR NAME | link FROM TO | exec CMD... | connects ADDR:PORT N RATE now|stdin | connects-until ADDR:PORT STOPFILE | signal PID SIG | ptrace PID | bpf-obj-get PINPATH | counter DIR|- MS | tree N DIR|- MS | forkstorm DEPTH FANOUT SECS"
     );
     exit(2)
 }
@@ -235,6 +235,38 @@ fn main() {
             gate == "stdin",
         ),
         ("connects-until", [a, stop]) => connects_until(addr(a), stop),
+        // Attacks on AgentGuard itself (self-protection).
+        ("signal", [pid, sig]) => {
+            let (pid, sig): (i32, i32) = (pid.parse().unwrap_or_else(|_| usage()), sig.parse().unwrap_or_else(|_| usage()));
+            // SAFETY: plain syscall.
+            let r = unsafe { libc::kill(pid, sig) };
+            report(if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) })
+        }
+        ("ptrace", [pid]) => {
+            let pid: i32 = pid.parse().unwrap_or_else(|_| usage());
+            // SAFETY: PTRACE_SEIZE with null addr/data; detached at once if it worked.
+            let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0usize, 0usize) };
+            let res = if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
+            if r == 0 {
+                // SAFETY: as above.
+                unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, 0usize, 0usize) };
+            }
+            report(res)
+        }
+        ("bpf-obj-get", [path]) => {
+            // BPF_OBJ_GET of a pinned map: the first step of rewriting it.
+            let c = CString::new(path.as_bytes()).unwrap_or_else(|_| usage());
+            let mut attr = [0u64; 16];
+            attr[0] = c.as_ptr() as u64;
+            const BPF_OBJ_GET: libc::c_long = 7;
+            // SAFETY: bpf(2) with a zeroed attr whose pathname points at a valid C string.
+            let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_ptr(), std::mem::size_of_val(&attr)) };
+            if fd >= 0 {
+                // SAFETY: our own fd.
+                unsafe { libc::close(fd as i32) };
+            }
+            report(if fd >= 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) })
+        }
         ("counter", [dir, ms]) => counter_loop(dir, millis(ms)),
         ("tree", [n, dir, ms]) => tree(n.parse().unwrap_or_else(|_| usage()), dir, millis(ms)),
         ("forkstorm", [depth, fanout, secs]) => {

@@ -1,0 +1,69 @@
+//! Self-protection, where BPF-LSM loads: a tagged process (an agent) may not
+//! signal or ptrace the daemon, nor call bpf() at all (it could detach or
+//! rewrite AgentGuard's programs and maps). The daemon's tgid is in
+//! `AG_HOOKS[DaemonTgid]` (written at each start); 0 protects no process.
+//!
+//! Each program passes an earlier BPF-LSM verdict through unchanged and
+//! returns -EPERM for a tagged caller; untagged callers are never judged.
+use agentguard_common::HookFlag;
+use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::lsm, programs::LsmContext, Global};
+
+use crate::shared::{current_tag, HOOKS};
+
+const EPERM: i32 = 1;
+
+/// `task_struct.tgid` (from BTF); 0: unknown, signals and ptrace are not judged.
+#[unsafe(no_mangle)]
+static TASK_TGID_OFF: Global<u32> = Global::new(0);
+/// How many parameters this kernel's `bpf` LSM hook takes (3 up to 6.8,
+/// 4 from the `kernel` flag on): its verdict argument follows them. A
+/// read-only global, so the verifier prunes the branch this kernel lacks.
+#[unsafe(no_mangle)]
+static BPF_HOOK_ARGS: Global<u32> = Global::new(3);
+
+/// Whether `task` (a `struct task_struct *`) is the daemon's process.
+#[inline(always)]
+fn is_daemon(task: u64) -> bool {
+    let off = TASK_TGID_OFF.load();
+    // SAFETY: a plain array slot.
+    let daemon = unsafe { HOOKS.get(HookFlag::DaemonTgid as u32) }.copied().unwrap_or(0);
+    if off == 0 || daemon == 0 || task == 0 {
+        return false;
+    }
+    // SAFETY: a probe read of one field of a task the kernel handed us.
+    match unsafe { bpf_probe_read_kernel((task as *const u8).wrapping_add(off as usize) as *const u32) } {
+        Ok(tgid) => tgid == daemon,
+        Err(_) => false,
+    }
+}
+
+/// security_task_kill(p, info, sig, cred): any signal, including 0.
+#[lsm(hook = "task_kill")]
+pub fn protect_task_kill(ctx: LsmContext) -> i32 {
+    let previous: i32 = ctx.arg(4);
+    if previous != 0 {
+        return previous;
+    }
+    if current_tag().is_some() && is_daemon(ctx.arg(0)) { -EPERM } else { 0 }
+}
+
+/// security_ptrace_access_check(child, mode): PTRACE_ATTACH/SEIZE, and
+/// every ptrace_may_access (/proc/PID/mem, process_vm_writev, pidfd_getfd).
+#[lsm(hook = "ptrace_access_check")]
+pub fn protect_ptrace(ctx: LsmContext) -> i32 {
+    let previous: i32 = ctx.arg(2);
+    if previous != 0 {
+        return previous;
+    }
+    if current_tag().is_some() && is_daemon(ctx.arg(0)) { -EPERM } else { 0 }
+}
+
+/// security_bpf(cmd, attr, size[, kernel]): no bpf() for agents.
+#[lsm(hook = "bpf")]
+pub fn protect_bpf(ctx: LsmContext) -> i32 {
+    let previous: i32 = if BPF_HOOK_ARGS.load() == 4 { ctx.arg(4) } else { ctx.arg(3) };
+    if previous != 0 {
+        return previous;
+    }
+    if current_tag().is_some() { -EPERM } else { 0 }
+}
