@@ -25,7 +25,7 @@ pub(super) fn restore_sessions(tree: &CgroupTree, saved: &[SavedSession]) -> (BT
         let kind = if s.kind == "run" { "run" } else { "matched" };
         sessions.insert(
             s.id,
-            Session { id: s.id, agent: s.agent.clone(), agent_id: s.agent_id, cgroup: dir, cgroup_id, workspace: s.workspace.clone(), kind },
+            Session { id: s.id, agent: s.agent.clone(), agent_id: s.agent_id, cgroup: dir, cgroup_id, workspace: s.workspace.clone(), kind, origin: None },
         );
     }
     let next_run = sessions.keys().filter(|id| *id & RUN_SESSION_BIT != 0).map(|id| (id & !RUN_SESSION_BIT) + 1).max().unwrap_or(1);

@@ -12,14 +12,16 @@
 //!
 //!     ag-bench-daemon [--quick] [--json FILE] [b8] [b9]
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    path::PathBuf,
+    io::{BufRead as _, BufReader},
     process::Stdio,
     time::{Duration, Instant},
 };
 
 use agentguard::control::{self, Request};
-use agentguard_tests::daemon::{testbin, Daemon};
+use agentguard_tests::{
+    bench::{self, Row, Spread},
+    daemon::{testbin, Daemon},
+};
 use serde_json::{json, Value};
 
 fn clock_ticks() -> f64 {
@@ -146,50 +148,58 @@ fn b9(quick: bool) -> Value {
     })
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let json_out = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).map(PathBuf::from);
-    let selected: Vec<String> = args
-        .iter()
-        .enumerate()
-        .filter(|(i, a)| !(a.starts_with("--") || *i > 0 && args[i - 1] == "--json"))
-        .map(|(_, a)| a.to_ascii_lowercase())
-        .collect();
-    let wants = |b: &str| selected.is_empty() || selected.iter().any(|s| s == b);
-    if !wants("b8") && !wants("b9") {
-        eprintln!("B8/B9 not selected");
-        return;
-    }
-    let mut doc = json!({ "bench": "B8+B9", "quick": quick, "targets": { "b8_cpu_percent_of_core": 0.1, "b8_rss_kib": 32768, "b9_reload_ms": 100, "b9_not_denied": 0 } });
-    if wants("b8") {
-        doc["b8"] = b8(quick);
-        for (what, v) in [("idle, no agent live", &doc["b8"]["no_agent"]), ("idle, one idle agent", &doc["b8"]["one_idle_agent"])] {
-            println!(
-                "B8   {what:<28} cpu {:>6.3} % of a core   rss {:>6} KiB (peak {})   target 0.1 %, 32768 KiB",
-                v["cpu_percent_of_core"].as_f64().unwrap_or(0.0),
-                v["rss_kib"],
-                v["rss_peak_kib"]
-            );
-        }
-    }
-    if wants("b9") {
-        eprintln!("B9: reload of 10 000 rules under a connect loop...");
-        let v = b9(quick);
-        println!(
-            "B9   reload, {} rules, {} reloads   median {:.1} ms  p90 {:.1} ms  max {:.1} ms   target 100 ms; connects not denied: {} of {}",
-            v["rules"], v["reloads"],
-            v["median_ms"].as_f64().unwrap_or(0.0),
-            v["p90_ms"].as_f64().unwrap_or(0.0),
-            v["max_ms"].as_f64().unwrap_or(0.0),
-            v["connects_not_denied"],
-            v["connects"]
+/// The summary rows: B8's CPU and RSS per setup, B9's reload time and the
+/// connects that got through.
+fn summary(b8: Option<&Value>, b9: Option<&Value>) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (key, setup) in [("no_agent", "idle, no agent live"), ("one_idle_agent", "idle, one idle agent live")] {
+        let Some(v) = b8.map(|b| &b[key]) else { continue };
+        let cpu = v["cpu_percent_of_core"].as_f64().unwrap_or(f64::NAN);
+        let rss = v["rss_kib"].as_u64().map_or(f64::NAN, |k| k as f64 / 1024.0);
+        let peak = v["rss_peak_kib"].as_u64().map_or(f64::NAN, |k| k as f64 / 1024.0);
+        rows.push(
+            Row::new("B8", "daemon CPU", setup)
+                .figure(cpu, "%", Spread::None)
+                .target("<= 0.1 % of a core", Some(cpu <= 0.1))
+                .note(format!("utime+stime over {:.0} s", v["window_s"].as_f64().unwrap_or(0.0))),
         );
-        doc["b9"] = v;
+        rows.push(
+            Row::new("B8", "daemon resident memory", setup)
+                .figure(rss, "MiB", Spread::Tail(vec![("peak", peak)]))
+                .target("<= 32 MiB", Some(rss <= 32.0))
+                .note("VmRSS; peak is VmHWM"),
+        );
     }
-    println!("{}", serde_json::to_string(&doc).expect("json"));
-    if let Some(path) = json_out {
-        let mut f = std::fs::File::create(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-        writeln!(f, "{}", serde_json::to_string_pretty(&doc).expect("json")).expect("write json");
+    if let Some(v) = b9 {
+        let m = v["median_ms"].as_f64().unwrap_or(f64::NAN);
+        rows.push(
+            Row::new("B9", "policy reload, request to answer", format!("{} rules", v["rules"]))
+                .figure(m, "ms", Spread::Tail(vec![("p90", v["p90_ms"].as_f64().unwrap_or(f64::NAN)), ("max", v["max_ms"].as_f64().unwrap_or(f64::NAN))]))
+                .target("<= 100 ms", Some(m <= 100.0))
+                .note(format!("{} reloads alternating two versions that differ in every rule", v["reloads"])),
+        );
+        let through = v["connects_not_denied"].as_u64().unwrap_or(u64::MAX);
+        rows.push(
+            Row::new("B9", "denied connects that got through during reloads", format!("{} connects", v["connects"]))
+                .figure(through as f64, "count", Spread::None)
+                .target("0 (no window)", Some(through == 0))
+                .note("tight UDP connect loop of an agent across every reload"),
+        );
     }
+    rows
+}
+
+fn main() {
+    let args = bench::Args::from_env();
+    args.exit_unless_any("ag-bench-daemon", &["b8", "b9"]);
+    let mut doc = json!({ "bench": "ag-bench-daemon" });
+    if args.wants("b8") {
+        doc["b8"] = b8(args.quick);
+    }
+    if args.wants("b9") {
+        eprintln!("B9: reload of 10 000 rules under a connect loop...");
+        doc["b9"] = b9(args.quick);
+    }
+    let rows = summary(doc.get("b8"), doc.get("b9"));
+    args.write(doc, &rows);
 }
