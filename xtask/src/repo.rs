@@ -12,9 +12,18 @@ pub fn root() -> PathBuf {
         .unwrap_or_else(|| manifest.to_path_buf())
 }
 
-/// `target/debug/agentguard`, the daemon and CLI binary.
+/// `target/debug/agentguard`, the daemon and CLI binary (in
+/// `$CARGO_TARGET_DIR` when that is set).
 pub fn agentguard_bin(root: &Path) -> PathBuf {
-    root.join("target/debug/agentguard")
+    target_dir(root).join("debug/agentguard")
+}
+
+/// Where cargo builds: `$CARGO_TARGET_DIR`, else `target/`.
+pub fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => root.join(d),
+        _ => root.join("target"),
+    }
 }
 
 /// The policy directory the daemon runs with.
