@@ -45,6 +45,10 @@ pub mod maps {
     /// Task id → [`crate::PendingOpen`]: an open with O_TRUNC by a tagged
     /// task, between syscall entry and exit (fallback observation).
     pub const FILE_PENDING: &str = "AG_FILE_PENDING";
+    /// [`crate::GrantKey`] → [`crate::Grant`]: actions a human approved,
+    /// checked by the network and file programs before an `approve` rule
+    /// holds the action (approvals.rs in the daemon writes them).
+    pub const GRANTS: &str = "AG_GRANTS";
 }
 
 /// Names of the programs (the Rust function names in agentguard-ebpf).
@@ -148,6 +152,8 @@ pub mod limits {
     pub const FILE_WALK_DEPTH: usize = 32;
     /// Longest basename prefix a `PREFIX*` name pattern may have.
     pub const FILE_BASE_PREFIX_MAX: usize = 32;
+    /// Approval grants alive at once (all agents together).
+    pub const MAX_GRANTS: u32 = 4_096;
 }
 
 /// Kinds of event. The first field of every event record.
@@ -180,7 +186,9 @@ impl EventKind {
 pub enum Decision {
     Allow = 0,
     Deny = 1,
-    /// Hold for a human. Until approvals land, the kernel denies it.
+    /// Hold for a human: the kernel refuses the action (and stops the
+    /// agent) unless a grant for this session and target exists
+    /// ([`maps::GRANTS`]).
     Approve = 2,
     /// Allow and log.
     Audit = 3,
@@ -555,6 +563,33 @@ pub const fn fnv1a64(bytes: &[u8]) -> u64 {
     h
 }
 
+/// The second path hash of a file [`GrantKey`]: FNV-1a's shape with another
+/// offset basis and multiplier, so two paths that collide in one hash are
+/// not expected to collide in both (neither is cryptographic).
+pub const GRANT_H2_OFFSET: u64 = 0x9e37_79b9_7f4a_7c15;
+pub const GRANT_H2_PRIME: u64 = 0x0000_0001_0000_01c1;
+
+/// The [`GrantKey::target`] of a file path, as the kernel computes it.
+pub const fn path_grant_target(bytes: &[u8]) -> [u8; 16] {
+    let mut h1 = FNV64_OFFSET;
+    let mut h2 = GRANT_H2_OFFSET;
+    let mut i = 0;
+    while i < bytes.len() {
+        h1 = (h1 ^ bytes[i] as u64).wrapping_mul(FNV64_PRIME);
+        h2 = (h2 ^ bytes[i] as u64).wrapping_mul(GRANT_H2_PRIME);
+        i += 1;
+    }
+    let (a, b) = (h1.to_ne_bytes(), h2.to_ne_bytes());
+    let mut out = [0u8; 16];
+    let mut j = 0;
+    while j < 8 {
+        out[j] = a[j];
+        out[8 + j] = b[j];
+        j += 1;
+    }
+    out
+}
+
 /// Byte offsets of the kernel struct members the file programs read,
 /// computed from this kernel's BTF at load time (loader.rs) and handed to
 /// the programs as one read-only global. Never hard-coded: they differ
@@ -690,11 +725,16 @@ pub struct NetEvent {
     pub family: u16,
     /// Destination port, host byte order.
     pub port: u16,
-    pub _pad: u32,
+    /// [`approval`]: for an `approve` decision, whether the action was held
+    /// or let through by a grant.
+    pub approval: u32,
     /// Destination address: IPv4 in the first 4 bytes, IPv6 all 16, network order.
     pub addr: [u8; 16],
+    /// The approval whose grant let the action through (0: none).
+    pub approval_id: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<NetEvent>() == 32 + 24 + 16);
+const _: () = assert!(core::mem::size_of::<NetEvent>() == 32 + 24 + 16 + 8);
 
 /// A tagged process tried a file action.
 #[repr(C)]
@@ -708,6 +748,13 @@ pub struct FileEvent {
     pub rule_id: u32,
     /// [`Enforcement`].
     pub enforcement: u32,
+    /// [`approval`], as in [`NetEvent::approval`].
+    pub approval: u32,
+    /// The approval whose grant let the action through (0: none).
+    pub approval_id: u32,
+    /// For an `approve` decision: the path's [`GrantKey::target`], which a
+    /// grant for this action must carry.
+    pub grant_target: [u8; 16],
     /// Directory the action happened in, as `bpf_d_path` resolved it; or
     /// the whole path when the kernel assembled it itself (then `name` is
     /// empty). Truncated to its first 255 bytes.
@@ -715,7 +762,58 @@ pub struct FileEvent {
     /// The entry's name in that directory.
     pub name: [u8; limits::PATH_MAX],
 }
-const _: () = assert!(core::mem::size_of::<FileEvent>() == 32 + 16 + 512);
+const _: () = assert!(core::mem::size_of::<FileEvent>() == 32 + 24 + 16 + 512);
+
+/// Values of [`NetEvent::approval`] and [`FileEvent::approval`].
+pub mod approval {
+    /// The decision was not `approve`.
+    pub const NONE: u32 = 0;
+    /// `approve` and no grant: refused and held for a human.
+    pub const HELD: u32 = 1;
+    /// Let through by a one-time grant, which the kernel deleted as it used it.
+    pub const GRANTED_ONCE: u32 = 2;
+    /// Let through by a grant that lasts until its expiry.
+    pub const GRANTED: u32 = 3;
+}
+
+/// What a [`GrantKey`] names.
+pub mod grant_kind {
+    pub const NET: u32 = 1;
+    pub const FILE: u32 = 2;
+}
+
+/// Key of [`maps::GRANTS`]: one action of one session on one target.
+/// Network: `op` is the protocol, `port` and `family` the destination's,
+/// `target` its address as in [`NetEvent::addr`] (IPv4-mapped IPv6 judged
+/// as IPv4). File: `op` is the [`FileOp`], `port`/`family` are 0, and
+/// `target` holds the [`fnv1a64`] of the whole path (8 bytes, native
+/// order) then a second, independent 64-bit hash of it ([`path_grant_target`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GrantKey {
+    pub session_id: u32,
+    pub kind: u32,
+    pub op: u32,
+    pub port: u16,
+    pub family: u16,
+    pub target: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<GrantKey>() == 32);
+
+/// Value of [`maps::GRANTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Grant {
+    /// CLOCK_MONOTONIC (`bpf_ktime_get_ns`) after which the grant is void.
+    pub expires_ns: u64,
+    /// Nonzero: valid for one use; the kernel deletes it as it uses it (only
+    /// the user whose delete succeeds passes, so two racing retries cannot
+    /// both go through).
+    pub once: u32,
+    /// The approval that granted it, for the event.
+    pub approval_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<Grant>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -733,6 +831,8 @@ mod pod {
     unsafe impl aya::Pod for super::FileInodeKey {}
     unsafe impl aya::Pod for super::PendingOpen {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::GrantKey {}
+    unsafe impl aya::Pod for super::Grant {}
 }
 
 #[cfg(test)]

@@ -16,9 +16,10 @@
 //! Over all sources the lowest rule id whose ops include the action's
 //! decides; no match: the agent's `[files] default`.
 use agentguard_common::{
-    agent_flags, limits, name_kind, Decision, Enforcement, EventKind, FileEvent,
-    FileInodeKey, FileNameKey, FileOp, FilePrefixKey, FileRuleList, Tag, FNV64_OFFSET,
-    FNV64_PRIME, RULE_FAIL_CLOSED, RUN_SESSION_BIT,
+    agent_flags, approval, grant_kind, limits, name_kind, Decision, Enforcement, EventKind,
+    FileEvent, FileInodeKey, FileNameKey, FileOp, FilePrefixKey, FileRuleList, GrantKey, Tag,
+    FNV64_OFFSET, FNV64_PRIME, GRANT_H2_OFFSET, GRANT_H2_PRIME, RULE_FAIL_CLOSED,
+    RUN_SESSION_BIT,
 };
 use core::ffi::c_void;
 
@@ -31,7 +32,7 @@ use aya_ebpf::{
 use crate::{
     filepath::{self, Built, FileScratch, Scan},
     kstructs::multi_link_id,
-    shared::{agent_config, count, decide_unreadable, header, recording_failed, reserve},
+    shared::{agent_config, count, decide_unreadable, header, recording_failed, reserve, use_grant, RB_FORCE_WAKEUP},
 };
 
 #[map(name = "AG_FILE_PREFIX")]
@@ -327,11 +328,52 @@ pub fn judge(tag: Tag, s: &mut FileScratch, b: Built, ops: u32, inode: u64) -> (
     verdict
 }
 
+/// One byte of the grant hash (a `bpf_loop` callback): both hashes of
+/// [`agentguard_common::path_grant_target`], carried in the scan state.
+unsafe extern "C" fn grant_byte(i: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = filepath::scratch() else { return 1 };
+    if i >= s.scan.len {
+        return 1;
+    }
+    let c = s.path.get(i as usize & (limits::FILE_PATH_MAX - 1)).copied().unwrap_or(0);
+    s.scan.h = step(s.scan.h, c);
+    s.scan.pair = (s.scan.pair ^ c as u64).wrapping_mul(GRANT_H2_PRIME);
+    0
+}
+
+/// What an action decided `approve` meets in the grants: `(approval
+/// state, approval id, the path's grant target)`. Only `approve` pays for
+/// hashing the path.
+#[inline(always)]
+pub fn approval_of(tag: Tag, op: FileOp, verdict: (Decision, u32), s: &mut FileScratch, b: Option<Built>) -> (u32, u32, [u8; 16]) {
+    if verdict.0 != Decision::Approve {
+        return (approval::NONE, 0, [0; 16]);
+    }
+    // A path the kernel could not read has no target a grant could name.
+    let Some(b) = b else { return (approval::HELD, 0, [0; 16]) };
+    // Handed over and back volatile: see filepath::walk.
+    // SAFETY: fields of the map value `s` points to; a static callback.
+    let (h1, h2) = unsafe {
+        core::ptr::write_volatile(&mut s.scan.h, FNV64_OFFSET);
+        core::ptr::write_volatile(&mut s.scan.pair, GRANT_H2_OFFSET);
+        core::ptr::write_volatile(&mut s.scan.len, b.len as u64);
+        bpf_loop(b.len as u32, grant_byte as *mut c_void, core::ptr::null_mut(), 0);
+        (core::ptr::read_volatile(&s.scan.h), core::ptr::read_volatile(&s.scan.pair))
+    };
+    let mut target = [0u8; 16];
+    target[..8].copy_from_slice(&h1.to_ne_bytes());
+    target[8..].copy_from_slice(&h2.to_ne_bytes());
+    let key = GrantKey { session_id: tag.session_id, kind: grant_kind::FILE, op: op as u32, port: 0, family: 0, target };
+    let (state, id) = use_grant(&key);
+    (state, id, target)
+}
+
 /// Write the event. With `split`, the directory goes to `dir` and the last
 /// component to `name`; otherwise `dir` holds the whole path.
 #[inline(always)]
-pub fn record(tag: Tag, op: FileOp, verdict: (Decision, u32), how: Enforcement, s: &FileScratch, b: Option<Built>, split: bool) {
+pub fn record(tag: Tag, op: FileOp, verdict: (Decision, u32), how: Enforcement, grant: (u32, u32, [u8; 16]), s: &FileScratch, b: Option<Built>, split: bool) {
     let Some(mut entry) = reserve::<FileEvent>() else { return };
+    let (approval_state, approval_id, grant_target) = grant;
     // SAFETY: plain data; every field is written below.
     let event = unsafe { &mut *entry.as_mut_ptr() };
     event.header = header(EventKind::File, tag);
@@ -339,6 +381,9 @@ pub fn record(tag: Tag, op: FileOp, verdict: (Decision, u32), how: Enforcement, 
     event.decision = verdict.0 as u32;
     event.rule_id = verdict.1;
     event.enforcement = how as u32;
+    event.approval = approval_state;
+    event.approval_id = approval_id;
+    event.grant_target = grant_target;
     event.name[0] = 0;
     event.dir[0] = 0;
     if let Some(b) = b {
@@ -362,6 +407,7 @@ pub fn record(tag: Tag, op: FileOp, verdict: (Decision, u32), how: Enforcement, 
             event.dir[if b.len > last { last } else { b.len } & last] = 0;
         }
     }
-    entry.submit(0);
+    // A held action's event reaches the daemon at once (it freezes the agent).
+    entry.submit(if approval_state == approval::HELD { RB_FORCE_WAKEUP } else { 0 });
     count(agentguard_common::Counter::EventsSubmitted);
 }

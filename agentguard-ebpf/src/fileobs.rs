@@ -23,10 +23,10 @@ use aya_ebpf::{
 };
 
 use crate::{
-    filejudge::{judge, record},
+    filejudge::{approval_of, judge, record},
     filepath::{self, Built, FileScratch},
     kstructs::{dentry_inode, fd_file, off, path_parts, read_u32},
-    shared::{current_tag, decide_unreadable, hook_flag, HOOKS},
+    shared::{current_tag, decide_unreadable, granted, hook_flag, HOOKS},
 };
 
 const SIGSTOP: u32 = 19;
@@ -67,11 +67,12 @@ fn observe(tag: Tag, op: FileOp, ops: u32, inode: u64, build: impl FnOnce(&mut F
         Ok(b) => (judge(tag, s, b, ops, inode), Some(b)),
         Err(()) => ((decide_unreadable(), 0), None),
     };
-    if verdict.0.blocks() {
+    let grant = approval_of(tag, op, verdict, s, built);
+    if verdict.0.blocks() && !granted(grant.0) {
         // SAFETY: signals the current process; no pointers involved.
         unsafe { bpf_send_signal(SIGSTOP) };
     }
-    record(tag, op, verdict, Enforcement::Observed, s, built, false);
+    record(tag, op, verdict, Enforcement::Observed, grant, s, built, false);
 }
 
 #[inline(always)]

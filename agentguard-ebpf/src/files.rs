@@ -18,14 +18,17 @@
 use agentguard_common::{file_ops, Decision, Enforcement, FileOp};
 use aya_ebpf::{macros::lsm, programs::LsmContext};
 
+use aya_ebpf::helpers::generated::bpf_send_signal;
+
 use crate::{
-    filejudge::{judge, record},
+    filejudge::{approval_of, judge, record},
     filepath::{self, Built, FileScratch},
     kstructs::{dentry_inode, off, path_parts},
-    shared::{current_tag, decide_unreadable},
+    shared::{current_tag, decide_unreadable, granted},
 };
 
 const EPERM: i32 = 1;
+const SIGSTOP: u32 = 19;
 /// include/uapi/linux/fs.h.
 const RENAME_EXCHANGE: u32 = 2;
 
@@ -47,7 +50,19 @@ fn decide(op: FileOp, ops: u32, split: bool, inode: u64, build: impl FnOnce(&mut
         // path the kernel cannot read is decided as an unknown agent's.
         Err(()) => ((decide_unreadable(), 0), None),
     };
-    record(tag, op, verdict, Enforcement::Enforced, s, built, split);
+    let grant = approval_of(tag, op, verdict, s, built);
+    record(tag, op, verdict, Enforcement::Enforced, grant, s, built, split);
+    if granted(grant.0) {
+        return 0;
+    }
+    if verdict.0 == Decision::Approve {
+        // Held for a human: stop the whole process at the attempt (the
+        // signal takes effect before the syscall returns to it); the daemon
+        // freezes the agent's cgroup and lets this process continue into
+        // the frozen state, so it sees EPERM only once it is thawed.
+        // SAFETY: signals the current process; no pointers involved.
+        unsafe { bpf_send_signal(SIGSTOP) };
+    }
     verdict_errno(verdict.0)
 }
 

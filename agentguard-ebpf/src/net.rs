@@ -12,7 +12,8 @@
 //! Return 1 lets the call proceed; 0 makes the syscall fail with EPERM before
 //! any packet leaves (kernel/bpf/cgroup.c, __cgroup_bpf_run_filter_sock_addr).
 use agentguard_common::{
-    limits, Decision, EventKind, NetEvent, NetHook, NetKeyV4, NetKeyV6, NetRuleList,
+    approval, grant_kind, limits, Decision, EventKind, GrantKey, NetEvent, NetHook, NetKeyV4,
+    NetKeyV6, NetRuleList,
 };
 use aya_ebpf::{
     macros::{cgroup_sock_addr, map},
@@ -20,7 +21,10 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 
-use crate::shared::{agent_config, current_tag, decide_unreadable, emit, header};
+use crate::shared::{
+    agent_config, current_tag, decide_unreadable, emit_flags, granted, header, use_grant,
+    RB_FORCE_WAKEUP,
+};
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -126,18 +130,33 @@ fn decide(ctx: &SockAddrContext, hook: NetHook) -> i32 {
         (decision, rule_id)
     };
 
-    emit(NetEvent {
-        header: header(EventKind::Net, tag),
-        hook: hook as u32,
-        decision: decision as u32,
-        rule_id,
-        protocol,
-        family,
-        port,
-        _pad: 0,
-        addr,
-    });
-    if decision.blocks() { 0 } else { 1 }
+    // An `approve` rule: a grant for this session, protocol and destination
+    // lets the action through; otherwise it is refused and held (the daemon
+    // freezes the agent when it reads the event, so it is sent at once).
+    let (approval, approval_id) = if decision == Decision::Approve {
+        let key = GrantKey { session_id: tag.session_id, kind: grant_kind::NET, op: protocol, port, family, target: addr };
+        use_grant(&key)
+    } else {
+        (approval::NONE, 0)
+    };
+    let flags = if approval == approval::HELD { RB_FORCE_WAKEUP } else { 0 };
+    emit_flags(
+        NetEvent {
+            header: header(EventKind::Net, tag),
+            hook: hook as u32,
+            decision: decision as u32,
+            rule_id,
+            protocol,
+            family,
+            port,
+            approval,
+            addr,
+            approval_id,
+            _pad: 0,
+        },
+        flags,
+    );
+    if decision.blocks() && !granted(approval) { 0 } else { 1 }
 }
 
 /// Empty programs at the same attach points, for benchmarks: the cost of the

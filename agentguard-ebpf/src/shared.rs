@@ -1,7 +1,7 @@
 //! Maps shared by every program, the event emitter and the counters.
 use agentguard_common::{
-    limits, AgentConfig, Counter, Decision, EventHeader, EventKind, HookFlag, PathKey, StateSlot,
-    Tag, COUNTER_SLOTS, HOOK_SLOTS, STATE_SLOTS,
+    approval, limits, AgentConfig, Counter, Decision, EventHeader, EventKind, Grant, GrantKey,
+    HookFlag, PathKey, StateSlot, Tag, COUNTER_SLOTS, HOOK_SLOTS, STATE_SLOTS,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns},
@@ -60,6 +60,44 @@ fn state_set(slot: StateSlot) -> bool {
 pub fn recording_failed() -> bool {
     state_set(StateSlot::LogFailed) || state_set(StateSlot::RingFull)
 }
+
+#[map(name = "AG_GRANTS")]
+pub static GRANTS: HashMap<GrantKey, Grant> = HashMap::with_max_entries(limits::MAX_GRANTS, 0);
+
+/// An `approve` decision meets the grants: `(approval state, approval id)`.
+/// A one-time grant is used by deleting it, and only the caller whose
+/// delete succeeds passes (the map's delete is atomic), so two racing
+/// retries cannot both go through. An expired grant is removed and holds.
+#[inline(always)]
+pub fn use_grant(key: &GrantKey) -> (u32, u32) {
+    // SAFETY: copied out at once.
+    let Some(grant) = (unsafe { GRANTS.get(key) }).copied() else {
+        return (approval::HELD, 0);
+    };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now >= grant.expires_ns {
+        let _ = GRANTS.remove(key);
+        return (approval::HELD, 0);
+    }
+    if grant.once != 0 {
+        return match GRANTS.remove(key) {
+            Ok(()) => (approval::GRANTED_ONCE, grant.approval_id),
+            Err(_) => (approval::HELD, 0),
+        };
+    }
+    (approval::GRANTED, grant.approval_id)
+}
+
+/// Whether an action under `approval` goes ahead (a grant let it through).
+#[inline(always)]
+pub const fn granted(approval_state: u32) -> bool {
+    approval_state == approval::GRANTED_ONCE || approval_state == approval::GRANTED
+}
+
+/// bpf_ringbuf_submit flag: wake the reader now. A held action's event
+/// must reach the daemon at once, which freezes the agent (bench B7).
+pub const RB_FORCE_WAKEUP: u64 = 2;
 
 /// One path-sized scratch buffer per CPU (the BPF stack is only 512 bytes).
 #[map(name = "AG_SCRATCH")]
@@ -137,9 +175,15 @@ pub fn reserve<T: 'static>() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<T>
 /// Write a fully built small event.
 #[inline(always)]
 pub fn emit<T: 'static>(event: T) {
+    emit_flags(event, 0);
+}
+
+/// Write a fully built small event with bpf_ringbuf_submit `flags`.
+#[inline(always)]
+pub fn emit_flags<T: 'static>(event: T, flags: u64) {
     if let Some(mut entry) = reserve::<T>() {
         entry.write(event);
-        entry.submit(0);
+        entry.submit(flags);
         count(Counter::EventsSubmitted);
     }
 }

@@ -309,3 +309,55 @@ pub fn killswitch(
 pub fn shipped_policy_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"))
 }
+
+/// `agentguard approvals [--json]`: the pending approvals.
+pub fn approvals(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
+    let v = ask(ctx, &Request::Approvals)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v["pending"])?);
+    } else {
+        let pending = v["pending"].as_array().cloned().unwrap_or_default();
+        print!("{}", crate::approvals::render(&pending, v["now_ns"].as_i64().unwrap_or(0)));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `agentguard approve ID [--once | --for DURATION]`.
+pub fn approve(ctx: &Ctx, id: u32, for_duration: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let grant = match for_duration {
+        None => crate::approvals::Grant::Once,
+        Some(d) => crate::approvals::Grant::For {
+            seconds: crate::approvals::parse_grant_duration(d).map_err(anyhow::Error::msg)?.as_secs(),
+        },
+    };
+    let v = ask(ctx, &Request::Approve { id, grant })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let how = if v["grant"] == "once" { "once".to_owned() } else { format!("until {}", v["grant_until"].as_str().unwrap_or("?")) };
+        println!("approval {id} granted {how}: {} may retry {}", v["agent"].as_str().unwrap_or("?"), v["target"].as_str().unwrap_or("?"));
+        if v["thawed"] != true {
+            println!("  the agent stays frozen: other approvals still hold it (`agentguard approvals`)");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `agentguard deny ID [--kill]`.
+pub fn deny(ctx: &Ctx, id: u32, kill: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let v = ask(ctx, &Request::Deny { id, kill })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let agent = v["agent"].as_str().unwrap_or("?");
+        let what = if v["killed"] == true {
+            format!("{agent} killed")
+        } else if v["thawed"] == true {
+            format!("{agent} thawed; it sees the action refused")
+        } else {
+            format!("{agent} stays frozen: other approvals still hold it")
+        };
+        println!("approval {id} denied: {what}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -47,6 +47,18 @@ pub struct Config {
     /// page. Bigger rides out longer stalls of the daemon before events are
     /// lost (and counted).
     pub events_ring_bytes: u32,
+    /// Approvals (docs/operations.md): seconds a pending approval waits for
+    /// a human before it expires into a deny.
+    pub approval_timeout_s: u64,
+    /// What an expired approval does to its agent: "thaw" (it sees the
+    /// action refused and goes on) or "kill".
+    pub approval_on_expiry: crate::approvals::OnExpiry,
+    /// A command (argv) run for each new pending approval, with the
+    /// approval as JSON on its stdin and AGENTGUARD_APPROVAL_* variables.
+    pub approval_notify: Option<Vec<String>>,
+    /// Where pending approvals and live grants are kept across daemon
+    /// restarts (default: `approvals.json` next to `chain_head`).
+    pub approvals_state: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -67,11 +79,22 @@ impl Default for Config {
             incident_dir: PathBuf::from("/var/log/agentguard/incidents"),
             dns_servers: Vec::new(),
             events_ring_bytes: agentguard_common::limits::EVENTS_RING_BYTES,
+            approval_timeout_s: 15 * 60,
+            approval_on_expiry: crate::approvals::OnExpiry::Thaw,
+            approval_notify: None,
+            approvals_state: None,
         }
     }
 }
 
 impl Config {
+    /// The approvals state file (see [`Config::approvals_state`]).
+    pub fn approvals_state_path(&self) -> PathBuf {
+        self.approvals_state.clone().unwrap_or_else(|| {
+            self.chain_head.parent().unwrap_or(Path::new("/var/lib/agentguard")).join("approvals.json")
+        })
+    }
+
     /// Read `path`; a missing file at the default location means defaults.
     pub fn load(path: &Path) -> Result<Self, PolicyErrors> {
         let text = match std::fs::read_to_string(path) {

@@ -45,6 +45,20 @@ pub enum Request {
     Stop {
         unload: bool,
     },
+    /// Pending approvals (approvals.rs). Answer: `{"pending": [Approval]}`.
+    Approvals,
+    /// Grant a pending approval: the kernel lets the same action on the
+    /// same target by the same session through (once, or until the time is
+    /// up), and the agent is thawed.
+    Approve {
+        id: u32,
+        grant: crate::approvals::Grant,
+    },
+    /// Keep the action refused; thaw the agent, or kill it.
+    Deny {
+        id: u32,
+        kill: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -22,6 +22,8 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
+mod approvals;
+
 use crate::{
     cgroups::{self, CgroupTree},
     compile,
@@ -86,6 +88,8 @@ pub struct State {
     /// `agentguard stop` asked to exit (true: and unload).
     stopping: Option<bool>,
     stop_signal: Arc<tokio::sync::Notify>,
+    /// Pending approvals and live grants (daemon/approvals.rs).
+    approvals: crate::approvals::Store,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -162,6 +166,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open event log {}", config.events_log.display()))?;
     log.attach_kernel(&mut ebpf).context("cannot reach the event log's fail-closed state in the kernel")?;
     let listener = bind_socket(&config)?;
+    let approvals = crate::approvals::Store::load(&config.approvals_state_path())
+        .with_context(|| format!("cannot read the approvals state file {}", config.approvals_state_path().display()))?;
 
     let stop_signal = Arc::new(tokio::sync::Notify::new());
     let state: Shared = Arc::new(Mutex::new(State {
@@ -184,7 +190,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         run_state_written: String::new(),
         stopping: None,
         stop_signal: stop_signal.clone(),
+        approvals,
     }));
+    lock(&state).restore_approvals();
 
     {
         let mut s = lock(&state);
@@ -381,6 +389,8 @@ impl State {
         if self.log.append_kernel(ev, &self.policies, &self.clock).is_ok() {
             self.events_logged += 1;
         }
+        // A held action: freeze, record the pending approval (approvals.rs).
+        self.on_approval_event(ev);
         if let KernelEvent::File(f) = ev {
             self.contain_file_violation(f);
         }
@@ -766,6 +776,7 @@ fn reconcile(s: &mut State) {
         }
     }
     s.release_live_hooks_if_idle();
+    s.expire_approvals();
     // Sessions whose cgroup emptied: forget them and their selector.
     let gone: Vec<u32> = s
         .sessions
@@ -1015,6 +1026,9 @@ fn dispatch(s: &mut State, req: Request, peer: Option<i32>) -> Response {
         Request::Freeze { target, reason } => s.killswitch_request(Action::Freeze, &target, reason.as_deref(), peer),
         Request::Thaw { target, reason } => s.killswitch_request(Action::Thaw, &target, reason.as_deref(), peer),
         Request::Kill { target, reason } => s.killswitch_request(Action::Kill, &target, reason.as_deref(), peer),
+        Request::Approvals => s.approvals_list(),
+        Request::Approve { id, grant } => s.approve(id, grant, peer),
+        Request::Deny { id, kill } => s.deny(id, kill, peer),
         Request::NewSession { agent, workspace } => match s.new_session(&agent, workspace, peer) {
             Ok(session) => Response::ok(json!({
                 "landlock": s.landlock_paths(&session),
@@ -1141,7 +1155,9 @@ impl State {
     /// `thaw` after review resumes it.
     fn contain_file_violation(&mut self, f: &agentguard_common::FileEvent) {
         let blocks = agentguard_common::Decision::from_u32(f.decision).is_some_and(agentguard_common::Decision::blocks);
-        if f.enforcement != agentguard_common::Enforcement::Observed as u32 || !blocks {
+        // Held actions are approvals.rs's (which freezes and continues the process).
+        let approve = f.decision == agentguard_common::Decision::Approve as u32;
+        if f.enforcement != agentguard_common::Enforcement::Observed as u32 || !blocks || approve {
             return;
         }
         let h = f.header;

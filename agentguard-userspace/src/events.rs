@@ -213,11 +213,41 @@ pub enum Detail {
         protocol: &'static str,
         /// The kernel's 1-based rule index (0: the agent's default).
         rule_index: u32,
+        /// An `approve` decision: held, or let through by approval N's grant.
+        approval: Approval,
     },
     File {
         path: String,
         rule_index: u32,
+        approval: Approval,
     },
+}
+
+/// What an `approve` decision met ([`agentguard_common::approval`]) and
+/// which approval's grant, if any; written only for `approve` decisions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Approval {
+    pub state: u32,
+    pub id: u32,
+}
+
+impl Approval {
+    fn write(self, out: &mut Vec<u8>) {
+        use agentguard_common::approval as a;
+        let name = match self.state {
+            a::NONE => return,
+            a::HELD => "held",
+            a::GRANTED_ONCE => "granted_once",
+            a::GRANTED => "granted",
+            _ => "unknown",
+        };
+        crate::json_key!(out, "approval");
+        json::raw_str(out, name);
+        if self.id != 0 {
+            crate::json_key!(out, "approval_id");
+            json::uint(out, u64::from(self.id));
+        }
+    }
 }
 
 impl Record<'_> {
@@ -308,7 +338,7 @@ impl Record<'_> {
                 crate::json_key!(out, "core_dumped");
                 json::bool(out, core);
             }
-            Detail::Net { ip, port, protocol, rule_index } => {
+            Detail::Net { ip, port, protocol, rule_index, approval } => {
                 crate::json_key!(out, "address");
                 out.push(b'"');
                 json::ip_text(out, *ip);
@@ -319,12 +349,14 @@ impl Record<'_> {
                 raw_str(out, protocol);
                 crate::json_key!(out, "rule_index");
                 uint(out, u64::from(*rule_index));
+                approval.write(out);
             }
-            Detail::File { path, rule_index } => {
+            Detail::File { path, rule_index, approval } => {
                 crate::json_key!(out, "path");
                 json::str(out, path);
                 crate::json_key!(out, "rule_index");
                 uint(out, u64::from(*rule_index));
+                approval.write(out);
             }
         }
     }
@@ -420,7 +452,7 @@ pub fn record<'a>(ev: &KernelEvent, policies: &'a PolicySet, clock: &Clock, ppid
             });
             (r.decision, r.rule, r.reversibility, r.rollback) = (Some(decision_name(n.decision)), Some(rule), Some(class), rollback);
             r.enforcement = Some("enforced");
-            r.detail = Detail::Net { ip, port: n.port, protocol, rule_index: n.rule_id };
+            r.detail = Detail::Net { ip, port: n.port, protocol, rule_index: n.rule_id, approval: Approval { state: n.approval, id: n.approval_id } };
         }
         KernelEvent::File(f) => {
             r.kind = "file";
@@ -434,7 +466,7 @@ pub fn record<'a>(ev: &KernelEvent, policies: &'a PolicySet, clock: &Clock, ppid
             });
             (r.decision, r.rule, r.reversibility, r.rollback) = (Some(decision_name(f.decision)), Some(rule), Some(class), rollback);
             r.enforcement = Some(if f.enforcement == Enforcement::Observed as u32 { "contained" } else { "enforced" });
-            r.detail = Detail::File { path, rule_index: f.rule_id };
+            r.detail = Detail::File { path, rule_index: f.rule_id, approval: Approval { state: f.approval, id: f.approval_id } };
         }
     }
     r
@@ -489,8 +521,10 @@ mod tests {
             protocol: libc::IPPROTO_TCP as u32,
             family: libc::AF_INET as u16,
             port: 5432,
-            _pad: 0,
+            approval: 0,
             addr: [10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            approval_id: 0,
+            _pad: 0,
         })
     }
 

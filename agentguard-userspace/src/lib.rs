@@ -1,5 +1,6 @@
 //! The agentguard daemon and CLI, as a library so integration tests drive the
 //! same loader, decoder, policy compiler and daemon the binary uses.
+pub mod approvals;
 pub mod audit;
 pub mod btf;
 pub mod cgroups;

@@ -76,6 +76,34 @@ enum Command {
     Thaw(KillswitchArgs),
     /// Kill every process of an agent and confirm none is left.
     Kill(KillswitchArgs),
+    /// Actions held for a human by `approve` rules, pending an answer.
+    Approvals {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let a held action through when the agent retries it (same session,
+    /// same action, same target), then thaw the agent.
+    #[command(group(clap::ArgGroup::new("how").args(["once", "for_duration"])))]
+    Approve {
+        id: u32,
+        /// One retry passes (the default).
+        #[arg(long)]
+        once: bool,
+        /// Every retry passes for this long (30s, 10m, 2h, 1d).
+        #[arg(long = "for", value_name = "DURATION")]
+        for_duration: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keep a held action refused and thaw the agent (or kill it).
+    Deny {
+        id: u32,
+        /// Kill every process of the agent instead of thawing it.
+        #[arg(long)]
+        kill: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Policy tools.
     Policy {
         #[command(subcommand)]
@@ -185,6 +213,9 @@ fn main() -> ExitCode {
         Command::Thaw(args) => args.run(&ctx, Action::Thaw),
         Command::Kill(args) => args.run(&ctx, Action::Kill),
         Command::Status { json } => cli::status(&ctx, json),
+        Command::Approvals { json } => cli::approvals(&ctx, json),
+        Command::Approve { id, once: _, for_duration, json } => cli::approve(&ctx, id, for_duration.as_deref(), json),
+        Command::Deny { id, kill, json } => cli::deny(&ctx, id, kill, json),
         Command::Policy { command: PolicyCommand::Check { paths } } => cli::policy_check(&paths),
         Command::Events(EventsArgs { agent, since, follow, json, log }) => {
             events_cli::events(&ctx, events_cli::EventsArgs { agent, since, follow, json, log })

@@ -282,6 +282,30 @@ impl Daemon {
         }
     }
 
+    /// `approvals --json`: the pending approvals.
+    pub fn approvals(&self) -> Vec<Value> {
+        let out = self.cli(&["approvals", "--json"]);
+        assert!(out.status.success(), "approvals failed: {}\ndaemon:\n{}", String::from_utf8_lossy(&out.stderr), self.stderr());
+        serde_json::from_slice::<Value>(&out.stdout).expect("approvals --json is JSON").as_array().cloned().unwrap_or_default()
+    }
+
+    /// Poll until a pending approval satisfies `pred`; returns it.
+    pub fn wait_approval(&self, timeout: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            if let Some(a) = self.approvals().into_iter().find(|a| pred(a)) {
+                return a;
+            }
+            assert!(start.elapsed() < timeout, "timed out waiting for approval {what}; pending: {:#?}\ndaemon:\n{}", self.approvals(), self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the kernel reports `agent`'s cgroup frozen.
+    pub fn frozen(&self, agent: &str) -> bool {
+        std::fs::read_to_string(self.cgroup_subtree().join(agent).join("cgroup.events")).is_ok_and(|t| t.lines().any(|l| l == "frozen 1"))
+    }
+
     pub fn cgroup_subtree(&self) -> PathBuf {
         agentguard::mounts::cgroup2_root().expect("cgroup2").join(&self.subtree)
     }

@@ -253,8 +253,22 @@ fn names_approvals_and_the_workspace_are_decided_per_rule() {
     assert_eq!(errno(&tb(&d, &f.ws, &["rename", s(&git.join("index.lock")), s(&git.join("index"))])), "ok");
     // A suffix rule anywhere, even in the workspace (it comes first).
     assert_eq!(errno(&tb(&d, &f.ws, &["unlink", s(&f.ws.join("db.bak"))])), "EPERM");
-    // approve holds (refuses until approvals exist).
-    assert_eq!(errno(&tb(&d, &f.ws, &["unlink", s(&f.held.join("x"))])), "EPERM");
+    // approve holds: refused, the agent frozen until a human answers
+    // (denied here; tests/tests/approvals.rs has the rest).
+    let bin = testbin();
+    let held = Command::new(agentguard_bin())
+        .arg("--config")
+        .arg(&d.config)
+        .args(["run", "--agent", AGENT, "--workspace", s(&f.ws), "--", s(&bin), "unlink", s(&f.held.join("x"))])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn agent");
+    let pending = d.wait_approval(WAIT, "the held unlink", |a| a["rule"] == "held");
+    assert!(f.held.join("x").exists(), "held, not done");
+    let denied = d.cli(&["deny", &pending["id"].to_string()]);
+    assert!(denied.status.success(), "deny: {denied:?}");
+    assert_eq!(errno(&held.wait_with_output().expect("wait")), "EPERM");
     // The workspace: allowed, and logged as audit.
     assert_eq!(errno(&tb(&d, &f.ws, &["unlink", s(&f.ws.join("scratch.txt"))])), "ok");
     make_tree(&f.ws.join("build"), 9);

@@ -147,11 +147,22 @@ fn tcp_and_udp_v4_v6_and_mapped_are_decided_per_rule() {
     let out = agent_run(&d, "netagent", &["connect", "tcp", &format!("[::1]:{pa}")]);
     assert_eq!(errno(&out), "ok", "the v4 rule does not apply to ::1: {out:?}");
 
-    // approve holds (denies until approvals exist) and says so in the log.
-    let out = agent_run(&d, "netagent", &["connect", "tcp", &format!("127.0.0.1:{}", e.port())]);
+    // approve holds: refused, the agent frozen until a human answers
+    // (denied here; tests/tests/approvals.rs has the rest), and logged.
+    let tb = testbin();
+    let held = d
+        .run_cmd("netagent", &[tb.to_str().expect("utf-8"), "connect", "tcp", &format!("127.0.0.1:{}", e.port())])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn agent");
+    let pending = d.wait_approval(WAIT, "the held connect", |a| a["rule"] == "hold-db");
+    let denied = d.cli(&["deny", &pending["id"].to_string()]);
+    assert!(denied.status.success(), "deny: {denied:?}");
+    let out = held.wait_with_output().expect("wait");
     assert_eq!(errno(&out), "EPERM", "approve must not let it through: {out:?}");
+    assert!(!e.accepted4());
     let ev = d.wait_event(WAIT, "approve event", |v| v["kind"] == "net" && v["port"] == e.port());
-    assert_eq!(ev["decision"], "approve");
+    assert_eq!((ev["decision"].as_str(), ev["approval"].as_str()), (Some("approve"), Some("held")));
 
     // An untagged process is never affected.
     let out = Command::new(testbin()).args(["connect", "tcp", &format!("127.0.0.1:{pa}")]).output().expect("run");

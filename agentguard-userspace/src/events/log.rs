@@ -205,6 +205,11 @@ impl EventLog {
         }
     }
 
+    /// The parent and ancestors of `pid` as the log records them.
+    pub fn ancestry(&mut self, pid: u32, session: u32) -> (Option<u32>, Vec<u32>) {
+        (self.procs.ppid(pid, session), self.procs.lineage(pid, session))
+    }
+
     /// Append a kernel event, enriched.
     pub fn append_kernel(&mut self, ev: &KernelEvent, policies: &PolicySet, clock: &Clock) -> io::Result<u64> {
         let h = *ev.header();

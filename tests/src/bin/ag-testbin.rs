@@ -17,7 +17,8 @@ fn usage() -> ! {
     eprintln!(
         "usage: ag-testbin connect tcp|udp ADDR:PORT | sendto ADDR:PORT | sleep SECS | threads N SECS | \
          vfork CMD... | clone3 CMD... | daemonize CMD... | unlink PATH | rmdir PATH | rename FROM TO | \
-         truncate PATH | open-trunc PATH | ftruncate PATH | unlinkat DIR NAME | link FROM TO | exec CMD... | connects ADDR:PORT N RATE now|stdin | connects-until ADDR:PORT STOPFILE | signal PID SIG | ptrace PID | bpf-obj-get PINPATH | counter DIR|- MS | tree N DIR|- MS | forkstorm DEPTH FANOUT SECS"
+         truncate PATH | open-trunc PATH | ftruncate PATH | unlinkat DIR NAME | link FROM TO | exec CMD... | connects ADDR:PORT N RATE now|stdin | connects-until ADDR:PORT STOPFILE | signal PID SIG | ptrace PID | bpf-obj-get PINPATH | counter DIR|- MS | tree N DIR|- MS | forkstorm DEPTH FANOUT SECS | \
+         steps STEP... (tcp=ADDR:PORT, udp=ADDR:PORT, unlink=PATH, wait=PATH, sock=SOCKET:JSON)"
     );
     exit(2)
 }
@@ -268,6 +269,7 @@ fn main() {
             report(if fd >= 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) })
         }
         ("counter", [dir, ms]) => counter_loop(dir, millis(ms)),
+        ("steps", steps) if !steps.is_empty() => run_steps(steps),
         ("tree", [n, dir, ms]) => tree(n.parse().unwrap_or_else(|_| usage()), dir, millis(ms)),
         ("forkstorm", [depth, fanout, secs]) => {
             // A lifetime in rounds of the fork loop, not a deadline: under a
@@ -521,4 +523,57 @@ fn connects(a: SocketAddr, n: u64, rate: u64, gated: bool) -> ! {
         let _ = stdin.read_line(&mut line);
     }
     exit(0)
+}
+
+/// `steps`: one action after another, each printed as `sN=ok|ERRNO` (N from
+/// 1; `wait` steps print nothing): an agent that retries after a human
+/// answered, or tries another target. `sock=PATH:JSON` sends one request
+/// line to a Unix socket and prints the answer line as `sN=...`.
+fn run_steps(steps: &[String]) -> ! {
+    let mut n = 0;
+    for step in steps {
+        let Some((what, arg)) = step.split_once('=') else { usage() };
+        if what == "wait" {
+            while !std::path::Path::new(arg).exists() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            continue;
+        }
+        n += 1;
+        let r = match what {
+            "tcp" => TcpStream::connect_timeout(&addr(arg), Duration::from_secs(3)).map(drop),
+            "udp" => {
+                let a = addr(arg);
+                UdpSocket::bind(if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).and_then(|s| s.connect(a))
+            }
+            "unlink" => std::fs::remove_file(arg),
+            "sock" => {
+                let Some((path, line)) = arg.split_once(':') else { usage() };
+                match sock_request(path, line) {
+                    Ok(answer) => {
+                        println!("s{n}={}", answer.trim());
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            _ => usage(),
+        };
+        match r {
+            Ok(()) => println!("s{n}=ok"),
+            Err(e) => println!("s{n}={}", errno_name(&e)),
+        }
+    }
+    exit(0)
+}
+
+fn sock_request(path: &str, line: &str) -> std::io::Result<String> {
+    use std::io::{BufRead as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // A refusal may come before the request is read: ignore a failed write.
+    let _ = s.write_all(format!("{line}\n").as_bytes());
+    let mut answer = String::new();
+    std::io::BufReader::new(&s).read_line(&mut answer)?;
+    Ok(answer)
 }
