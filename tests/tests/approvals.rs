@@ -192,6 +192,8 @@ fn approve_once_lets_the_same_retry_through_once_and_nothing_else() {
     );
     let granted = d.events().into_iter().find(|e| e["kind"] == "approval_granted").expect("granted line");
     assert!(granted["by"]["pid"].as_u64().is_some(), "who approved is recorded: {granted:#}");
+    // Every line, the approval lines included, fits the published schema.
+    cli_ok(&d, &["audit", "verify", "--schema"]);
 }
 
 /// `approve --for` lets every retry of that action through until it ends.

@@ -18,7 +18,8 @@ fn usage() -> ! {
         "usage: ag-testbin connect tcp|udp ADDR:PORT | sendto ADDR:PORT | sleep SECS | threads N SECS | \
          vfork CMD... | clone3 CMD... | daemonize CMD... | unlink PATH | rmdir PATH | rename FROM TO | \
          truncate PATH | open-trunc PATH | ftruncate PATH | unlinkat DIR NAME | link FROM TO | exec CMD... | connects ADDR:PORT N RATE now|stdin | connects-until ADDR:PORT STOPFILE | signal PID SIG | ptrace PID | bpf-obj-get PINPATH | counter DIR|- MS | tree N DIR|- MS | forkstorm DEPTH FANOUT SECS | \
-         steps STEP... (tcp=ADDR:PORT, udp=ADDR:PORT, unlink=PATH, wait=PATH, sock=SOCKET:JSON)"
+         steps STEP... (tcp=ADDR:PORT, udp=ADDR:PORT, unlink=PATH, wait=PATH, sock=SOCKET:JSON) | \
+         hold-loop tcp|unlink ADDR|PATH"
     );
     exit(2)
 }
@@ -270,6 +271,7 @@ fn main() {
         }
         ("counter", [dir, ms]) => counter_loop(dir, millis(ms)),
         ("steps", steps) if !steps.is_empty() => run_steps(steps),
+        ("hold-loop", [what, arg]) => hold_loop(what, arg),
         ("tree", [n, dir, ms]) => tree(n.parse().unwrap_or_else(|_| usage()), dir, millis(ms)),
         ("forkstorm", [depth, fanout, secs]) => {
             // A lifetime in rounds of the fork loop, not a deadline: under a
@@ -576,4 +578,30 @@ fn sock_request(path: &str, line: &str) -> std::io::Result<String> {
     let mut answer = String::new();
     std::io::BufReader::new(&s).read_line(&mut answer)?;
     Ok(answer)
+}
+
+/// `hold-loop`: for each line on stdin, print `t0=NS` (CLOCK_MONOTONIC),
+/// try the action at once, print `r=ok|ERRNO`: the B7 harness times the
+/// attempt to the agent's cgroup being frozen.
+fn hold_loop(what: &str, arg: &str) -> ! {
+    use std::io::BufRead as _;
+    for line in std::io::stdin().lock().lines() {
+        if line.is_err() {
+            break;
+        }
+        let t0 = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+            .unwrap_or(0);
+        println!("t0={t0}");
+        let r = match what {
+            "tcp" => TcpStream::connect_timeout(&addr(arg), Duration::from_secs(3)).map(drop),
+            "unlink" => std::fs::remove_file(arg),
+            _ => usage(),
+        };
+        match r {
+            Ok(()) => println!("r=ok"),
+            Err(e) => println!("r={}", errno_name(&e)),
+        }
+    }
+    exit(0)
 }
