@@ -233,6 +233,7 @@ pub fn status(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
         println!("pending approvals: {}", v["pending_approvals"].as_array().map_or(0, Vec::len));
         println!("events logged: {}, decode errors: {}", v["events_logged"], v["decode_errors"]);
         println!("kernel counters: {}", v["kernel_counters"]);
+        println!("approvals pending: {} (`agentguard approvals`)", v["approvals_pending"]);
         if let Some(detail) = v["file_enforcement"]["detail"].as_str() {
             println!("file actions: {detail}");
         }

@@ -936,6 +936,7 @@ policy rejected; the previous policy stays in force"))?;
             "file_enforcement": self.file_enforcement(),
             "events_logged": self.events_logged,
             "decode_errors": self.decode_errors,
+            "approvals_pending": self.approvals.pending.len(),
             "kernel_counters": counters,
             "audit": self.log.status(),
         });
