@@ -133,7 +133,10 @@ fn main() {
     let selected: Vec<&String> = args
         .iter()
         .enumerate()
-        .filter(|(i, a)| !a.starts_with("--") && !(*i > 0 && args[i - 1] == "--json"))
+        .filter(|(i, a)| {
+            let is_json_path = *i > 0 && args[i - 1] == "--json";
+            !a.starts_with("--") && !is_json_path
+        })
         .map(|(_, a)| a)
         .collect();
     if !selected.is_empty() && !selected.iter().any(|a| a.eq_ignore_ascii_case("b7")) {
