@@ -196,7 +196,8 @@ fn approve_once_lets_the_same_retry_through_once_and_nothing_else() {
     cli_ok(&d, &["audit", "verify", "--schema"]);
 }
 
-/// `approve --for` lets every retry of that action through until it ends.
+/// `approve --for` lets every retry of that action through until it ends,
+/// and only the session that was held.
 #[test]
 fn approve_for_a_duration_lets_each_retry_through() {
     let p = listener();
@@ -217,6 +218,18 @@ fn approve_for_a_duration_lets_each_retry_through() {
         assert!(accepted(&p), "each retry reached the listener");
     }
     assert!(d.approvals().is_empty());
+
+    // The grant is the session's: another session of the same agent, same
+    // target, while the grant still runs, is held.
+    let first_session = a1["session"].clone();
+    let other = spawn_steps(&d, AGENT, &[format!("tcp=127.0.0.1:{}", port(&p))]);
+    let a2 = d.wait_approval(WAIT, "the other session's connect", |_| true);
+    assert_ne!(a2["session"], first_session, "{a2:#}");
+    assert_eq!(a2["target"], a1["target"]);
+    cli_ok(&d, &["deny", &id_of(&a2)]);
+    let out = wait_exit(other, "the other session", &d);
+    assert_eq!(fact(&out.stdout, "s1").as_deref(), Some("EPERM"), "{out:?}");
+    assert!(!accepted(&p), "the other session got nothing through");
 }
 
 /// Unanswered approvals expire into a deny (the agent is thawed and the
