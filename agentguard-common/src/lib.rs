@@ -49,6 +49,10 @@ pub mod maps {
     /// checked by the network and file programs before an `approve` rule
     /// holds the action (approvals.rs in the daemon writes them).
     pub const GRANTS: &str = "AG_GRANTS";
+    /// Ring buffer of [`crate::HoldEvent`]s, kernel → the daemon's hold
+    /// thread: one per held action, so the agent is frozen without waiting
+    /// for the main event stream.
+    pub const HOLDS: &str = "AG_HOLDS";
 }
 
 /// Names of the programs (the Rust function names in agentguard-ebpf).
@@ -154,6 +158,8 @@ pub mod limits {
     pub const FILE_BASE_PREFIX_MAX: usize = 32;
     /// Approval grants alive at once (all agents together).
     pub const MAX_GRANTS: u32 = 4_096;
+    /// Size of the holds ring in bytes (a power of two, a multiple of the page size).
+    pub const HOLDS_RING_BYTES: u32 = 64 * 1024;
 }
 
 /// Kinds of event. The first field of every event record.
@@ -799,6 +805,19 @@ pub struct GrantKey {
     pub target: [u8; 16],
 }
 const _: () = assert!(core::mem::size_of::<GrantKey>() == 32);
+
+/// An action was held for approval (one per held attempt, in
+/// [`maps::HOLDS`]): which process, so its agent can be frozen at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HoldEvent {
+    pub header: EventHeader,
+    /// [`grant_kind`]: NET, or FILE (the process is also stopped, and must
+    /// be continued once its cgroup is freezing).
+    pub kind: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<HoldEvent>() == 40);
 
 /// Value of [`maps::GRANTS`].
 #[repr(C)]

@@ -26,7 +26,7 @@ use crate::{
     filejudge::{approval_of, judge, record},
     filepath::{self, Built, FileScratch},
     kstructs::{dentry_inode, fd_file, off, path_parts, read_u32},
-    shared::{current_tag, decide_unreadable, granted, hook_flag, HOOKS},
+    shared::{current_tag, decide_unreadable, granted, hook_flag, notify_hold, HOOKS},
 };
 
 const SIGSTOP: u32 = 19;
@@ -71,6 +71,9 @@ fn observe(tag: Tag, op: FileOp, ops: u32, inode: u64, build: impl FnOnce(&mut F
     if verdict.0.blocks() && !granted(grant.0) {
         // SAFETY: signals the current process; no pointers involved.
         unsafe { bpf_send_signal(SIGSTOP) };
+        if verdict.0 == agentguard_common::Decision::Approve {
+            notify_hold(tag, agentguard_common::grant_kind::FILE);
+        }
     }
     record(tag, op, verdict, Enforcement::Observed, grant, s, built, false);
 }

@@ -15,7 +15,7 @@
 //! An LSM program returns 0 to allow or a negative errno to refuse. When an
 //! earlier LSM already refused (the hook's last `ret` argument is non-zero),
 //! that verdict is passed through unchanged.
-use agentguard_common::{file_ops, Decision, Enforcement, FileOp};
+use agentguard_common::{file_ops, grant_kind, Decision, Enforcement, FileOp};
 use aya_ebpf::{macros::lsm, programs::LsmContext};
 
 use aya_ebpf::helpers::generated::bpf_send_signal;
@@ -24,7 +24,7 @@ use crate::{
     filejudge::{approval_of, judge, record},
     filepath::{self, Built, FileScratch},
     kstructs::{dentry_inode, off, path_parts},
-    shared::{current_tag, decide_unreadable, granted},
+    shared::{current_tag, decide_unreadable, granted, notify_hold},
 };
 
 const EPERM: i32 = 1;
@@ -51,17 +51,19 @@ fn decide(op: FileOp, ops: u32, split: bool, inode: u64, build: impl FnOnce(&mut
         Err(()) => ((decide_unreadable(), 0), None),
     };
     let grant = approval_of(tag, op, verdict, s, built);
-    record(tag, op, verdict, Enforcement::Enforced, grant, s, built, split);
-    if granted(grant.0) {
-        return 0;
-    }
-    if verdict.0 == Decision::Approve {
+    if verdict.0 == Decision::Approve && !granted(grant.0) {
         // Held for a human: stop the whole process at the attempt (the
         // signal takes effect before the syscall returns to it); the daemon
         // freezes the agent's cgroup and lets this process continue into
-        // the frozen state, so it sees EPERM only once it is thawed.
+        // the frozen state, so it sees EPERM only once it is thawed. The
+        // signal goes first, so the daemon's SIGCONT always comes after it.
         // SAFETY: signals the current process; no pointers involved.
         unsafe { bpf_send_signal(SIGSTOP) };
+        notify_hold(tag, grant_kind::FILE);
+    }
+    record(tag, op, verdict, Enforcement::Enforced, grant, s, built, split);
+    if granted(grant.0) {
+        return 0;
     }
     verdict_errno(verdict.0)
 }

@@ -22,8 +22,8 @@ use aya_ebpf::{
 };
 
 use crate::shared::{
-    agent_config, current_tag, decide_unreadable, emit_flags, granted, header, use_grant,
-    RB_FORCE_WAKEUP,
+    agent_config, current_tag, decide_unreadable, emit_flags, granted, header, notify_hold,
+    use_grant, RB_FORCE_WAKEUP,
 };
 
 const AF_INET: u16 = 2;
@@ -139,7 +139,12 @@ fn decide(ctx: &SockAddrContext, hook: NetHook) -> i32 {
     } else {
         (approval::NONE, 0)
     };
-    let flags = if approval == approval::HELD { RB_FORCE_WAKEUP } else { 0 };
+    let flags = if approval == approval::HELD {
+        notify_hold(tag, grant_kind::NET);
+        RB_FORCE_WAKEUP
+    } else {
+        0
+    };
     emit_flags(
         NetEvent {
             header: header(EventKind::Net, tag),

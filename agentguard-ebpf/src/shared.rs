@@ -1,7 +1,7 @@
 //! Maps shared by every program, the event emitter and the counters.
 use agentguard_common::{
     approval, limits, AgentConfig, Counter, Decision, EventHeader, EventKind, Grant, GrantKey,
-    HookFlag, PathKey, StateSlot, Tag, COUNTER_SLOTS, HOOK_SLOTS, STATE_SLOTS,
+    HoldEvent, HookFlag, PathKey, StateSlot, Tag, COUNTER_SLOTS, HOOK_SLOTS, STATE_SLOTS,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns},
@@ -87,6 +87,21 @@ pub fn use_grant(key: &GrantKey) -> (u32, u32) {
         };
     }
     (approval::GRANTED, grant.approval_id)
+}
+
+#[map(name = "AG_HOLDS")]
+pub static HOLDS: RingBuf = RingBuf::with_byte_size(limits::HOLDS_RING_BYTES, 0);
+
+/// Tell the daemon's hold thread that the current process's action was
+/// held (`kind`: a [`agentguard_common::grant_kind`]). Best effort: the
+/// main event, which carries the same fact, freezes the agent too.
+#[inline(always)]
+pub fn notify_hold(tag: Tag, kind: u32) {
+    if let Some(mut entry) = HOLDS.reserve::<HoldEvent>(0) {
+        // The header's kind is unused on this ring (one record type).
+        entry.write(HoldEvent { header: header(EventKind::Net, tag), kind, _pad: 0 });
+        entry.submit(RB_FORCE_WAKEUP);
+    }
 }
 
 /// Whether an action under `approval` goes ahead (a grant let it through).

@@ -81,6 +81,9 @@ pub struct Approval {
     pub created: String,
     pub expires: String,
     pub expires_ns: i64,
+    /// CLOCK_MONOTONIC of the kernel's hook when it held the action.
+    #[serde(default)]
+    pub held_ktime_ns: u64,
     /// The agent as the killswitch names it (its cgroup): the name given to
     /// `agentguard run --agent`, or the policy's.
     pub agent: String,
@@ -357,6 +360,7 @@ mod tests {
             created: "t".into(),
             expires: "t".into(),
             expires_ns: 100,
+            held_ktime_ns: 1,
             agent: "a".into(),
             policy: None,
             agent_id: 1,

@@ -162,6 +162,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("cannot poll the events ring buffer: {e}"))?;
 
+    // Held actions freeze their agent on a thread of their own (holdfast.rs).
+    let holds = ebpf.take_map(maps::HOLDS).context("the eBPF object has no holds ring buffer")?;
+    let holds = RingBuf::try_from(holds).context("AG_HOLDS is not a ring buffer")?;
+    crate::holdfast::spawn(holds, tree.root.clone(), tree.base.clone()).context("cannot start the hold thread")?;
+
     let mut log = EventLog::open(&config)
         .with_context(|| format!("cannot open event log {}", config.events_log.display()))?;
     log.attach_kernel(&mut ebpf).context("cannot reach the event log's fail-closed state in the kernel")?;

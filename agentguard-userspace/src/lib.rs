@@ -15,6 +15,7 @@ pub mod doctor;
 pub mod events;
 pub mod filemaps;
 pub mod filerules;
+pub mod holdfast;
 pub mod fmode;
 pub mod incident;
 pub mod killswitch;

@@ -198,6 +198,7 @@ impl State {
             created: events::rfc3339(i128::from(created_ns)),
             expires: events::rfc3339(i128::from(expires_ns)),
             expires_ns,
+            held_ktime_ns: h.ktime_ns,
             agent: agent.clone(),
             policy,
             agent_id: h.agent_id,
