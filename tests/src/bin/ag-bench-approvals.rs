@@ -12,13 +12,16 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::TcpListener,
     os::fd::AsFd as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, ChildStdin, ChildStdout, Stdio},
     time::{Duration, Instant},
 };
 
 use agentguard::control::{self, Request};
-use agentguard_tests::daemon::{testbin, Daemon};
+use agentguard_tests::{
+    bench::{self, Row, Spread},
+    daemon::{testbin, Daemon},
+};
 use nix::poll::{ppoll, PollFd, PollFlags};
 use serde_json::{json, Value};
 
@@ -150,23 +153,31 @@ fn rounds(d: &Daemon, agent: &mut Agent, rounds: usize, before: &dyn Fn()) -> Va
     })
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let json_out = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).map(PathBuf::from);
-    let selected: Vec<&String> = args
-        .iter()
-        .enumerate()
-        .filter(|(i, a)| {
-            let is_json_path = *i > 0 && args[i - 1] == "--json";
-            !a.starts_with("--") && !is_json_path
+/// The summary: p99 of hook to frozen against B7's target, per kind of
+/// action, with the median and the daemon's own share in the note.
+fn summary(net: &Value, file: &Value, file_mode: &str) -> Vec<Row> {
+    let ms = |v: &Value, k: &str| v[k].as_u64().map_or(f64::NAN, |us| us as f64 / 1000.0);
+    [("held connect", net, "network (cgroup_sock_addr)".to_owned()), ("held unlink", file, format!("file ({file_mode})"))]
+        .into_iter()
+        .map(|(what, v, setup)| {
+            let p99 = ms(v, "p99_us");
+            let w = &v["hook_to_freeze_write"];
+            Row::new("B7", format!("{what} to agent frozen (p99)"), setup)
+                .figure(p99, "ms", Spread::Tail(vec![("median", ms(v, "median_us")), ("max", ms(v, "max_us"))]))
+                .target("<= 10 ms", Some(p99 <= 10.0))
+                .note(format!(
+                    "{} rounds; hook to the daemon's freeze write: median {:.2} ms, p99 {:.2} ms",
+                    v["rounds"],
+                    ms(w, "median_us"),
+                    ms(w, "p99_us")
+                ))
         })
-        .map(|(_, a)| a)
-        .collect();
-    if !selected.is_empty() && !selected.iter().any(|a| a.eq_ignore_ascii_case("b7")) {
-        eprintln!("B7 not selected");
-        return;
-    }
+        .collect()
+}
+
+fn main() {
+    let args = bench::Args::from_env();
+    args.exit_unless_any("ag-bench-approvals", &["b7"]);
     // The instrument must not add its own wait for the CPU to the figure:
     // this process watches `cgroup.events` at SCHED_FIFO, reset on fork so
     // the daemon and the agent it starts run at normal priority (the
@@ -176,7 +187,7 @@ fn main() {
     if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param) } != 0 {
         eprintln!("B7: cannot run the harness at real-time priority ({}); its own wake-ups count in the figures", std::io::Error::last_os_error());
     }
-    let n = if quick { 30 } else { 200 };
+    let n = if args.quick { 30 } else { 200 };
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let scratch = std::env::temp_dir().join(format!("ag-bench-b7-{}", std::process::id()));
@@ -204,24 +215,7 @@ fn main() {
     drop(d);
     let _ = std::fs::remove_dir_all(&scratch);
 
-    println!("{:<4} {:<52} {:>7} {:>10} {:>10} {:>10} {:>10}", "id", "what", "rounds", "median", "p99", "max", "target");
-    for (what, v) in [("held connect to agent frozen", &net), (&*format!("held unlink to agent frozen ({file_mode})"), &file)] {
-        let ms = |v: &Value, k: &str| format!("{:.2} ms", v[k].as_u64().unwrap_or(0) as f64 / 1000.0);
-        println!("{:<4} {:<52} {:>7} {:>10} {:>10} {:>10} {:>10}", "B7", what, v["rounds"].to_string(), ms(v, "median_us"), ms(v, "p99_us"), ms(v, "max_us"), "p99 10 ms");
-        let w = &v["hook_to_freeze_write"];
-        println!("{:<4} {:<52} {:>7} {:>10} {:>10} {:>10} {:>10}", "", "  of which hook to the daemon's freeze write", w["samples"].to_string(), ms(w, "median_us"), ms(w, "p99_us"), ms(w, "max_us"), "");
-    }
-    let doc = json!({
-        "bench": "B7",
-        "quick": quick,
-        "net": net,
-        "file": file,
-        "file_mode": file_mode,
-        "targets": { "p99_us": 10_000 },
-    });
-    println!("{}", serde_json::to_string(&doc).expect("json"));
-    if let Some(path) = json_out {
-        let mut f = std::fs::File::create(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-        writeln!(f, "{}", serde_json::to_string_pretty(&doc).expect("json")).expect("write json");
-    }
+    let rows = summary(&net, &file, &file_mode);
+    let doc = json!({ "bench": "ag-bench-approvals", "net": net, "file": file, "file_mode": file_mode });
+    args.write(doc, &rows);
 }
