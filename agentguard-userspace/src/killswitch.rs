@@ -396,7 +396,11 @@ impl Killswitch {
         }
         let want = if frozen { "frozen 1" } else { "frozen 0" };
         for (agent, dir, mut events, start) in pending {
-            let confirmed = events.wait_for(want, deadline)?;
+            // A thaw can be overtaken by a new freeze (an approval hold
+            // freezing the agent the moment it runs again): once
+            // `cgroup.freeze` says 1 again, the thaw happened and is over.
+            let superseded = || !frozen && std::fs::read_to_string(dir.join("cgroup.freeze")).is_ok_and(|v| v.trim() == "1");
+            let confirmed = events.wait_for_or(want, deadline, superseded)?;
             let elapsed = start.elapsed();
             let pids = pids_below(&dir);
             outcomes.push(outcome(action, agent, Method::Cgroup2, pids, elapsed, confirmed));
@@ -523,8 +527,13 @@ impl EventsFile {
 
     /// Wait until the file has the line `want`; false when `deadline` passed.
     fn wait_for(&mut self, want: &str, deadline: Instant) -> Result<bool, KillswitchError> {
+        self.wait_for_or(want, deadline, || false)
+    }
+
+    /// [`Self::wait_for`], also ending (true) as soon as `done()` holds.
+    fn wait_for_or(&mut self, want: &str, deadline: Instant, done: impl Fn() -> bool) -> Result<bool, KillswitchError> {
         loop {
-            if self.read()?.lines().any(|l| l == want) {
+            if self.read()?.lines().any(|l| l == want) || done() {
                 return Ok(true);
             }
             let now = Instant::now();
