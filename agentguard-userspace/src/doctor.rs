@@ -175,7 +175,9 @@ fn probe_sock_addr(ebpf: &mut aya::Ebpf, cgroup: &Path) -> Result<(), String> {
 /// bpf_d_path in path_unlink). Doctor's maps hold no tags, so attaching them
 /// for the probe affects no process.
 fn probe_lsm(ebpf: &mut aya::Ebpf) -> Result<(), String> {
-    loader::PROBES.iter().try_for_each(|p| {
+    // The file programs only: the file veto is what this probe answers for
+    // (self-protection is reported by the daemon's status).
+    loader::PROBES.iter().filter(|p| p.class == loader::ActionClass::File).try_for_each(|p| {
         let loader::ProbeKind::Lsm { hook, args } = p.kind else { return Ok(()) };
         match loader::lsm_hook_check(hook, args) {
             // A hook this kernel does not have (file_truncate before 6.2):
