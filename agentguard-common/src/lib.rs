@@ -79,6 +79,7 @@ pub mod programs {
     pub const PROTECT_TASK_KILL: &str = "protect_task_kill";
     pub const PROTECT_PTRACE: &str = "protect_ptrace";
     pub const PROTECT_BPF: &str = "protect_bpf";
+    pub const PROTECT_BPF4: &str = "protect_bpf4";
     // Fallback observation: syscall tracepoints (fileobs.rs), one program per
     // tracepoint, named after it.
     pub const OBS_UNLINK: &str = "sys_enter_unlink";
@@ -120,7 +121,6 @@ pub mod globals {
     /// BTF is unavailable, and the exit event then carries no status).
     pub const TASK_EXIT_CODE_OFF: &str = "TASK_EXIT_CODE_OFF";
     pub const TASK_TGID_OFF: &str = "TASK_TGID_OFF";
-    pub const BPF_HOOK_ARGS: &str = "BPF_HOOK_ARGS";
 }
 
 /// Capacities. Changing one changes the size of a map, never an event layout.

@@ -15,18 +15,11 @@ const EPERM: i32 = 1;
 /// `task_struct.tgid` (from BTF); 0: unknown, signals and ptrace are not judged.
 #[unsafe(no_mangle)]
 static TASK_TGID_OFF: Global<u32> = Global::new(0);
-/// How many parameters this kernel's `bpf` LSM hook takes (3 up to 6.8,
-/// 4 from the `kernel` flag on): its verdict argument follows them. A
-/// read-only global, so the verifier prunes the branch this kernel lacks.
-#[unsafe(no_mangle)]
-static BPF_HOOK_ARGS: Global<u32> = Global::new(3);
-
 /// Whether `task` (a `struct task_struct *`) is the daemon's process.
 #[inline(always)]
 fn is_daemon(task: u64) -> bool {
     let off = TASK_TGID_OFF.load();
-    // SAFETY: a plain array slot.
-    let daemon = unsafe { HOOKS.get(HookFlag::DaemonTgid as u32) }.copied().unwrap_or(0);
+    let daemon = HOOKS.get(HookFlag::DaemonTgid as u32).copied().unwrap_or(0);
     if off == 0 || daemon == 0 || task == 0 {
         return false;
     }
@@ -58,10 +51,23 @@ pub fn protect_ptrace(ctx: LsmContext) -> i32 {
     if current_tag().is_some() && is_daemon(ctx.arg(0)) { -EPERM } else { 0 }
 }
 
-/// security_bpf(cmd, attr, size[, kernel]): no bpf() for agents.
+/// security_bpf(cmd, attr, size): no bpf() for agents. The hook gained a
+/// fourth parameter in later kernels, which moves the verdict argument: one
+/// program per shape, the loader attaches the one this kernel's BTF matches
+/// (a ctx offset must be a constant for the verifier).
 #[lsm(hook = "bpf")]
 pub fn protect_bpf(ctx: LsmContext) -> i32 {
-    let previous: i32 = if BPF_HOOK_ARGS.load() == 4 { ctx.arg(4) } else { ctx.arg(3) };
+    bpf_verdict(ctx.arg(3))
+}
+
+/// security_bpf(cmd, attr, size, kernel).
+#[lsm(hook = "bpf")]
+pub fn protect_bpf4(ctx: LsmContext) -> i32 {
+    bpf_verdict(ctx.arg(4))
+}
+
+#[inline(always)]
+fn bpf_verdict(previous: i32) -> i32 {
     if previous != 0 {
         return previous;
     }

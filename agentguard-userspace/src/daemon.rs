@@ -231,6 +231,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         );
         systemd::ready(&format!("enforcing for {} agent policies", s.policies.agents.len()));
     }
+    // Start-up parsed the kernel's BTF and the object (tens of MiB, freed):
+    // give those pages back rather than keep them resident while idle (B8).
+    loader::release_kernel_btf();
+    // SAFETY: plain glibc call, no preconditions.
+    unsafe { libc::malloc_trim(0) };
     println!("agentguard daemon ready");
 
     let events_task = tokio::spawn(read_events(ring, state.clone()));

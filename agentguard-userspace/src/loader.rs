@@ -153,8 +153,10 @@ pub const PROBES: &[ProbeSpec] = &[
     lsm(programs::LSM_PATH_LINK, "path_link", 3),
     protect(programs::PROTECT_TASK_KILL, "task_kill", 4),
     protect(programs::PROTECT_PTRACE, "ptrace_access_check", 2),
-    // 3 parameters up to 6.8, 4 after: the program reads BPF_HOOK_ARGS.
-    protect(programs::PROTECT_BPF, "bpf", 0),
+    // The bpf hook has 3 or 4 parameters depending on the kernel: one
+    // program per shape; the other is skipped (lsm_hook_check).
+    protect(programs::PROTECT_BPF, "bpf", 3),
+    protect(programs::PROTECT_BPF4, "bpf", 4),
     observe(programs::OBS_UNLINK, "sys_enter_unlink"),
     observe(programs::OBS_UNLINKAT, "sys_enter_unlinkat"),
     observe(programs::OBS_RMDIR, "sys_enter_rmdir"),
@@ -186,8 +188,7 @@ const fn lsm(program: &'static str, hook: &'static str, args: usize) -> ProbeSpe
     }
 }
 
-/// A self-protection probe (BPF-LSM): optional, always attached. `args` 0:
-/// the program adapts to the hook's parameter count on this kernel.
+/// A self-protection probe (BPF-LSM): optional, always attached.
 const fn protect(program: &'static str, hook: &'static str, args: usize) -> ProbeSpec {
     ProbeSpec {
         program,
@@ -264,7 +265,7 @@ pub fn load_object_with(pins: Option<&Pins>) -> Result<Ebpf, LoadError> {
     // the zeros they would read are never used.
     let offsets = kernel_offsets().clone().unwrap_or_default();
     let exit_code_off = task_exit_code_offset();
-    let (tgid_off, bpf_hook_args) = self_protect_globals();
+    let tgid_off = task_tgid_offset();
     let pinned: Vec<(String, PathBuf)> = pins
         .map(|p| pins::pinned_map_names().into_iter().map(|n| (p.map(&n), n)).map(|(path, n)| (n, path)).collect())
         .unwrap_or_default();
@@ -276,7 +277,6 @@ pub fn load_object_with(pins: Option<&Pins>) -> Result<Ebpf, LoadError> {
         .override_global(globals::KERNEL_OFFSETS, &offsets, true)
         .override_global(globals::TASK_EXIT_CODE_OFF, &exit_code_off, true)
         .override_global(globals::TASK_TGID_OFF, &tgid_off, true)
-        .override_global(globals::BPF_HOOK_ARGS, &bpf_hook_args, true)
         .map_max_entries(maps::EVENTS, EVENTS_RING_BYTES.load(std::sync::atomic::Ordering::Relaxed));
     for (name, path) in &pinned {
         loader.map_pin_path(name.as_str(), path.as_path());
@@ -289,26 +289,31 @@ pub fn load_object_with(pins: Option<&Pins>) -> Result<Ebpf, LoadError> {
 pub static EVENTS_RING_BYTES: std::sync::atomic::AtomicU32 =
     std::sync::atomic::AtomicU32::new(agentguard_common::limits::EVENTS_RING_BYTES);
 
-/// This kernel's BTF, parsed once.
-fn kernel_btf() -> &'static Result<crate::btf::Btf, String> {
-    static BTF: OnceLock<Result<crate::btf::Btf, String>> = OnceLock::new();
-    BTF.get_or_init(|| crate::btf::Btf::from_sys_fs().map_err(|e| e.to_string()))
+/// This kernel's BTF, parsed once and kept until [`release_kernel_btf`].
+fn kernel_btf() -> std::sync::Arc<Result<crate::btf::Btf, String>> {
+    let mut cached = KERNEL_BTF.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    cached.get_or_insert_with(|| std::sync::Arc::new(crate::btf::Btf::from_sys_fs().map_err(|e| e.to_string()))).clone()
 }
 
-/// `task_struct.tgid` and the `bpf` LSM hook's parameter count, from BTF,
-/// for selfprotect.rs (0 and 3 where this kernel has no BTF: the programs
-/// then judge no signal or ptrace).
-fn self_protect_globals() -> (u32, u32) {
-    let Ok(btf) = kernel_btf() else { return (0, 3) };
-    let tgid = btf.member_offset("task_struct", "tgid").unwrap_or(0);
-    let args = btf.func_params("bpf_lsm_bpf").and_then(|n| u32::try_from(n).ok()).unwrap_or(3);
-    (tgid, args)
+static KERNEL_BTF: std::sync::Mutex<Option<std::sync::Arc<Result<crate::btf::Btf, String>>>> = std::sync::Mutex::new(None);
+
+/// Drop the parsed BTF (tens of MiB) once loading is done: an idle daemon
+/// should not keep it resident (B8). A later need parses it again.
+pub fn release_kernel_btf() {
+    *KERNEL_BTF.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+}
+
+/// `task_struct.tgid` from BTF, for selfprotect.rs (0 where this kernel
+/// has no BTF: the programs then judge no signal or ptrace).
+fn task_tgid_offset() -> u32 {
+    kernel_btf().as_ref().as_ref().ok().and_then(|b| b.member_offset("task_struct", "tgid").ok()).unwrap_or(0)
 }
 
 /// `task_struct.exit_code` from BTF, for the exit event's status; 0 (no
 /// status in exit events) where this kernel has no BTF.
 fn task_exit_code_offset() -> u32 {
     let found = kernel_btf()
+        .as_ref()
         .as_ref()
         .map_err(Clone::clone)
         .and_then(|b| b.member_offset("task_struct", "exit_code").map_err(|e| e.to_string()));
@@ -323,7 +328,8 @@ fn task_exit_code_offset() -> u32 {
 pub fn kernel_offsets() -> &'static Result<KernelOffsets, String> {
     static OFFSETS: OnceLock<Result<KernelOffsets, String>> = OnceLock::new();
     OFFSETS.get_or_init(|| {
-        let btf = kernel_btf().as_ref().map_err(Clone::clone)?;
+        let btf = kernel_btf();
+        let btf = btf.as_ref().as_ref().map_err(Clone::clone)?;
         let mut o = btf.kernel_offsets().map_err(|e| e.to_string())?;
         let field = |name: &str, f: &str| tracefs::field_offset("syscalls", name, f).map_err(|e| e.to_string());
         o.syscall_args = field("sys_enter_unlinkat", "dfd")?;
@@ -467,7 +473,11 @@ pub fn lsm_hook_check(hook: &str, args: usize) -> Result<(), ProbeState> {
     let Ok(btf) = crate::btf::Btf::from_sys_fs() else { return Ok(()) };
     match btf.func_params(&format!("bpf_lsm_{hook}")) {
         None => Err(ProbeState::Skipped { reason: format!("this kernel has no {hook} LSM hook") }),
-        Some(n) if args != 0 && n != args => Err(ProbeState::Unavailable {
+        // Another program of the table is built for this kernel's shape.
+        Some(n) if n != args && PROBES.iter().any(|p| matches!(p.kind, ProbeKind::Lsm { hook: h, args: a } if h == hook && a == n)) => {
+            Err(ProbeState::Skipped { reason: format!("this kernel's {hook} hook takes {n} parameters; its own program covers it") })
+        }
+        Some(n) if n != args => Err(ProbeState::Unavailable {
             reason: format!("the {hook} LSM hook takes {n} arguments on this kernel, the program expects {args}"),
         }),
         Some(_) => Ok(()),
