@@ -47,15 +47,22 @@ fn wait_tagged(d: &Daemon, pid: u32, agent: &str) -> Value {
 
 /// Read `key=value` lines from a child's stdout until `key` appears.
 fn read_fact(child: &mut std::process::Child, key: &str) -> u32 {
-    use std::io::BufRead as _;
+    use std::io::Read as _;
     let out = child.stdout.as_mut().expect("piped stdout");
-    let mut reader = std::io::BufReader::new(out);
-    let mut line = String::new();
+    // One byte at a time: a buffered reader would swallow the lines after
+    // this one, which the next call needs.
+    let mut line = Vec::new();
     loop {
-        line.clear();
-        let n = reader.read_line(&mut line).expect("read child output");
+        let mut b = [0u8; 1];
+        let n = out.read(&mut b).expect("read child output");
         assert!(n > 0, "child ended before printing {key}=");
-        if let Some(v) = line.trim().strip_prefix(&format!("{key}=")) {
+        if b[0] != b'\n' {
+            line.push(b[0]);
+            continue;
+        }
+        let text = String::from_utf8_lossy(&line).into_owned();
+        line.clear();
+        if let Some(v) = text.trim().strip_prefix(&format!("{key}=")) {
             return v.parse().expect("numeric fact");
         }
     }
