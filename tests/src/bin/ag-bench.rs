@@ -3,7 +3,8 @@
 //!
 //! Each measurement runs the workload in a fresh child process (so "tagged"
 //! differs from "untagged" only in how the child is started) and takes the
-//! child's own ns/op. Configurations alternate round by round; the report
+//! child's own ns/op. Configurations alternate round by round (each round
+//! enters each setup once and runs every selected workload in it); the report
 //! gives the median over rounds, the spread (min..max), and the overhead
 //! against the baseline of the same round set.
 //!
@@ -300,26 +301,46 @@ fn summary(b: &Bench, samples: &[Vec<f64>]) -> Vec<Row> {
     rows
 }
 
-fn run_bench(b: &Bench, rounds: usize, quick: bool) -> (Value, Vec<Row>) {
+/// Every setup any of `benches` uses, in alternation order.
+const SETUPS: [Setup; 5] = [Setup::Baseline, Setup::Floor, Setup::DaemonIdle, Setup::Untagged, Setup::Tagged];
+
+/// Measure `benches`, `rounds` times: each round enters each setup once
+/// (starting a daemon is the slow part) and runs, in it, the workload of
+/// every benchmark that uses that setup, one child each.
+fn run_benches(benches: &[&Bench], rounds: usize, quick: bool) -> Vec<(Value, Vec<Row>)> {
     let sink = UdpSocket::bind("127.0.0.1:0").expect("bind sink");
     let port = sink.local_addr().expect("addr").port();
-    let n = b.workload.iterations(quick);
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); b.setups.len()];
-    for _ in 0..rounds {
-        for (i, s) in b.setups.iter().enumerate() {
-            let env = enter(*s);
-            samples[i].push(measure(*s, &env, b.workload, n, port));
+    // samples[bench][setup index in bench.setups][round]
+    let mut samples: Vec<Vec<Vec<f64>>> = benches.iter().map(|b| vec![Vec::new(); b.setups.len()]).collect();
+    for round in 0..rounds {
+        eprintln!("round {} of {rounds}...", round + 1);
+        for setup in SETUPS {
+            let users: Vec<(usize, usize)> =
+                benches.iter().enumerate().filter_map(|(bi, b)| b.setups.iter().position(|s| *s == setup).map(|si| (bi, si))).collect();
+            if users.is_empty() {
+                continue;
+            }
+            let env = enter(setup);
+            for (bi, si) in users {
+                let w = benches[bi].workload;
+                samples[bi][si].push(measure(setup, &env, w, w.iterations(quick), port));
+            }
             leave(env);
         }
     }
-    let summary = summary(b, &samples);
+    benches.iter().zip(samples).map(|(b, samples)| report(b, rounds, quick, &samples)).collect()
+}
+
+fn report(b: &Bench, rounds: usize, quick: bool, samples: &[Vec<f64>]) -> (Value, Vec<Row>) {
+    let n = b.workload.iterations(quick);
+    let summary = summary(b, samples);
     let medians: Vec<f64> = samples.iter().map(|v| bench::median(v)).collect();
     let base = medians[0];
     let floor = b.setups.iter().position(|s| *s == Setup::Floor).map(|i| medians[i]);
     let rows: Vec<Value> = b
         .setups
         .iter()
-        .zip(&samples)
+        .zip(samples)
         .zip(&medians)
         .map(|((s, v), m)| {
             let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
@@ -379,12 +400,9 @@ fn main() {
     args.exit_unless_any("ag-bench", &["b0", "b2", "b2u", "b3"]);
     let rounds = if args.quick { 3 } else { 7 };
     let (mut results, mut rows) = (Vec::new(), Vec::new());
-    for b in BENCHES {
-        if !args.wants(b.id) {
-            continue;
-        }
-        eprintln!("running {} {} ({} rounds)...", b.id, b.what, rounds);
-        let (detail, summary) = run_bench(b, rounds, args.quick);
+    let benches: Vec<&Bench> = BENCHES.iter().filter(|b| args.wants(b.id)).collect();
+    eprintln!("running {} ({rounds} rounds)...", benches.iter().map(|b| format!("{} {}", b.id, b.workload.name())).collect::<Vec<_>>().join(", "));
+    for (detail, summary) in run_benches(&benches, rounds, args.quick) {
         results.push(detail);
         rows.extend(summary);
     }

@@ -137,7 +137,7 @@ fn spread(v: &Value, unit: &str) -> String {
         ),
         Value::Object(m) => {
             // Tail figures in order (JSON objects here keep none).
-            const ORDER: [&str; 5] = ["min", "p50", "p90", "p99", "max"];
+            const ORDER: [&str; 7] = ["min", "median", "p50", "p90", "p99", "peak", "max"];
             let rank = |k: &str| ORDER.iter().position(|o| *o == k).unwrap_or(ORDER.len());
             let mut keys: Vec<&String> = m.keys().collect();
             keys.sort_by_key(|k| rank(k));
