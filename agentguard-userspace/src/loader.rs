@@ -297,10 +297,28 @@ fn kernel_btf() -> std::sync::Arc<Result<crate::btf::Btf, String>> {
 
 static KERNEL_BTF: std::sync::Mutex<Option<std::sync::Arc<Result<crate::btf::Btf, String>>>> = std::sync::Mutex::new(None);
 
+/// aya's parse of this kernel's BTF, which loading an LSM program needs:
+/// parsed once for all of them (each parse of vmlinux BTF costs about as
+/// much as verifying a program) and kept until [`release_kernel_btf`].
+fn aya_kernel_btf() -> Result<std::sync::Arc<Btf>, String> {
+    let mut cached = AYA_KERNEL_BTF.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(btf) = cached.as_ref() {
+        return Ok(btf.clone());
+    }
+    let btf = std::sync::Arc::new(
+        Btf::from_sys_fs().map_err(|e| format!("kernel BTF unavailable (/sys/kernel/btf/vmlinux): {e}"))?,
+    );
+    *cached = Some(btf.clone());
+    Ok(btf)
+}
+
+static AYA_KERNEL_BTF: std::sync::Mutex<Option<std::sync::Arc<Btf>>> = std::sync::Mutex::new(None);
+
 /// Drop the parsed BTF (tens of MiB) once loading is done: an idle daemon
 /// should not keep it resident (B8). A later need parses it again.
 pub fn release_kernel_btf() {
     *KERNEL_BTF.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    *AYA_KERNEL_BTF.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
 }
 
 /// `task_struct.tgid` from BTF, for selfprotect.rs (0 where this kernel
@@ -444,10 +462,9 @@ fn attach_probe_id(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup_root: &Path) -> Res
             if let Err(e) = kernel_offsets() {
                 return Err(format!("cannot compute the kernel struct offsets the file programs read: {e}"));
             }
-            let btf = Btf::from_sys_fs()
-                .map_err(|e| format!("kernel BTF unavailable (/sys/kernel/btf/vmlinux): {e}"))?;
             let lsm: &mut Lsm = program.try_into().map_err(|e| format!("{e}"))?;
             if lsm.fd().is_err() {
+                let btf = aya_kernel_btf()?;
                 lsm.load(hook, &btf).map_err(|e| describe(&e))?;
             }
             Ok(LinkId::Lsm(lsm.attach().map_err(|e| describe(&e))?))
@@ -470,7 +487,8 @@ fn describe(e: &dyn std::error::Error) -> String {
 /// Why an LSM probe's hook does not apply on this kernel (it does not
 /// exist, so another probe covers its actions), or why it cannot work here.
 pub fn lsm_hook_check(hook: &str, args: usize) -> Result<(), ProbeState> {
-    let Ok(btf) = crate::btf::Btf::from_sys_fs() else { return Ok(()) };
+    let btf = kernel_btf();
+    let Ok(btf) = btf.as_ref() else { return Ok(()) };
     match btf.func_params(&format!("bpf_lsm_{hook}")) {
         None => Err(ProbeState::Skipped { reason: format!("this kernel has no {hook} LSM hook") }),
         // Another program of the table is built for this kernel's shape.

@@ -267,7 +267,10 @@ fn deny_and_expiry_keep_the_action_refused() {
     let out = wait_exit(agent, "the killed agent", &d);
     assert!(!out.status.success(), "killed: {out:?}");
     assert_eq!(fact(&out.stdout, "s1").as_deref(), Some("EPERM"));
-    assert_eq!(fact(&out.stdout, "s2").as_deref(), Some("EPERM"), "the retry was refused: {out:?}");
+    // The agent is frozen at the refused retry, and may be killed before it
+    // gets to print what connect returned: no line, or EPERM, never success.
+    let s2 = fact(&out.stdout, "s2");
+    assert!(matches!(s2.as_deref(), None | Some("EPERM")), "the retry was refused: {out:?}");
     assert!(!accepted(&p), "nothing ever reached the listener");
 }
 
