@@ -53,6 +53,21 @@ pub mod maps {
     /// thread: one per held action, so the agent is frozen without waiting
     /// for the main event stream.
     pub const HOLDS: &str = "AG_HOLDS";
+    /// [`crate::FileInodeKey`] (agent id 0) → a [`crate::self_marks`] value:
+    /// AgentGuard's own directories and files, which no tagged process may
+    /// open for writing, create in, remove or rename (selfprotect.rs).
+    pub const SELF_INODES: &str = "AG_SELF";
+}
+
+/// Values of [`maps::SELF_INODES`].
+pub mod self_marks {
+    /// Nothing at or below this directory (or this file) may be written,
+    /// created, removed, renamed or linked by a tagged process.
+    pub const TREE: u32 = 1;
+    /// The cgroup2 root: no tagged process may write `cgroup.procs` or
+    /// `cgroup.threads` anywhere below it (moving itself out of its
+    /// agent's cgroup).
+    pub const CGROUP_ROOT: u32 = 2;
 }
 
 /// Names of the programs (the Rust function names in agentguard-ebpf).
@@ -80,6 +95,10 @@ pub mod programs {
     pub const PROTECT_PTRACE: &str = "protect_ptrace";
     pub const PROTECT_BPF: &str = "protect_bpf";
     pub const PROTECT_BPF4: &str = "protect_bpf4";
+    pub const PROTECT_FILE_OPEN: &str = "protect_file_open";
+    pub const PROTECT_PATH_MKNOD: &str = "protect_path_mknod";
+    pub const PROTECT_PATH_MKDIR: &str = "protect_path_mkdir";
+    pub const PROTECT_PATH_SYMLINK: &str = "protect_path_symlink";
     // Fallback observation: syscall tracepoints (fileobs.rs), one program per
     // tracepoint, named after it.
     pub const OBS_UNLINK: &str = "sys_enter_unlink";
@@ -148,6 +167,11 @@ pub mod limits {
     /// Entries in the name-pattern and inode maps.
     pub const MAX_FILE_NAMES: u32 = 4_096;
     pub const MAX_FILE_INODES: u32 = 16_384;
+    /// AgentGuard's own protected directories and files (selfprotect.rs).
+    pub const MAX_SELF_INODES: u32 = 64;
+    /// How far above a file its protected directory is looked for: a file
+    /// deeper than this below AgentGuard's directory is not recognised.
+    pub const SELF_WALK_DEPTH: usize = 12;
     /// Rules that can apply to one prefix, name or inode of one agent.
     pub const FILE_RULES_PER_KEY: usize = 12;
     /// Longest path the kernel assembles for a file decision, NUL included.
@@ -250,6 +274,9 @@ pub enum Counter {
     TagInsertFailures = 1,
     /// Events submitted successfully.
     EventsSubmitted = 2,
+    /// A tagged process was refused an action on AgentGuard itself
+    /// (selfprotect.rs): a signal, ptrace, bpf(), or a write to its files.
+    SelfProtectDenials = 3,
 }
 
 pub const COUNTER_SLOTS: u32 = 8;

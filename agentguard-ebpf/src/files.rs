@@ -24,6 +24,7 @@ use crate::{
     filejudge::{approval_of, judge, record},
     filepath::{self, Built, FileScratch},
     kstructs::{dentry_inode, off, path_parts},
+    selfprotect::tree_write_denied,
     shared::{current_tag, decide_unreadable, granted, notify_hold},
 };
 
@@ -73,6 +74,9 @@ fn decide(op: FileOp, ops: u32, split: bool, inode: u64, build: impl FnOnce(&mut
 fn dir_entry(ctx: &LsmContext, op: FileOp, ops: u32, dir_arg: usize, dentry_arg: usize) -> i32 {
     let dir: u64 = ctx.arg(dir_arg);
     let dentry: u64 = ctx.arg(dentry_arg);
+    if tree_write_denied(dentry) {
+        return -EPERM;
+    }
     decide(op, ops, true, dentry_inode(dentry), |s| filepath::from_dir_and_dentry(s, dir, dentry))
 }
 
@@ -107,6 +111,11 @@ pub fn path_rename(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
+    // Nothing may be moved into AgentGuard's directories either.
+    let new_dir: u64 = ctx.arg(2);
+    if tree_write_denied(path_parts(new_dir).map(|(_, d)| d).unwrap_or(0)) {
+        return -EPERM;
+    }
     let source = dir_entry(&ctx, FileOp::Rename, FileOp::Rename.rule_ops(), 0, 1);
     if source != 0 {
         return source;
@@ -132,7 +141,11 @@ pub fn path_truncate(ctx: LsmContext) -> i32 {
         return previous;
     }
     let p: u64 = ctx.arg(0);
-    let inode = path_parts(p).map(|(_, d)| dentry_inode(d)).unwrap_or(0);
+    let dentry = path_parts(p).map(|(_, d)| d).unwrap_or(0);
+    if tree_write_denied(dentry) {
+        return -EPERM;
+    }
+    let inode = dentry_inode(dentry);
     decide(FileOp::Truncate, FileOp::Truncate.rule_ops(), false, inode, |s| filepath::from_path(s, p))
 }
 
@@ -145,6 +158,9 @@ pub fn file_truncate(ctx: LsmContext) -> i32 {
     }
     let file: u64 = ctx.arg(0);
     let parts = path_parts(file + off!(file_path));
+    if tree_write_denied(parts.map(|(_, d)| d).unwrap_or(0)) {
+        return -EPERM;
+    }
     let inode = parts.map(|(_, d)| dentry_inode(d)).unwrap_or(0);
     decide(FileOp::Truncate, FileOp::Truncate.rule_ops(), false, inode, |s| {
         let (mnt, dentry) = parts?;
@@ -164,6 +180,11 @@ pub fn path_link(ctx: LsmContext) -> i32 {
     }
     let old_dentry: u64 = ctx.arg(0);
     let new_dir: u64 = ctx.arg(1);
+    // A second name would let an agent write a protected file from outside
+    // AgentGuard's directories; a new name among them is a planted file.
+    if tree_write_denied(old_dentry) || tree_write_denied(path_parts(new_dir).map(|(_, d)| d).unwrap_or(0)) {
+        return -EPERM;
+    }
     decide(FileOp::Link, FileOp::Link.rule_ops(), false, dentry_inode(old_dentry), |s| {
         let (mnt, _) = path_parts(new_dir)?;
         filepath::walk(s, mnt, old_dentry)

@@ -145,6 +145,12 @@ pub fn multi_link_id(inode: u64) -> Option<(u32, u64)> {
     if nlink <= 1 {
         return None;
     }
+    inode_id(inode)
+}
+
+/// (device, inode number) of any inode. `dev` is the kernel's internal dev_t.
+#[inline(always)]
+pub fn inode_id(inode: u64) -> Option<(u32, u64)> {
     let ino = read_u64(inode + off!(inode_ino)).ok()?;
     let sb = read_ptr(inode + off!(inode_sb)).ok()?;
     let dev = read_u32(sb + off!(sb_dev)).ok()?;

@@ -1,14 +1,43 @@
 //! Self-protection, where BPF-LSM loads: a tagged process (an agent) may not
 //! signal or ptrace the daemon, nor call bpf() at all (it could detach or
-//! rewrite AgentGuard's programs and maps). The daemon's tgid is in
-//! `AG_HOOKS[DaemonTgid]` (written at each start); 0 protects no process.
+//! rewrite AgentGuard's programs and maps), nor write to AgentGuard's files.
+//! The daemon's tgid is in `AG_HOOKS[DaemonTgid]` (written at each start);
+//! 0 protects no process.
+//!
+//! AgentGuard's files are the directories (and files) the daemon lists in
+//! `AG_SELF` by (device, inode): its configuration, policies, event log,
+//! state, pins and cgroup subtree. Below a [`self_marks::TREE`] entry a
+//! tagged process may not open a file for writing, create a file,
+//! directory, device or symlink, nor remove, rename, link or truncate
+//! anything (files.rs asks [`tree_write_denied`] first). Below the cgroup2
+//! root ([`self_marks::CGROUP_ROOT`]) it may not write `cgroup.procs` or
+//! `cgroup.threads`: moving itself out of its agent's cgroup.
 //!
 //! Each program passes an earlier BPF-LSM verdict through unchanged and
 //! returns -EPERM for a tagged caller; untagged callers are never judged.
-use agentguard_common::HookFlag;
-use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::lsm, programs::LsmContext, Global};
+//! Every refusal is counted (`Counter::SelfProtectDenials`).
+use agentguard_common::{limits::SELF_WALK_DEPTH, self_marks, Counter, FileInodeKey, HookFlag};
+use core::ffi::c_void;
 
-use crate::shared::{current_tag, HOOKS};
+use aya_ebpf::{
+    helpers::{bpf_probe_read_kernel, generated::bpf_probe_read_kernel_str},
+    macros::{lsm, map},
+    maps::HashMap,
+    programs::LsmContext,
+    Global,
+};
+
+use crate::{
+    kstructs::{dentry_inode, inode_id, off, path_parts, read_ptr, read_u32},
+    shared::{count, current_tag, HOOKS},
+};
+
+#[map(name = "AG_SELF")]
+pub static SELF_INODES: HashMap<FileInodeKey, u32> =
+    HashMap::with_max_entries(agentguard_common::limits::MAX_SELF_INODES, 0);
+
+/// include/linux/fs.h.
+const FMODE_WRITE: u32 = 0x2;
 
 const EPERM: i32 = 1;
 
@@ -37,7 +66,7 @@ pub fn protect_task_kill(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    if current_tag().is_some() && is_daemon(ctx.arg(0)) { -EPERM } else { 0 }
+    if current_tag().is_some() && is_daemon(ctx.arg(0)) { refuse() } else { 0 }
 }
 
 /// security_ptrace_access_check(child, mode): PTRACE_ATTACH/SEIZE, and
@@ -48,7 +77,7 @@ pub fn protect_ptrace(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    if current_tag().is_some() && is_daemon(ctx.arg(0)) { -EPERM } else { 0 }
+    if current_tag().is_some() && is_daemon(ctx.arg(0)) { refuse() } else { 0 }
 }
 
 /// security_bpf(cmd, attr, size): no bpf() for agents. The hook gained a
@@ -71,5 +100,131 @@ fn bpf_verdict(previous: i32) -> i32 {
     if previous != 0 {
         return previous;
     }
-    if current_tag().is_some() { -EPERM } else { 0 }
+    if current_tag().is_some() { refuse() } else { 0 }
+}
+
+#[inline(always)]
+fn refuse() -> i32 {
+    count(Counter::SelfProtectDenials);
+    -EPERM
+}
+
+/// The `AG_SELF` mark of the nearest of `dentry` and its ancestors that has
+/// one (up to [`SELF_WALK_DEPTH`] levels), or 0. The walk stays inside the
+/// dentry's file system, as every protected file lies in the same file
+/// system as the directory that protects it.
+#[inline(always)]
+fn self_mark(dentry: u64) -> u32 {
+    let mut d = dentry;
+    for _ in 0..SELF_WALK_DEPTH {
+        if let Some((dev, ino)) = inode_id(dentry_inode(d)).filter(|(_, ino)| *ino != 0) {
+            let key = FileInodeKey { agent_id: 0, dev, ino };
+            // SAFETY: copied out at once.
+            if let Some(mark) = unsafe { SELF_INODES.get(&key) } {
+                return *mark;
+            }
+        }
+        let Ok(up) = read_ptr(d + off!(dentry_parent)) else { return 0 };
+        if up == d {
+            return 0;
+        }
+        d = up;
+    }
+    0
+}
+
+/// Whether the current task is tagged and `dentry` lies in (or is) one of
+/// AgentGuard's protected trees: counted as a refusal when it is.
+#[inline(always)]
+pub fn tree_write_denied(dentry: u64) -> bool {
+    if current_tag().is_none() || dentry == 0 {
+        return false;
+    }
+    if self_mark(dentry) == self_marks::TREE {
+        count(Counter::SelfProtectDenials);
+        return true;
+    }
+    false
+}
+
+/// Whether `dentry` is named `cgroup.procs` or `cgroup.threads`. The name
+/// is compared as two little-endian words of a zeroed 16-byte buffer (no
+/// memcmp in BPF).
+#[inline(always)]
+fn is_cgroup_membership_file(dentry: u64) -> bool {
+    let Ok(name) = read_ptr(dentry + off!(dentry_name)) else { return false };
+    let mut buf = [0u8; 16];
+    // SAFETY: writes at most buf.len() bytes into buf, NUL included.
+    let n = unsafe { bpf_probe_read_kernel_str(buf.as_mut_ptr() as *mut c_void, buf.len() as u32, name as *const c_void) };
+    if n <= 0 {
+        return false;
+    }
+    let word = |b: &[u8; 16], at: usize| u64::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3], b[at + 4], b[at + 5], b[at + 6], b[at + 7]]);
+    let (lo, hi) = (word(&buf, 0), word(&buf, 8));
+    let procs = *b"cgroup.procs\0\0\0\0";
+    let threads = *b"cgroup.threads\0\0";
+    (lo == word(&procs, 0) && hi == word(&procs, 8)) || (lo == word(&threads, 0) && hi == word(&threads, 8))
+}
+
+/// security_file_open(file): an open for writing by a tagged process of a
+/// file in a protected tree, or of a cgroup's membership file anywhere.
+#[lsm(hook = "file_open")]
+pub fn protect_file_open(ctx: LsmContext) -> i32 {
+    let previous: i32 = ctx.arg(1);
+    if previous != 0 {
+        return previous;
+    }
+    if current_tag().is_none() {
+        return 0;
+    }
+    let file: u64 = ctx.arg(0);
+    let Ok(mode) = read_u32(file + off!(file_mode)) else { return 0 };
+    if mode & FMODE_WRITE == 0 {
+        return 0;
+    }
+    let Ok((_, dentry)) = path_parts(file + off!(file_path)) else { return 0 };
+    match self_mark(dentry) {
+        self_marks::TREE => refuse(),
+        self_marks::CGROUP_ROOT if is_cgroup_membership_file(dentry) => refuse(),
+        _ => 0,
+    }
+}
+
+/// A new entry in directory `dir` (a `struct path *`).
+#[inline(always)]
+fn create_in(dir: u64) -> i32 {
+    let Ok((_, dentry)) = path_parts(dir) else { return 0 };
+    if tree_write_denied(dentry) { -EPERM } else { 0 }
+}
+
+/// security_path_mknod(dir, dentry, mode, dev): regular files created by
+/// open(O_CREAT) and mknod.
+#[lsm(hook = "path_mknod")]
+pub fn protect_path_mknod(ctx: LsmContext) -> i32 {
+    let previous: i32 = ctx.arg(4);
+    if previous != 0 {
+        return previous;
+    }
+    create_in(ctx.arg(0))
+}
+
+/// security_path_mkdir(dir, dentry, mode).
+#[lsm(hook = "path_mkdir")]
+pub fn protect_path_mkdir(ctx: LsmContext) -> i32 {
+    let previous: i32 = ctx.arg(3);
+    if previous != 0 {
+        return previous;
+    }
+    create_in(ctx.arg(0))
+}
+
+/// security_path_symlink(dir, dentry, old_name): a symlink planted among
+/// the policies would be read as one.
+#[lsm(hook = "path_symlink")]
+pub fn protect_path_symlink(ctx: LsmContext) -> i32 {
+    let previous: i32 = ctx.arg(3);
+    if previous != 0 {
+        return previous;
+    }
+    create_in(ctx.arg(0))
 }

@@ -59,6 +59,9 @@ pub struct Config {
     /// Where pending approvals and live grants are kept across daemon
     /// restarts (default: `approvals.json` next to `chain_head`).
     pub approvals_state: Option<PathBuf>,
+    /// The file this configuration was read from (self-protection guards it).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -83,6 +86,7 @@ impl Default for Config {
             approval_on_expiry: crate::approvals::OnExpiry::Thaw,
             approval_notify: None,
             approvals_state: None,
+            source: None,
         }
     }
 }
@@ -111,7 +115,7 @@ impl Config {
                 }]))
             }
         };
-        let config: Self = toml::from_str(&text).map_err(|e| {
+        let mut config: Self = toml::from_str(&text).map_err(|e| {
             let (line, column) = e
                 .span()
                 .map_or((1, 1), |s| crate::policy::line_col(&text, s.start));
@@ -133,6 +137,7 @@ impl Config {
                 message: format!("events_ring_bytes = {ring}: must be a power of two of at least 4096 (a page), e.g. 16777216"),
             }]));
         }
+        config.source = Some(path.to_owned());
         Ok(config)
     }
 }

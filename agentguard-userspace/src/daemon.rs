@@ -100,6 +100,27 @@ fn lock(s: &Shared) -> MutexGuard<'_, State> {
     s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Self-protection of AgentGuard's files (selfprotect.rs): a problem is
+/// logged, never fatal (the programs may not be loadable on this kernel).
+fn guard_own_files(ebpf: &mut Ebpf, config: &Config, tree: &CgroupTree) {
+    if let Err(e) = std::fs::create_dir_all(&config.incident_dir) {
+        tracing::warn!(dir = %config.incident_dir.display(), error = %e, "cannot create the incident directory");
+    }
+    let (plan, warnings) = crate::selfprotect::plan(config, &tree.root, &tree.base);
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    match crate::selfprotect::apply(ebpf, &plan) {
+        Ok((n, problems)) => {
+            for p in problems {
+                tracing::warn!("{p}");
+            }
+            tracing::info!(paths = n, "AgentGuard's own files guarded from agents (where BPF-LSM loads)");
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot guard AgentGuard's own files from agents"),
+    }
+}
+
 /// Start-up, then serve until SIGINT or SIGTERM.
 pub fn run(config: Config) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -171,6 +192,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open event log {}", config.events_log.display()))?;
     log.attach_kernel(&mut ebpf).context("cannot reach the event log's fail-closed state in the kernel")?;
     let listener = bind_socket(&config)?;
+    guard_own_files(&mut ebpf, &config, &tree);
     let approvals = crate::approvals::Store::load(&config.approvals_state_path())
         .with_context(|| format!("cannot read the approvals state file {}", config.approvals_state_path().display()))?;
 
@@ -964,6 +986,7 @@ fn read_counters(ebpf: &Ebpf) -> serde_json::Value {
         "ringbuf_drops": sum(Counter::RingbufDrops),
         "tag_insert_failures": sum(Counter::TagInsertFailures),
         "events_submitted": sum(Counter::EventsSubmitted),
+        "self_protect_denials": sum(Counter::SelfProtectDenials),
     })
 }
 

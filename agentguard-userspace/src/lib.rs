@@ -28,5 +28,6 @@ pub mod policy;
 pub mod procfs;
 pub mod runstate;
 pub mod schema;
+pub mod selfprotect;
 pub mod systemd;
 pub mod tracefs;

@@ -157,6 +157,10 @@ pub const PROBES: &[ProbeSpec] = &[
     // program per shape; the other is skipped (lsm_hook_check).
     protect(programs::PROTECT_BPF, "bpf", 3),
     protect(programs::PROTECT_BPF4, "bpf", 4),
+    protect(programs::PROTECT_FILE_OPEN, "file_open", 1),
+    protect(programs::PROTECT_PATH_MKNOD, "path_mknod", 4),
+    protect(programs::PROTECT_PATH_MKDIR, "path_mkdir", 3),
+    protect(programs::PROTECT_PATH_SYMLINK, "path_symlink", 3),
     observe(programs::OBS_UNLINK, "sys_enter_unlink"),
     observe(programs::OBS_UNLINKAT, "sys_enter_unlinkat"),
     observe(programs::OBS_RMDIR, "sys_enter_rmdir"),

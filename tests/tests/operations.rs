@@ -400,3 +400,77 @@ fn an_agent_cannot_signal_ptrace_or_bpf_the_daemon() {
     assert_eq!(untagged(&["bpf-obj-get", tags]), "ok");
     agent.finish();
 }
+
+/// Self-protection of AgentGuard's files (BPF-LSM; the qemu harness): an
+/// agent cannot write, truncate, remove, rename or link AgentGuard's
+/// configuration, policies, event log, chain head or pins, cannot plant a
+/// file, directory or symlink among them, and cannot write a cgroup's
+/// membership or freeze file (leave its cgroup, thaw itself). An untagged
+/// process still can; every refusal is counted in `status`.
+#[test]
+fn an_agent_cannot_write_remove_or_plant_agentguards_files() {
+    let port = 46_000 + (std::process::id() % 1000) as u16;
+    let d = Daemon::start(&[("p.toml", &policy("guarded", port, 0))]);
+    let st = status(&d);
+    let probe = st["probes"].as_array().and_then(|p| p.iter().find(|p| p["program"] == "protect_file_open")).cloned().unwrap_or_default();
+    require!(probe["state"] == "attached", "BPF-LSM self-protection cannot load on this kernel ({}); it runs in the qemu harness", probe["reason"].as_str().unwrap_or("no reason given"));
+    let agent = Connector::start(&d, "guarded", port, 1);
+    let cgroup = session_cgroup(&d, "guarded");
+    let s = |p: &std::path::Path| p.to_str().expect("utf-8").to_owned();
+    let policy_file = d.dir.join("policies").join("p.toml");
+    let policy_text = std::fs::read(&policy_file).expect("policy");
+    let config_text = std::fs::read(&d.config).expect("config");
+    let chain_head = d.dir.join("chain-head");
+    let pin = d.pins().into_iter().find(|p| p.ends_with("maps/AG_TAGS")).map(|p| d.pin_dir.join(p)).expect("AG_TAGS pinned");
+    let outside = agentguard_tests::guard::TempDir::new("outside");
+    let planted = outside.join("evil.toml");
+    std::fs::write(&planted, "[agent]\nname = \"guarded\"\n[network]\ndefault = \"allow\"\n").expect("write outside");
+    let before = status(&d)["kernel_counters"]["self_protect_denials"].as_u64().unwrap_or(0);
+
+    let attempts: Vec<(&str, Vec<String>)> = vec![
+        ("append to the event log", vec!["append".into(), s(&d.events_log), "{\"forged\":1}\n".into()]),
+        ("truncate the event log", vec!["truncate".into(), s(&d.events_log)]),
+        ("rewrite the configuration", vec!["write".into(), s(&d.config), "policy_dir = \"/tmp\"\n".into()]),
+        ("rewrite a policy", vec!["write".into(), s(&policy_file), "[agent]\nname = \"guarded\"\n".into()]),
+        ("remove a policy", vec!["unlink".into(), s(&policy_file)]),
+        ("rename a policy", vec!["rename".into(), s(&policy_file), s(&d.dir.join("moved.toml"))]),
+        ("link a policy out", vec!["link".into(), s(&policy_file), s(&outside.join("second-name"))]),
+        ("create a policy", vec!["create".into(), s(&d.dir.join("policies").join("new.toml"))]),
+        ("move a policy in", vec!["rename".into(), s(&planted), s(&d.dir.join("policies").join("evil.toml"))]),
+        ("symlink a policy in", vec!["symlink".into(), s(&planted), s(&d.dir.join("policies").join("link.toml"))]),
+        ("mkdir among the policies", vec!["mkdir".into(), s(&d.dir.join("policies").join("sub"))]),
+        ("remove the chain head", vec!["unlink".into(), s(&chain_head)]),
+        ("remove a pin", vec!["unlink".into(), s(&pin)]),
+        ("leave its cgroup", vec!["write".into(), s(&agentguard::mounts::cgroup2_root().expect("cgroup2").join("cgroup.procs")), "0".into()]),
+        ("thaw its cgroup", vec!["write".into(), s(&cgroup.join("cgroup.freeze")), "0".into()]),
+        ("make a sub-cgroup", vec!["mkdir".into(), s(&cgroup.join("elsewhere"))]),
+    ];
+    for (what, args) in &attempts {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_eq!(as_agent(&d, &cgroup, &args), "EPERM", "an agent tried to {what}");
+    }
+    // Nothing changed.
+    assert_eq!(std::fs::read(&policy_file).expect("the policy is still there"), policy_text);
+    assert_eq!(std::fs::read(&d.config).expect("the configuration is still there"), config_text);
+    assert!(chain_head.exists() && pin.exists(), "the chain head and the pin are still there");
+    for name in ["new.toml", "evil.toml", "link.toml", "sub"] {
+        assert!(std::fs::symlink_metadata(d.dir.join("policies").join(name)).is_err(), "{name} was planted among the policies");
+    }
+    assert!(!outside.join("second-name").exists() && !d.dir.join("moved.toml").exists());
+    assert!(!cgroup.join("elsewhere").exists());
+    // (The attempt's argv is in the log, inside its exec event.)
+    assert!(!std::fs::read_to_string(&d.events_log).expect("log").lines().any(|l| l.starts_with("{\"forged\"")), "the event log took a forged line");
+    assert!(status(&d)["session_list"].as_array().is_some_and(|l| l.iter().any(|x| x["agent"] == "guarded")));
+    let after = status(&d)["kernel_counters"]["self_protect_denials"].as_u64().expect("self_protect_denials in status");
+    assert!(after >= before + attempts.len() as u64, "every refusal is counted: {before} -> {after}");
+    // The agent can still write its own files; an untagged process can write AgentGuard's.
+    assert_eq!(as_agent(&d, &cgroup, &["create", &s(&outside.join("mine"))]), "ok", "an agent's own file");
+    let untagged = |args: &[&str]| {
+        let out = Command::new(testbin()).args(args).output().expect("run");
+        fact(&out.stdout, "errno").or_else(|| fact(&out.stdout, "result")).unwrap_or_default()
+    };
+    let by_root = d.dir.join("policies").join("by-root.txt");
+    assert_eq!(untagged(&["create", &s(&by_root)]), "ok", "root, untagged, manages AgentGuard's files");
+    std::fs::remove_file(&by_root).expect("remove");
+    agent.finish();
+}

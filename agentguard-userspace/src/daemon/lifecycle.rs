@@ -178,7 +178,7 @@ impl State {
         let protection = if class_attached(&self.probes, ActionClass::SelfProtection)
             && self.probes.iter().any(|p| p.class == ActionClass::SelfProtection && matches!(p.state, crate::loader::ProbeState::Attached))
         {
-            "BPF-LSM: agents cannot signal or ptrace the daemon, nor call bpf()"
+            "BPF-LSM: agents cannot signal or ptrace the daemon, call bpf(), write AgentGuard's files or leave their cgroup"
         } else {
             "none: BPF-LSM is not available here (agents are refused on the control socket only)"
         };

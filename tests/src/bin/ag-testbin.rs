@@ -17,7 +17,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: ag-testbin connect tcp|udp ADDR:PORT | sendto ADDR:PORT | sleep SECS | threads N SECS | \
          vfork CMD... | clone3 CMD... | daemonize CMD... | unlink PATH | rmdir PATH | rename FROM TO | \
-         truncate PATH | open-trunc PATH | ftruncate PATH | unlinkat DIR NAME | link FROM TO | exec CMD... | connects ADDR:PORT N RATE now|stdin | connects-until ADDR:PORT STOPFILE | signal PID SIG | ptrace PID | bpf-obj-get PINPATH | counter DIR|- MS | tree N DIR|- MS | forkstorm DEPTH FANOUT SECS | \
+         truncate PATH | open-trunc PATH | ftruncate PATH | unlinkat DIR NAME | link FROM TO | append PATH TEXT | write PATH TEXT | create PATH | mkdir PATH | symlink TARGET PATH | exec CMD... | connects ADDR:PORT N RATE now|stdin | connects-until ADDR:PORT STOPFILE | signal PID SIG | ptrace PID | bpf-obj-get PINPATH | counter DIR|- MS | tree N DIR|- MS | forkstorm DEPTH FANOUT SECS | \
          steps STEP... (tcp=ADDR:PORT, udp=ADDR:PORT, unlink=PATH, wait=PATH, sock=SOCKET:JSON) | \
          hold-loop tcp|unlink ADDR|PATH"
     );
@@ -295,6 +295,13 @@ fn main() {
         // unlinkat(2) relative to a directory descriptor, as `rm -r` does.
         ("unlinkat", [dir, name]) => report(unlinkat(dir, name)),
         ("link", [from, to]) => report(std::fs::hard_link(from, to)),
+        ("append", [p, text]) => report(
+            std::fs::OpenOptions::new().append(true).open(p).and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes())),
+        ),
+        ("write", [p, text]) => report(std::fs::write(p, text)),
+        ("create", [p]) => report(std::fs::OpenOptions::new().write(true).create_new(true).open(p).map(drop)),
+        ("mkdir", [p]) => report(std::fs::create_dir(p)),
+        ("symlink", [target, p]) => report(std::os::unix::fs::symlink(target, p)),
         _ => usage(),
     }
 }

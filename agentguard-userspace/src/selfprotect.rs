@@ -1,0 +1,151 @@
+//! What the kernel's self-protection (agentguard-ebpf/src/selfprotect.rs)
+//! guards on disk: AgentGuard's own directories and files, written into the
+//! `AG_SELF` map by (device, inode) at every daemon start.
+//!
+//! A directory is guarded as a whole tree: the policy directory, the pin
+//! directory, the incident directory, AgentGuard's cgroup subtree, and the
+//! directory of each file the daemon keeps (configuration, event log, chain
+//! head, sessions, approvals, socket) when that directory is AgentGuard's
+//! own. A file that lives in a directory other programs share (/etc, /tmp,
+//! /var/log itself, ...) is guarded alone, and the start-up log says so: new
+//! files beside it (a rotated log) are then not covered. The cgroup2 root is
+//! marked so that no agent can write a `cgroup.procs` or `cgroup.threads`
+//! anywhere, that is, move itself out of its agent's cgroup.
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use agentguard_common::{maps, self_marks, FileInodeKey};
+use aya::{maps::HashMap, Ebpf};
+
+use crate::{config::Config, filemaps::kernel_dev};
+
+/// Directories other programs share: never guarded as a tree.
+const SHARED_DIRS: &[&str] = &[
+    "/", "/etc", "/var", "/var/log", "/var/lib", "/var/tmp", "/run", "/tmp", "/usr", "/usr/local",
+    "/opt", "/srv", "/home", "/root", "/dev", "/dev/shm", "/sys/fs/bpf", "/sys/fs/cgroup",
+];
+
+/// One guarded path and its mark.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guarded {
+    pub path: PathBuf,
+    pub mark: u32,
+}
+
+/// The paths to guard for `config`, with the cgroup2 root and AgentGuard's
+/// subtree of it. Also returns warnings (a file guarded alone).
+pub fn plan(config: &Config, cgroup_root: &Path, cgroup_base: &Path) -> (Vec<Guarded>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut warnings = Vec::new();
+    let tree = |p: &Path| Guarded { path: p.to_owned(), mark: self_marks::TREE };
+    for dir in [&config.policy_dir, &config.pin_dir, &config.incident_dir] {
+        out.push(tree(dir));
+    }
+    out.push(tree(cgroup_base));
+    out.push(Guarded { path: cgroup_root.to_owned(), mark: self_marks::CGROUP_ROOT });
+    let files = [
+        ("event log", config.events_log.clone()),
+        ("chain head", config.chain_head.clone()),
+        ("sessions file", config.run_state.clone()),
+        ("approvals file", config.approvals_state_path()),
+        ("control socket", config.socket.clone()),
+    ];
+    let source = config.source.clone().map(|f| ("configuration", f));
+    for (what, file) in files.into_iter().chain(source) {
+        let file = absolute(&file);
+        match file.parent() {
+            Some(dir) if !is_shared(dir) => out.push(tree(dir)),
+            _ => {
+                warnings.push(format!(
+                    "self-protection guards the {what} {} alone: its directory is shared with other programs, so new files beside it (rotations) are not guarded",
+                    file.display()
+                ));
+                out.push(tree(&file));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out.dedup();
+    (out, warnings)
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+fn is_shared(dir: &Path) -> bool {
+    let dir = dir.canonicalize().unwrap_or_else(|_| absolute(dir));
+    SHARED_DIRS.iter().any(|s| dir == Path::new(s))
+}
+
+/// Write `guarded` into the kernel's `AG_SELF` map: every path that exists
+/// is keyed by its (device, inode); entries of a previous plan that are no
+/// longer wanted are removed after the new ones are in, so nothing is
+/// unguarded in between. Returns what was guarded and the problems.
+pub fn apply(ebpf: &mut Ebpf, guarded: &[Guarded]) -> anyhow::Result<(usize, Vec<String>)> {
+    let mut map: HashMap<_, FileInodeKey, u32> = HashMap::try_from(
+        ebpf.map_mut(maps::SELF_INODES)
+            .ok_or_else(|| anyhow::anyhow!("the eBPF object has no {} map", maps::SELF_INODES))?,
+    )?;
+    let mut want: BTreeMap<FileInodeKey, u32> = BTreeMap::new();
+    let mut problems = Vec::new();
+    for g in guarded {
+        match std::fs::metadata(&g.path) {
+            Ok(m) => {
+                let key = FileInodeKey { agent_id: 0, dev: kernel_dev(m.dev()), ino: m.ino() };
+                want.insert(key, g.mark);
+            }
+            Err(e) => problems.push(format!("cannot guard {}: {e}", g.path.display())),
+        }
+    }
+    let limit = agentguard_common::limits::MAX_SELF_INODES as usize;
+    if want.len() > limit {
+        anyhow::bail!("{} paths to guard, the kernel map holds {limit}", want.len());
+    }
+    for (key, mark) in &want {
+        map.insert(key, mark, 0)?;
+    }
+    let stale: Vec<FileInodeKey> = map.keys().flatten().filter(|k| !want.contains_key(k)).collect();
+    for key in stale {
+        let _ = map.remove(&key);
+    }
+    Ok((want.len(), problems))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agentguards_own_directories_are_trees_and_shared_ones_guard_the_file_alone() {
+        let config = Config {
+            events_log: "/var/log/agentguard/events.jsonl".into(),
+            chain_head: "/var/lib/agentguard/chain-head".into(),
+            run_state: "/run/agentguard/sessions.json".into(),
+            socket: "/run/agentguard/agentguard.sock".into(),
+            source: Some("/etc/agentguard.toml".into()),
+            ..Config::default()
+        };
+        let (plan, warnings) = plan(&config, Path::new("/sys/fs/cgroup"), Path::new("/sys/fs/cgroup/agentguard"));
+        let paths: Vec<(&str, u32)> = plan.iter().map(|g| (g.path.to_str().unwrap_or(""), g.mark)).collect();
+        for want in [
+            ("/etc/agentguard/policies", self_marks::TREE),
+            ("/var/log/agentguard", self_marks::TREE),
+            ("/var/lib/agentguard", self_marks::TREE),
+            ("/run/agentguard", self_marks::TREE),
+            ("/sys/fs/bpf/agentguard", self_marks::TREE),
+            ("/sys/fs/cgroup/agentguard", self_marks::TREE),
+            ("/sys/fs/cgroup", self_marks::CGROUP_ROOT),
+            // /etc is shared: the configuration file alone.
+            ("/etc/agentguard.toml", self_marks::TREE),
+        ] {
+            assert!(paths.contains(&want), "{want:?} missing from {paths:?}");
+        }
+        assert!(!paths.iter().any(|(p, _)| *p == "/etc"), "{paths:?}");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("/etc/agentguard.toml"), "{warnings:?}");
+    }
+}
