@@ -148,8 +148,11 @@ pub mod limits {
     pub const MAX_TAGGED_TASKS: u32 = 65_536;
     pub const MAX_AGENTS: u32 = 1_024;
     pub const MAX_SELECTORS: u32 = 4_096;
-    /// Ring buffer size in bytes (a power of two, a multiple of the page size).
-    pub const EVENTS_RING_BYTES: u32 = 16 * 1024 * 1024;
+    /// Ring buffer size in bytes (a power of two, a multiple of the page
+    /// size). The daemon maps it twice (wrap-around reads), and those pages
+    /// count in its resident memory: 8 MiB keeps an idle daemon under
+    /// B8's 32 MiB while holding about 190 ms of events at 500 000/s.
+    pub const EVENTS_RING_BYTES: u32 = 8 * 1024 * 1024;
     /// Longest path carried in an event or a map key, NUL included.
     pub const PATH_MAX: usize = 256;
     /// Length of a kernel command name (`TASK_COMM_LEN`).

@@ -347,8 +347,10 @@ const RING_BATCH: usize = 8192;
 const MAX_LOCK_HOLD: Duration = Duration::from_millis(20);
 
 async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, state: Shared) -> anyhow::Result<()> {
-    let mut tick = tokio::time::interval(events::log::TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // The log's tick: every TICK while it has work pending, every IDLE_TICK
+    // once settled; a batch of events brings it back to TICK (the fsync policy).
+    let mut next_tick = tokio::time::Instant::now() + events::log::TICK;
+    let written = lock(&state).log.written();
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -394,8 +396,17 @@ async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, state: Shared) -> anyh
                     tokio::task::yield_now().await;
                 }
             }
+            // Lines were written (by this loop, or a freeze, a reload...).
+            () = written.notified() => {
+                next_tick = next_tick.min(tokio::time::Instant::now() + events::log::TICK);
+            }
             // Loss events, the fsync policy, probing a failing log.
-            _ = tick.tick() => lock(&state).log.tick(),
+            () = tokio::time::sleep_until(next_tick) => {
+                let mut s = lock(&state);
+                s.log.tick();
+                let pace = if s.log.settled() { events::log::IDLE_TICK } else { events::log::TICK };
+                next_tick = tokio::time::Instant::now() + pace;
+            }
         }
     }
 }
@@ -703,11 +714,20 @@ pub fn match_selectors(set: &PolicySet, p: &procfs::ProcInfo, cgroup_root: &Path
 
 // ---- reconciliation -------------------------------------------------------
 
+/// Reconciliation's pace while any process is tagged or any session is
+/// open (escapes are moved back within this), and while none is (an idle
+/// host's daemon wakes as little as it can: B8).
+const RECONCILE: Duration = Duration::from_millis(500);
+const RECONCILE_IDLE: Duration = Duration::from_secs(2);
+
 async fn reconcile_loop(state: Shared) -> anyhow::Result<()> {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
-        tick.tick().await;
-        reconcile(&mut lock(&state));
+        let busy = {
+            let mut s = lock(&state);
+            reconcile(&mut s);
+            !s.sessions.is_empty() || s.tags().is_some_and(|t| t.keys().next().is_some())
+        };
+        tokio::time::sleep(if busy { RECONCILE } else { RECONCILE_IDLE }).await;
     }
 }
 

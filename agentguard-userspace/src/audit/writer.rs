@@ -241,6 +241,12 @@ impl ChainWriter {
     }
 
     /// Start a background sync when the interval has passed since the last.
+    /// Nothing buffered, nothing written since the last sync: no tick is
+    /// needed for durability.
+    pub fn settled(&self) -> bool {
+        !self.dirty && self.buf.is_empty() && self.unsynced.is_empty()
+    }
+
     pub fn maybe_sync(&mut self, now: Instant) {
         if self.dirty && now.duration_since(self.last_sync) >= self.cfg.fsync_interval && !self.syncer.busy() {
             match self.sync_job() {

@@ -32,8 +32,13 @@ use crate::{
     policy::PolicySet,
 };
 
-/// How often the daemon calls [`EventLog::tick`].
+/// How often the daemon calls [`EventLog::tick`] while the log has work
+/// pending (an unsynced write, a loss to report, a failing log).
 pub const TICK: Duration = Duration::from_millis(100);
+/// How often it calls it when the log is settled ([`EventLog::settled`]):
+/// an idle daemon wakes as little as it can (B8). Kernel ring drops are
+/// still checked at this pace.
+pub const IDLE_TICK: Duration = Duration::from_secs(1);
 /// After draining a small batch (fewer than [`SMALL_BATCH`] events), the
 /// daemon waits this long before draining again, so a trickle of events is
 /// taken in batches: fewer wakeups of the daemon (and of the kernel's
@@ -99,6 +104,9 @@ pub struct EventLog {
     /// Hook times (wall ns) of the kernel events in the unwritten batch.
     batch_hook_ns: Vec<i128>,
     latency: Histogram,
+    /// Signalled on every write, so the daemon's tick comes back to
+    /// [`TICK`] for the fsync policy whoever wrote (see [`Self::written`]).
+    written: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl EventLog {
@@ -130,6 +138,7 @@ impl EventLog {
             opened,
             batch_hook_ns: Vec::with_capacity(8192),
             latency: Histogram::default(),
+            written: Default::default(),
         };
         if let Some(reason) = log.opened.mismatch.clone() {
             tracing::error!(log = %config.events_log.display(), %reason, "the event log was altered while no daemon was writing it; recorded as an audit_gap event");
@@ -261,6 +270,7 @@ impl EventLog {
         match self.writer.flush() {
             Ok(0) => Ok(()),
             Ok(_) => {
+                self.written.notify_one();
                 let now = now_ns();
                 for hook in self.batch_hook_ns.drain(..) {
                     self.latency.record_ns(now - hook);
@@ -292,6 +302,17 @@ impl EventLog {
 
     /// Periodic work: the `loss` event when counters grew (this also probes
     /// a failing log), and the fsync policy.
+    /// Notified whenever lines were written (the tick's pace is then [`TICK`]).
+    pub fn written(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.written.clone()
+    }
+
+    /// Whether the next tick can wait [`IDLE_TICK`]: everything written is
+    /// synced and there is no loss to report and no failure to probe.
+    pub fn settled(&self) -> bool {
+        self.writer.settled() && !self.loss_due && self.failing.is_none()
+    }
+
     pub fn tick(&mut self) {
         let _ = self.flush();
         let now = Instant::now();
