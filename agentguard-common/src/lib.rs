@@ -307,6 +307,10 @@ pub const STATE_SLOTS: u32 = 4;
 /// (fail-closed mode).
 pub const RULE_FAIL_CLOSED: u32 = u32::MAX;
 
+/// The `rule_id` of an action on AgentGuard's own files refused by
+/// self-protection (selfprotect.rs), whatever the agent's policy says.
+pub const RULE_SELF_PROTECT: u32 = u32::MAX - 1;
+
 /// The network hook that produced a [`NetEvent`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -344,6 +348,10 @@ pub enum FileOp {
     /// The existing file a rename replaces (judged as a truncation of it:
     /// the name stays, its content goes).
     RenameOver = 6,
+    /// An open for writing (self-protection only: policies do not judge it).
+    Write = 7,
+    /// A new file, directory, device or symlink (self-protection only).
+    Create = 8,
 }
 
 impl FileOp {
@@ -355,6 +363,8 @@ impl FileOp {
             4 => Self::Truncate,
             5 => Self::Link,
             6 => Self::RenameOver,
+            7 => Self::Write,
+            8 => Self::Create,
             _ => return None,
         })
     }
@@ -368,7 +378,7 @@ impl FileOp {
             Self::Unlink => file_ops::UNLINK,
             Self::Rmdir => file_ops::RMDIR,
             Self::Rename => file_ops::RENAME,
-            Self::Truncate | Self::Link | Self::RenameOver => file_ops::TRUNCATE,
+            Self::Truncate | Self::Link | Self::RenameOver | Self::Write | Self::Create => file_ops::TRUNCATE,
         }
     }
 }

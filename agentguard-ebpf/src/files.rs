@@ -12,10 +12,14 @@
 //! Paths are assembled by walking the dentry chain (filepath.rs), not with
 //! `bpf_d_path`, which 6.1 refuses in these hooks.
 //!
+//! Every program body is `#[inline(always)]` into the entry point aya's
+//! macro generates: 6.1's verifier refuses a separate subprogram that takes
+//! the context ("reg type unsupported for arg#0").
+//!
 //! An LSM program returns 0 to allow or a negative errno to refuse. When an
 //! earlier LSM already refused (the hook's last `ret` argument is non-zero),
 //! that verdict is passed through unchanged.
-use agentguard_common::{file_ops, grant_kind, Decision, Enforcement, FileOp};
+use agentguard_common::{file_ops, grant_kind, Counter, Decision, Enforcement, FileOp, RULE_SELF_PROTECT};
 use aya_ebpf::{macros::lsm, programs::LsmContext};
 
 use aya_ebpf::helpers::generated::bpf_send_signal;
@@ -24,8 +28,8 @@ use crate::{
     filejudge::{approval_of, judge, record},
     filepath::{self, Built, FileScratch},
     kstructs::{dentry_inode, off, path_parts},
-    selfprotect::tree_write_denied,
-    shared::{current_tag, decide_unreadable, granted, notify_hold},
+    selfprotect::self_guarded,
+    shared::{count, current_tag, decide_unreadable, granted, notify_hold},
 };
 
 const EPERM: i32 = 1;
@@ -38,15 +42,24 @@ fn verdict_errno(d: Decision) -> i32 {
     if d.blocks() { -EPERM } else { 0 }
 }
 
-/// Judge and record one action on an assembled path.
+/// Judge and record one action on an assembled path. An action on
+/// AgentGuard's own files (either dentry of `guards` in a tree the daemon
+/// guards: selfprotect.rs) is denied whatever the policy says, with rule
+/// [`RULE_SELF_PROTECT`]; recorded by the same code as any other decision.
 #[inline(always)]
-fn decide(op: FileOp, ops: u32, split: bool, inode: u64, build: impl FnOnce(&mut FileScratch) -> Result<Built, ()>) -> i32 {
+fn decide(op: FileOp, ops: u32, split: bool, inode: u64, guards: [u64; 2], build: impl FnOnce(&mut FileScratch) -> Result<Built, ()>) -> i32 {
     let Some(tag) = current_tag() else { return 0 };
+    let guarded = self_guarded(guards[0]) || self_guarded(guards[1]);
+    if guarded {
+        count(Counter::SelfProtectDenials);
+    }
     let Some(s) = filepath::scratch() else {
-        return verdict_errno(decide_unreadable());
+        return if guarded { -EPERM } else { verdict_errno(decide_unreadable()) };
     };
     let (verdict, built) = match build(s) {
+        Ok(b) if guarded => ((Decision::Deny, RULE_SELF_PROTECT), Some(b)),
         Ok(b) => (judge(tag, s, b, ops, inode), Some(b)),
+        Err(()) if guarded => ((Decision::Deny, RULE_SELF_PROTECT), None),
         // The fail-closed choice of shared.rs: a tagged task's action on a
         // path the kernel cannot read is decided as an unknown agent's.
         Err(()) => ((decide_unreadable(), 0), None),
@@ -74,14 +87,12 @@ fn decide(op: FileOp, ops: u32, split: bool, inode: u64, build: impl FnOnce(&mut
 fn dir_entry(ctx: &LsmContext, op: FileOp, ops: u32, dir_arg: usize, dentry_arg: usize) -> i32 {
     let dir: u64 = ctx.arg(dir_arg);
     let dentry: u64 = ctx.arg(dentry_arg);
-    if tree_write_denied(dentry) {
-        return -EPERM;
-    }
-    decide(op, ops, true, dentry_inode(dentry), |s| filepath::from_dir_and_dentry(s, dir, dentry))
+    decide(op, ops, true, dentry_inode(dentry), [dentry, 0], |s| filepath::from_dir_and_dentry(s, dir, dentry))
 }
 
 /// security_path_unlink(const struct path *dir, struct dentry *dentry)
 #[lsm(hook = "path_unlink")]
+#[inline(always)]
 pub fn path_unlink(ctx: LsmContext) -> i32 {
     let previous: i32 = ctx.arg(2);
     if previous != 0 {
@@ -92,6 +103,7 @@ pub fn path_unlink(ctx: LsmContext) -> i32 {
 
 /// security_path_rmdir(const struct path *dir, struct dentry *dentry)
 #[lsm(hook = "path_rmdir")]
+#[inline(always)]
 pub fn path_rmdir(ctx: LsmContext) -> i32 {
     let previous: i32 = ctx.arg(2);
     if previous != 0 {
@@ -106,21 +118,24 @@ pub fn path_rmdir(ctx: LsmContext) -> i32 {
 /// (it moves to the source's place). The loader checks the hook has these
 /// five arguments on this kernel (BTF) before loading.
 #[lsm(hook = "path_rename")]
+#[inline(always)]
 pub fn path_rename(ctx: LsmContext) -> i32 {
     let previous: i32 = ctx.arg(5);
     if previous != 0 {
         return previous;
     }
-    // Nothing may be moved into AgentGuard's directories either.
+    // Nothing may be moved into AgentGuard's directories either: the
+    // target directory guards the source's rename.
     let new_dir: u64 = ctx.arg(2);
-    if tree_write_denied(path_parts(new_dir).map(|(_, d)| d).unwrap_or(0)) {
-        return -EPERM;
-    }
-    let source = dir_entry(&ctx, FileOp::Rename, FileOp::Rename.rule_ops(), 0, 1);
+    let new_dentry: u64 = ctx.arg(3);
+    let new_dir_dentry = path_parts(new_dir).map(|(_, d)| d).unwrap_or(0);
+    let (dir, dentry): (u64, u64) = (ctx.arg(0), ctx.arg(1));
+    let source = decide(FileOp::Rename, FileOp::Rename.rule_ops(), true, dentry_inode(dentry), [dentry, new_dir_dentry], |s| {
+        filepath::from_dir_and_dentry(s, dir, dentry)
+    });
     if source != 0 {
         return source;
     }
-    let new_dentry: u64 = ctx.arg(3);
     if dentry_inode(new_dentry) == 0 {
         return 0;
     }
@@ -135,6 +150,7 @@ pub fn path_rename(ctx: LsmContext) -> i32 {
 
 /// security_path_truncate(const struct path *path)
 #[lsm(hook = "path_truncate")]
+#[inline(always)]
 pub fn path_truncate(ctx: LsmContext) -> i32 {
     let previous: i32 = ctx.arg(1);
     if previous != 0 {
@@ -142,15 +158,13 @@ pub fn path_truncate(ctx: LsmContext) -> i32 {
     }
     let p: u64 = ctx.arg(0);
     let dentry = path_parts(p).map(|(_, d)| d).unwrap_or(0);
-    if tree_write_denied(dentry) {
-        return -EPERM;
-    }
     let inode = dentry_inode(dentry);
-    decide(FileOp::Truncate, FileOp::Truncate.rule_ops(), false, inode, |s| filepath::from_path(s, p))
+    decide(FileOp::Truncate, FileOp::Truncate.rule_ops(), false, inode, [dentry, 0], |s| filepath::from_path(s, p))
 }
 
 /// security_file_truncate(struct file *file), 6.2+: ftruncate and O_TRUNC opens.
 #[lsm(hook = "file_truncate")]
+#[inline(always)]
 pub fn file_truncate(ctx: LsmContext) -> i32 {
     let previous: i32 = ctx.arg(1);
     if previous != 0 {
@@ -158,11 +172,9 @@ pub fn file_truncate(ctx: LsmContext) -> i32 {
     }
     let file: u64 = ctx.arg(0);
     let parts = path_parts(file + off!(file_path));
-    if tree_write_denied(parts.map(|(_, d)| d).unwrap_or(0)) {
-        return -EPERM;
-    }
-    let inode = parts.map(|(_, d)| dentry_inode(d)).unwrap_or(0);
-    decide(FileOp::Truncate, FileOp::Truncate.rule_ops(), false, inode, |s| {
+    let dentry = parts.map(|(_, d)| d).unwrap_or(0);
+    let inode = dentry_inode(dentry);
+    decide(FileOp::Truncate, FileOp::Truncate.rule_ops(), false, inode, [dentry, 0], |s| {
         let (mnt, dentry) = parts?;
         filepath::walk(s, mnt, dentry)
     })
@@ -173,6 +185,7 @@ pub fn file_truncate(ctx: LsmContext) -> i32 {
 /// on that file, as a truncation (the new name could truncate it). Links
 /// never cross mounts, so the file's mount is `new_dir`'s.
 #[lsm(hook = "path_link")]
+#[inline(always)]
 pub fn path_link(ctx: LsmContext) -> i32 {
     let previous: i32 = ctx.arg(3);
     if previous != 0 {
@@ -182,10 +195,8 @@ pub fn path_link(ctx: LsmContext) -> i32 {
     let new_dir: u64 = ctx.arg(1);
     // A second name would let an agent write a protected file from outside
     // AgentGuard's directories; a new name among them is a planted file.
-    if tree_write_denied(old_dentry) || tree_write_denied(path_parts(new_dir).map(|(_, d)| d).unwrap_or(0)) {
-        return -EPERM;
-    }
-    decide(FileOp::Link, FileOp::Link.rule_ops(), false, dentry_inode(old_dentry), |s| {
+    let new_dir_dentry = path_parts(new_dir).map(|(_, d)| d).unwrap_or(0);
+    decide(FileOp::Link, FileOp::Link.rule_ops(), false, dentry_inode(old_dentry), [old_dentry, new_dir_dentry], |s| {
         let (mnt, _) = path_parts(new_dir)?;
         filepath::walk(s, mnt, old_dentry)
     })
@@ -193,6 +204,7 @@ pub fn path_link(ctx: LsmContext) -> i32 {
 
 /// Does nothing; `doctor` loads it to prove BPF-LSM programs load and attach here.
 #[lsm(hook = "path_unlink")]
+#[inline(always)]
 pub fn lsm_probe(ctx: LsmContext) -> i32 {
     ctx.arg(2)
 }

@@ -9,14 +9,17 @@
 //! state, pins and cgroup subtree. Below a [`self_marks::TREE`] entry a
 //! tagged process may not open a file for writing, create a file,
 //! directory, device or symlink, nor remove, rename, link or truncate
-//! anything (files.rs asks [`tree_write_denied`] first). Below the cgroup2
+//! anything (files.rs asks [`self_guarded`] in its decision). Below the cgroup2
 //! root ([`self_marks::CGROUP_ROOT`]) it may not write `cgroup.procs` or
 //! `cgroup.threads`: moving itself out of its agent's cgroup.
 //!
 //! Each program passes an earlier BPF-LSM verdict through unchanged and
 //! returns -EPERM for a tagged caller; untagged callers are never judged.
 //! Every refusal is counted (`Counter::SelfProtectDenials`).
-use agentguard_common::{limits::SELF_WALK_DEPTH, self_marks, Counter, FileInodeKey, HookFlag};
+use agentguard_common::{
+    approval, limits::SELF_WALK_DEPTH, self_marks, Counter, Decision, Enforcement, FileInodeKey,
+    FileOp, HookFlag, RULE_SELF_PROTECT,
+};
 use core::ffi::c_void;
 
 use aya_ebpf::{
@@ -28,6 +31,8 @@ use aya_ebpf::{
 };
 
 use crate::{
+    filejudge::record,
+    filepath::{self, Built, FileScratch},
     kstructs::{dentry_inode, inode_id, off, path_parts, read_ptr, read_u32},
     shared::{count, current_tag, HOOKS},
 };
@@ -61,6 +66,7 @@ fn is_daemon(task: u64) -> bool {
 
 /// security_task_kill(p, info, sig, cred): any signal, including 0.
 #[lsm(hook = "task_kill")]
+#[inline(always)]
 pub fn protect_task_kill(ctx: LsmContext) -> i32 {
     let previous: i32 = ctx.arg(4);
     if previous != 0 {
@@ -72,6 +78,7 @@ pub fn protect_task_kill(ctx: LsmContext) -> i32 {
 /// security_ptrace_access_check(child, mode): PTRACE_ATTACH/SEIZE, and
 /// every ptrace_may_access (/proc/PID/mem, process_vm_writev, pidfd_getfd).
 #[lsm(hook = "ptrace_access_check")]
+#[inline(always)]
 pub fn protect_ptrace(ctx: LsmContext) -> i32 {
     let previous: i32 = ctx.arg(2);
     if previous != 0 {
@@ -85,12 +92,14 @@ pub fn protect_ptrace(ctx: LsmContext) -> i32 {
 /// program per shape, the loader attaches the one this kernel's BTF matches
 /// (a ctx offset must be a constant for the verifier).
 #[lsm(hook = "bpf")]
+#[inline(always)]
 pub fn protect_bpf(ctx: LsmContext) -> i32 {
     bpf_verdict(ctx.arg(3))
 }
 
 /// security_bpf(cmd, attr, size, kernel).
 #[lsm(hook = "bpf")]
+#[inline(always)]
 pub fn protect_bpf4(ctx: LsmContext) -> i32 {
     bpf_verdict(ctx.arg(4))
 }
@@ -133,18 +142,37 @@ fn self_mark(dentry: u64) -> u32 {
     0
 }
 
-/// Whether the current task is tagged and `dentry` lies in (or is) one of
-/// AgentGuard's protected trees: counted as a refusal when it is.
+/// Whether `dentry` lies in (or is) one of AgentGuard's guarded trees (the
+/// caller has checked the task is tagged).
 #[inline(always)]
-pub fn tree_write_denied(dentry: u64) -> bool {
-    if current_tag().is_none() || dentry == 0 {
+pub fn self_guarded(dentry: u64) -> bool {
+    dentry != 0 && self_mark(dentry) == self_marks::TREE
+}
+
+/// Whether the current task is tagged and `dentry` lies in (or is) one of
+/// AgentGuard's protected trees. A refusal is counted and recorded as a
+/// file event (`op` on the path `build` assembles, decision deny, rule
+/// [`RULE_SELF_PROTECT`]).
+#[inline(always)]
+fn tree_write_denied(op: FileOp, dentry: u64, build: impl FnOnce(&mut FileScratch) -> Result<Built, ()>) -> bool {
+    if dentry == 0 {
         return false;
     }
-    if self_mark(dentry) == self_marks::TREE {
-        count(Counter::SelfProtectDenials);
-        return true;
+    let Some(tag) = current_tag() else { return false };
+    if self_mark(dentry) != self_marks::TREE {
+        return false;
     }
-    false
+    record_refusal(tag, op, build);
+    true
+}
+
+/// Count and record a refusal (the event carries the path when it can be built).
+#[inline(always)]
+fn record_refusal(tag: agentguard_common::Tag, op: FileOp, build: impl FnOnce(&mut FileScratch) -> Result<Built, ()>) {
+    count(Counter::SelfProtectDenials);
+    let Some(s) = filepath::scratch() else { return };
+    let built = build(s).ok();
+    record(tag, op, (Decision::Deny, RULE_SELF_PROTECT), Enforcement::Enforced, (approval::NONE, 0, [0; 16]), s, built, false);
 }
 
 /// Whether `dentry` is named `cgroup.procs` or `cgroup.threads`. The name
@@ -169,62 +197,69 @@ fn is_cgroup_membership_file(dentry: u64) -> bool {
 /// security_file_open(file): an open for writing by a tagged process of a
 /// file in a protected tree, or of a cgroup's membership file anywhere.
 #[lsm(hook = "file_open")]
+#[inline(always)]
 pub fn protect_file_open(ctx: LsmContext) -> i32 {
     let previous: i32 = ctx.arg(1);
     if previous != 0 {
         return previous;
     }
-    if current_tag().is_none() {
-        return 0;
-    }
+    let Some(tag) = current_tag() else { return 0 };
     let file: u64 = ctx.arg(0);
     let Ok(mode) = read_u32(file + off!(file_mode)) else { return 0 };
     if mode & FMODE_WRITE == 0 {
         return 0;
     }
-    let Ok((_, dentry)) = path_parts(file + off!(file_path)) else { return 0 };
-    match self_mark(dentry) {
-        self_marks::TREE => refuse(),
-        self_marks::CGROUP_ROOT if is_cgroup_membership_file(dentry) => refuse(),
-        _ => 0,
+    let Ok((mnt, dentry)) = path_parts(file + off!(file_path)) else { return 0 };
+    let refused = match self_mark(dentry) {
+        self_marks::TREE => true,
+        self_marks::CGROUP_ROOT => is_cgroup_membership_file(dentry),
+        _ => false,
+    };
+    if !refused {
+        return 0;
     }
+    record_refusal(tag, FileOp::Write, |s| filepath::walk(s, mnt, dentry));
+    -EPERM
 }
 
-/// A new entry in directory `dir` (a `struct path *`).
+/// A new entry `dentry` in directory `dir` (a `struct path *`).
 #[inline(always)]
-fn create_in(dir: u64) -> i32 {
-    let Ok((_, dentry)) = path_parts(dir) else { return 0 };
-    if tree_write_denied(dentry) { -EPERM } else { 0 }
+fn create_in(dir: u64, dentry: u64) -> i32 {
+    let Ok((_, dir_dentry)) = path_parts(dir) else { return 0 };
+    if tree_write_denied(FileOp::Create, dir_dentry, |s| filepath::from_dir_and_dentry(s, dir, dentry)) { -EPERM } else { 0 }
 }
 
 /// security_path_mknod(dir, dentry, mode, dev): regular files created by
 /// open(O_CREAT) and mknod.
 #[lsm(hook = "path_mknod")]
+#[inline(always)]
 pub fn protect_path_mknod(ctx: LsmContext) -> i32 {
     let previous: i32 = ctx.arg(4);
     if previous != 0 {
         return previous;
     }
-    create_in(ctx.arg(0))
+    create_in(ctx.arg(0), ctx.arg(1))
 }
 
 /// security_path_mkdir(dir, dentry, mode).
 #[lsm(hook = "path_mkdir")]
+#[inline(always)]
 pub fn protect_path_mkdir(ctx: LsmContext) -> i32 {
     let previous: i32 = ctx.arg(3);
     if previous != 0 {
         return previous;
     }
-    create_in(ctx.arg(0))
+    create_in(ctx.arg(0), ctx.arg(1))
 }
 
 /// security_path_symlink(dir, dentry, old_name): a symlink planted among
 /// the policies would be read as one.
 #[lsm(hook = "path_symlink")]
+#[inline(always)]
 pub fn protect_path_symlink(ctx: LsmContext) -> i32 {
     let previous: i32 = ctx.arg(3);
     if previous != 0 {
         return previous;
     }
-    create_in(ctx.arg(0))
+    create_in(ctx.arg(0), ctx.arg(1))
 }

@@ -165,21 +165,29 @@ pub fn apply_network(ebpf: &mut Ebpf, set: &PolicySet, resolved: &Resolved) -> R
             match net {
                 IpNet::V4(n) => {
                     let key = NetKeyV4 { agent_be, addr: n.network().octets() };
-                    v4.insert((32 + u32::from(n.prefix_len()), key.agent_be, key.addr.to_vec()), (key, list));
+                    v4.insert((32 + u32::from(n.prefix_len()), key.agent_be, addr16(&key.addr)), (key, list));
                 }
                 IpNet::V6(n) => {
                     let key = NetKeyV6 { agent_be, addr: n.network().octets() };
-                    v6.insert((32 + u32::from(n.prefix_len()), key.agent_be, key.addr.to_vec()), (key, list));
+                    v6.insert((32 + u32::from(n.prefix_len()), key.agent_be, key.addr), (key, list));
                 }
             }
         }
     }
-    sync_trie(ebpf, maps::NET_V4, &v4, |k: &NetKeyV4| (k.agent_be, k.addr.to_vec()))?;
-    sync_trie(ebpf, maps::NET_V6, &v6, |k: &NetKeyV6| (k.agent_be, k.addr.to_vec()))?;
+    sync_trie(ebpf, maps::NET_V4, &v4, |k: &NetKeyV4| (k.agent_be, addr16(&k.addr)))?;
+    sync_trie(ebpf, maps::NET_V6, &v6, |k: &NetKeyV6| (k.agent_be, k.addr))?;
     Ok(())
 }
 
-type TrieOrd = (u32, [u8; 4], Vec<u8>);
+/// (prefix length, agent, address padded to 16 bytes): a trie key's order
+/// without an allocation per key (10 000-rule reloads, B9).
+type TrieOrd = (u32, [u8; 4], [u8; 16]);
+
+fn addr16(v4: &[u8; 4]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[..4].copy_from_slice(v4);
+    a
+}
 
 /// Bring an LPM trie to exactly `desired`: insert/update first, longest
 /// prefix first, then delete, shortest prefix first. In that order the
@@ -191,7 +199,7 @@ fn sync_trie<K: Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
     desired: &BTreeMap<TrieOrd, (K, NetRuleList)>,
-    ord: impl Fn(&K) -> ([u8; 4], Vec<u8>),
+    ord: impl Fn(&K) -> ([u8; 4], [u8; 16]),
 ) -> Result<(), CompileError> {
     let map = ebpf.map_mut(name).ok_or(CompileError::MissingMap(name))?;
     let mut trie: LpmTrie<&mut MapData, K, NetRuleList> =

@@ -10,7 +10,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use agentguard_common::{Decision, Enforcement, NetHook, RULE_FAIL_CLOSED};
+use agentguard_common::{Decision, Enforcement, NetHook, RULE_FAIL_CLOSED, RULE_SELF_PROTECT};
 use crate::{
     decode::{c_str, KernelEvent},
     policy::{AgentPolicy, PolicySet, Reversibility},
@@ -143,6 +143,8 @@ pub fn file_action(op: u32) -> &'static str {
         4 => "truncate",
         5 => "link",
         6 => "rename_over",
+        7 => "write",
+        8 => "create",
         _ => "unknown",
     }
 }
@@ -373,6 +375,9 @@ fn classify<'a>(
 ) -> (Cow<'a, str>, &'static str, Option<&'a str>) {
     if rule_id == RULE_FAIL_CLOSED {
         return (Cow::Borrowed("fail-closed"), "irreversible", None);
+    }
+    if rule_id == RULE_SELF_PROTECT {
+        return (Cow::Borrowed("agentguard-self-protection"), "irreversible", None);
     }
     if rule_id == 0 {
         return (Cow::Borrowed("default"), "irreversible", None);

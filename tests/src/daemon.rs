@@ -223,6 +223,18 @@ impl Daemon {
             .expect("run agentguard CLI")
     }
 
+    /// `agentguard status --json`.
+    pub fn status(&self) -> Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(out.status.success(), "status: {}{}", String::from_utf8_lossy(&out.stderr), self.stderr());
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
+
+    /// Whether the daemon reports `program` attached.
+    pub fn attached(&self, program: &str) -> bool {
+        self.status()["probes"].as_array().is_some_and(|p| p.iter().any(|p| p["program"] == program && p["state"] == "attached"))
+    }
+
     /// A `Command` for `agentguard run --agent AGENT -- args...`.
     pub fn run_cmd(&self, agent: &str, args: &[&str]) -> Command {
         let mut c = Command::new(agentguard_bin());

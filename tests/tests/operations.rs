@@ -62,9 +62,7 @@ fn policy_via_net(agent: &str, port: u16, filler: usize) -> String {
 }
 
 fn status(d: &Daemon) -> Value {
-    let out = d.cli(&["status", "--json"]);
-    assert!(out.status.success(), "status: {}{}", String::from_utf8_lossy(&out.stderr), d.stderr());
-    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    d.status()
 }
 
 /// An agent started with `agentguard run` that runs `connects ADDR N 0 stdin`:
@@ -463,6 +461,16 @@ fn an_agent_cannot_write_remove_or_plant_agentguards_files() {
     assert!(status(&d)["session_list"].as_array().is_some_and(|l| l.iter().any(|x| x["agent"] == "guarded")));
     let after = status(&d)["kernel_counters"]["self_protect_denials"].as_u64().expect("self_protect_denials in status");
     assert!(after >= before + attempts.len() as u64, "every refusal is counted: {before} -> {after}");
+    // ... and recorded, with what was tried on which path.
+    for (action, path) in [
+        ("write", s(&d.config)),
+        ("create", s(&d.dir.join("policies").join("new.toml"))),
+        ("unlink", s(&chain_head)),
+        ("truncate", s(&d.events_log)),
+    ] {
+        let ev = d.wait_event(Duration::from_secs(30), action, |e| e["kind"] == "file" && e["action"] == action && e["path"] == path.as_str());
+        assert_eq!((ev["decision"].as_str(), ev["rule"].as_str()), (Some("deny"), Some("agentguard-self-protection")), "{ev}");
+    }
     // The agent can still write its own files; an untagged process can write AgentGuard's.
     assert_eq!(as_agent(&d, &cgroup, &["create", &s(&outside.join("mine"))]), "ok", "an agent's own file");
     let untagged = |args: &[&str]| {
