@@ -17,7 +17,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: ag-testbin connect tcp|udp ADDR:PORT | sendto ADDR:PORT | sleep SECS | threads N SECS | \
          vfork CMD... | clone3 CMD... | daemonize CMD... | unlink PATH | rmdir PATH | rename FROM TO | \
-         truncate PATH | open-trunc PATH | ftruncate PATH | unlinkat DIR NAME | link FROM TO | append PATH TEXT | write PATH TEXT | create PATH | mkdir PATH | symlink TARGET PATH | exec CMD... | connects ADDR:PORT N RATE now|stdin | connects-until ADDR:PORT STOPFILE | signal PID SIG | ptrace PID | bpf-obj-get PINPATH | counter DIR|- MS | tree N DIR|- MS | forkstorm DEPTH FANOUT SECS | \
+         truncate PATH | open-trunc PATH | ftruncate PATH | unlinkat DIR NAME | link FROM TO | append PATH TEXT | write PATH TEXT | create PATH | mkdir PATH | symlink TARGET PATH | exec CMD... | connects ADDR:PORT N RATE now|stdin [THREADS] | connects-until ADDR:PORT STOPFILE | signal PID SIG | ptrace PID | bpf-obj-get PINPATH | counter DIR|- MS | tree N DIR|- MS | forkstorm DEPTH FANOUT SECS | \
          steps STEP... (tcp=ADDR:PORT, udp=ADDR:PORT, unlink=PATH, wait=PATH, sock=SOCKET:JSON) | \
          hold-loop tcp|unlink ADDR|PATH"
     );
@@ -235,6 +235,14 @@ fn main() {
             n.parse().unwrap_or_else(|_| usage()),
             rate.parse().unwrap_or_else(|_| usage()),
             gate == "stdin",
+            1,
+        ),
+        ("connects", [a, n, rate, gate, threads]) => connects(
+            addr(a),
+            n.parse().unwrap_or_else(|_| usage()),
+            rate.parse().unwrap_or_else(|_| usage()),
+            gate == "stdin",
+            threads.parse().unwrap_or_else(|_| usage()),
         ),
         ("connects-until", [a, stop]) => connects_until(addr(a), stop),
         // Attacks on AgentGuard itself (self-protection).
@@ -475,12 +483,47 @@ fn connects_until(a: SocketAddr, stop: &str) -> ! {
     exit(0)
 }
 
-fn connects(a: SocketAddr, n: u64, rate: u64, gated: bool) -> ! {
-    use std::{io::BufRead as _, os::fd::AsRawFd as _};
+/// `n` UDP connects to `a` at `rate` per second in all (0: flat out),
+/// shared by `threads` threads with a socket each (one thread cannot offer
+/// B4's rate on its own: each tagged connect is also a kernel event).
+fn connects(a: SocketAddr, n: u64, rate: u64, gated: bool, threads: u64) -> ! {
+    use std::io::BufRead as _;
     let SocketAddr::V4(v4) = a else {
         eprintln!("connects: IPv4 only");
         exit(2)
     };
+    let threads = threads.max(1);
+    let mut stdin = std::io::stdin().lock();
+    let mut line = String::new();
+    if gated {
+        println!("ready=1");
+        let _ = stdin.read_line(&mut line);
+    }
+    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let start = std::time::Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let share = n / threads + u64::from(t < n % threads);
+            let rate = rate / threads;
+            std::thread::spawn(move || connect_loop(v4, share, rate, start))
+        })
+        .collect();
+    let denied: u64 = workers.into_iter().map(|w| w.join().unwrap_or(0)).sum();
+    let elapsed = start.elapsed();
+    println!("attempts={n}");
+    println!("denied={denied}");
+    println!("start_ns={wall}");
+    println!("elapsed_ns={}", elapsed.as_nanos());
+    if gated {
+        line.clear();
+        let _ = stdin.read_line(&mut line);
+    }
+    exit(0)
+}
+
+/// One thread of [`connects`]: returns how many were refused (EPERM).
+fn connect_loop(v4: std::net::SocketAddrV4, n: u64, rate: u64, start: std::time::Instant) -> u64 {
+    use std::os::fd::AsRawFd as _;
     let sock = UdpSocket::bind("0.0.0.0:0").unwrap_or_else(|e| {
         eprintln!("bind: {e}");
         exit(2)
@@ -491,14 +534,6 @@ fn connects(a: SocketAddr, n: u64, rate: u64, gated: bool) -> ! {
         sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
         sin_zero: [0; 8],
     };
-    let mut stdin = std::io::stdin().lock();
-    let mut line = String::new();
-    if gated {
-        println!("ready=1");
-        let _ = stdin.read_line(&mut line);
-    }
-    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    let start = std::time::Instant::now();
     let mut denied = 0u64;
     for i in 0..n {
         // SAFETY: a valid socket and a sockaddr_in of the right length.
@@ -522,16 +557,7 @@ fn connects(a: SocketAddr, n: u64, rate: u64, gated: bool) -> ! {
             }
         }
     }
-    let elapsed = start.elapsed();
-    println!("attempts={n}");
-    println!("denied={denied}");
-    println!("start_ns={wall}");
-    println!("elapsed_ns={}", elapsed.as_nanos());
-    if gated {
-        line.clear();
-        let _ = stdin.read_line(&mut line);
-    }
-    exit(0)
+    denied
 }
 
 /// `steps`: one action after another, each printed as `sN=ok|ERRNO` (N from
