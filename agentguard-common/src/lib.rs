@@ -68,6 +68,10 @@ pub mod self_marks {
     /// `cgroup.threads` anywhere below it (moving itself out of its
     /// agent's cgroup).
     pub const CGROUP_ROOT: u32 = 2;
+    /// A directory above a [`TREE`]: it may not itself be renamed (which
+    /// would move the guarded tree away and let an agent put another in
+    /// its place); what it holds besides is not guarded.
+    pub const ANCESTOR: u32 = 3;
 }
 
 /// Names of the programs (the Rust function names in agentguard-ebpf).

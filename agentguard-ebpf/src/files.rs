@@ -28,7 +28,7 @@ use crate::{
     filejudge::{approval_of, judge, record},
     filepath::{self, Built, FileScratch},
     kstructs::{dentry_inode, off, path_parts},
-    selfprotect::self_guarded,
+    selfprotect::{in_guarded_tree, self_guarded},
     shared::{count, current_tag, decide_unreadable, granted, notify_hold},
 };
 
@@ -43,13 +43,15 @@ fn verdict_errno(d: Decision) -> i32 {
 }
 
 /// Judge and record one action on an assembled path. An action on
-/// AgentGuard's own files (either dentry of `guards` in a tree the daemon
-/// guards: selfprotect.rs) is denied whatever the policy says, with rule
-/// [`RULE_SELF_PROTECT`]; recorded by the same code as any other decision.
+/// AgentGuard's own files is denied whatever the policy says, with rule
+/// [`RULE_SELF_PROTECT`], and recorded by the same code as any other
+/// decision: `guards[0]` is the file acted on (in a guarded tree, or a
+/// directory above one), `guards[1]` a directory that would receive a new
+/// name (in a guarded tree); 0 for none (selfprotect.rs).
 #[inline(always)]
 fn decide(op: FileOp, ops: u32, split: bool, inode: u64, guards: [u64; 2], build: impl FnOnce(&mut FileScratch) -> Result<Built, ()>) -> i32 {
     let Some(tag) = current_tag() else { return 0 };
-    let guarded = self_guarded(guards[0]) || self_guarded(guards[1]);
+    let guarded = self_guarded(guards[0]) || in_guarded_tree(guards[1]);
     if guarded {
         count(Counter::SelfProtectDenials);
     }

@@ -119,34 +119,53 @@ fn refuse() -> i32 {
 }
 
 /// The `AG_SELF` mark of the nearest of `dentry` and its ancestors that has
-/// one (up to [`SELF_WALK_DEPTH`] levels), or 0. The walk stays inside the
-/// dentry's file system, as every protected file lies in the same file
-/// system as the directory that protects it.
+/// one (up to [`SELF_WALK_DEPTH`] levels), or 0, and whether it is
+/// `dentry`'s own. The walk stays inside the dentry's file system, as every
+/// protected file lies in the same file system as the directory that
+/// protects it.
 #[inline(always)]
-fn self_mark(dentry: u64) -> u32 {
+fn self_mark_at(dentry: u64) -> (u32, bool) {
     let mut d = dentry;
-    for _ in 0..SELF_WALK_DEPTH {
+    for depth in 0..SELF_WALK_DEPTH {
         if let Some((dev, ino)) = inode_id(dentry_inode(d)).filter(|(_, ino)| *ino != 0) {
             let key = FileInodeKey { agent_id: 0, dev, ino };
             // SAFETY: copied out at once.
             if let Some(mark) = unsafe { SELF_INODES.get(&key) } {
-                return *mark;
+                return (*mark, depth == 0);
             }
         }
-        let Ok(up) = read_ptr(d + off!(dentry_parent)) else { return 0 };
+        let Ok(up) = read_ptr(d + off!(dentry_parent)) else { return (0, false) };
         if up == d {
-            return 0;
+            return (0, false);
         }
         d = up;
     }
-    0
+    (0, false)
 }
 
-/// Whether `dentry` lies in (or is) one of AgentGuard's guarded trees (the
+#[inline(always)]
+fn self_mark(dentry: u64) -> u32 {
+    self_mark_at(dentry).0
+}
+
+/// Whether `dentry` lies in (or is) one of AgentGuard's guarded trees.
+#[inline(always)]
+pub fn in_guarded_tree(dentry: u64) -> bool {
+    dentry != 0 && self_mark(dentry) == self_marks::TREE
+}
+
+/// Whether removing, renaming, truncating or linking `dentry` touches
+/// AgentGuard: it lies in a guarded tree, or is a directory above one (the
 /// caller has checked the task is tagged).
 #[inline(always)]
 pub fn self_guarded(dentry: u64) -> bool {
-    dentry != 0 && self_mark(dentry) == self_marks::TREE
+    if dentry == 0 {
+        return false;
+    }
+    match self_mark_at(dentry) {
+        (self_marks::TREE, _) | (self_marks::ANCESTOR, true) => true,
+        _ => false,
+    }
 }
 
 /// Whether the current task is tagged and `dentry` lies in (or is) one of
@@ -159,7 +178,7 @@ fn tree_write_denied(op: FileOp, dentry: u64, build: impl FnOnce(&mut FileScratc
         return false;
     }
     let Some(tag) = current_tag() else { return false };
-    if self_mark(dentry) != self_marks::TREE {
+    if !in_guarded_tree(dentry) {
         return false;
     }
     record_refusal(tag, op, build);

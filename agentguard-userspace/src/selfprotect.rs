@@ -10,7 +10,10 @@
 //! /var/log itself, ...) is guarded alone, and the start-up log says so: new
 //! files beside it (a rotated log) are then not covered. The cgroup2 root is
 //! marked so that no agent can write a `cgroup.procs` or `cgroup.threads`
-//! anywhere, that is, move itself out of its agent's cgroup.
+//! anywhere, that is, move itself out of its agent's cgroup. The directories
+//! above each guarded one (up to, not including, `/`) may not be renamed:
+//! renaming `/etc/agentguard` away and making a new one would otherwise
+//! hand the next reload an agent's policy.
 use std::{
     collections::BTreeMap,
     os::unix::fs::MetadataExt as _,
@@ -67,6 +70,19 @@ pub fn plan(config: &Config, cgroup_root: &Path, cgroup_base: &Path) -> (Vec<Gua
             }
         }
     }
+    // The directories above each tree may not be renamed: that would move
+    // the tree away and let another take its path.
+    let marked: Vec<PathBuf> = out.iter().map(|g| g.path.clone()).collect();
+    for g in out.clone() {
+        if g.mark != self_marks::TREE {
+            continue;
+        }
+        for up in g.path.ancestors().skip(1).filter(|p| p.parent().is_some()) {
+            if !marked.iter().any(|m| m == up) {
+                out.push(Guarded { path: up.to_owned(), mark: self_marks::ANCESTOR });
+            }
+        }
+    }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     out.dedup();
     (out, warnings)
@@ -96,7 +112,12 @@ pub fn apply(ebpf: &mut Ebpf, guarded: &[Guarded]) -> anyhow::Result<(usize, Vec
         match std::fs::metadata(&g.path) {
             Ok(m) => {
                 let key = FileInodeKey { agent_id: 0, dev: kernel_dev(m.dev()), ino: m.ino() };
-                want.insert(key, g.mark);
+                // One inode reached by two paths: a tree or the cgroup root
+                // outranks "above a tree".
+                let mark = want.entry(key).or_insert(g.mark);
+                if *mark == self_marks::ANCESTOR {
+                    *mark = g.mark;
+                }
             }
             Err(e) => problems.push(format!("cannot guard {}: {e}", g.path.display())),
         }
@@ -141,10 +162,17 @@ mod tests {
             ("/sys/fs/cgroup", self_marks::CGROUP_ROOT),
             // /etc is shared: the configuration file alone.
             ("/etc/agentguard.toml", self_marks::TREE),
+            // Above the trees: not to be renamed.
+            ("/etc/agentguard", self_marks::ANCESTOR),
+            ("/etc", self_marks::ANCESTOR),
+            ("/var/log", self_marks::ANCESTOR),
+            ("/sys/fs/bpf", self_marks::ANCESTOR),
         ] {
             assert!(paths.contains(&want), "{want:?} missing from {paths:?}");
         }
-        assert!(!paths.iter().any(|(p, _)| *p == "/etc"), "{paths:?}");
+        assert!(!paths.iter().any(|(p, m)| *p == "/etc" && *m != self_marks::ANCESTOR), "{paths:?}");
+        assert!(!paths.iter().any(|(p, m)| *p == "/sys/fs/cgroup" && *m != self_marks::CGROUP_ROOT), "the cgroup root keeps its mark: {paths:?}");
+        assert!(!paths.iter().any(|(p, _)| *p == "/"), "{paths:?}");
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings[0].contains("/etc/agentguard.toml"), "{warnings:?}");
     }

@@ -408,7 +408,11 @@ fn an_agent_cannot_signal_ptrace_or_bpf_the_daemon() {
 #[test]
 fn an_agent_cannot_write_remove_or_plant_agentguards_files() {
     let port = 46_000 + (std::process::id() % 1000) as u16;
-    let d = Daemon::start(&[("p.toml", &policy("guarded", port, 0))]);
+    // The incidents live two levels below a directory of the test's: the
+    // directories above a guarded one may not be renamed.
+    let outside = agentguard_tests::guard::TempDir::new("outside");
+    let incidents = outside.join("var").join("incidents");
+    let d = Daemon::start_with(&[("p.toml", &policy("guarded", port, 0))], &format!("incident_dir = {incidents:?}"));
     let st = status(&d);
     let probe = st["probes"].as_array().and_then(|p| p.iter().find(|p| p["program"] == "protect_file_open")).cloned().unwrap_or_default();
     require!(probe["state"] == "attached", "BPF-LSM self-protection cannot load on this kernel ({}); it runs in the qemu harness", probe["reason"].as_str().unwrap_or("no reason given"));
@@ -420,8 +424,9 @@ fn an_agent_cannot_write_remove_or_plant_agentguards_files() {
     let config_text = std::fs::read(&d.config).expect("config");
     let chain_head = d.dir.join("chain-head");
     let pin = d.pins().into_iter().find(|p| p.ends_with("maps/AG_TAGS")).map(|p| d.pin_dir.join(p)).expect("AG_TAGS pinned");
-    let outside = agentguard_tests::guard::TempDir::new("outside");
     let planted = outside.join("evil.toml");
+    let beside = outside.join("var").join("beside");
+    std::fs::write(&beside, "not AgentGuard's").expect("write beside");
     std::fs::write(&planted, "[agent]\nname = \"guarded\"\n[network]\ndefault = \"allow\"\n").expect("write outside");
     let before = status(&d)["kernel_counters"]["self_protect_denials"].as_u64().unwrap_or(0);
 
@@ -442,6 +447,8 @@ fn an_agent_cannot_write_remove_or_plant_agentguards_files() {
         ("leave its cgroup", vec!["write".into(), s(&agentguard::mounts::cgroup2_root().expect("cgroup2").join("cgroup.procs")), "0".into()]),
         ("thaw its cgroup", vec!["write".into(), s(&cgroup.join("cgroup.freeze")), "0".into()]),
         ("make a sub-cgroup", vec!["mkdir".into(), s(&cgroup.join("elsewhere"))]),
+        ("rename a directory above a guarded one", vec!["rename".into(), s(&outside.join("var")), s(&outside.join("var-moved"))]),
+        ("write into the incident directory", vec!["create".into(), s(&incidents.join("forged.json"))]),
     ];
     for (what, args) in &attempts {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -456,6 +463,7 @@ fn an_agent_cannot_write_remove_or_plant_agentguards_files() {
     }
     assert!(!outside.join("second-name").exists() && !d.dir.join("moved.toml").exists());
     assert!(!cgroup.join("elsewhere").exists());
+    assert!(incidents.is_dir() && !incidents.join("forged.json").exists(), "the incident directory stayed where it was, untouched");
     // (The attempt's argv is in the log, inside its exec event.)
     assert!(!std::fs::read_to_string(&d.events_log).expect("log").lines().any(|l| l.starts_with("{\"forged\"")), "the event log took a forged line");
     assert!(status(&d)["session_list"].as_array().is_some_and(|l| l.iter().any(|x| x["agent"] == "guarded")));
@@ -471,8 +479,10 @@ fn an_agent_cannot_write_remove_or_plant_agentguards_files() {
         let ev = d.wait_event(Duration::from_secs(30), action, |e| e["kind"] == "file" && e["action"] == action && e["path"] == path.as_str());
         assert_eq!((ev["decision"].as_str(), ev["rule"].as_str()), (Some("deny"), Some("agentguard-self-protection")), "{ev}");
     }
-    // The agent can still write its own files; an untagged process can write AgentGuard's.
+    // The agent can still write its own files, also beside AgentGuard's
+    // directories; an untagged process can write AgentGuard's.
     assert_eq!(as_agent(&d, &cgroup, &["create", &s(&outside.join("mine"))]), "ok", "an agent's own file");
+    assert_eq!(as_agent(&d, &cgroup, &["rename", &s(&beside), &s(&outside.join("var").join("beside-2"))]), "ok", "a file beside a guarded directory");
     let untagged = |args: &[&str]| {
         let out = Command::new(testbin()).args(args).output().expect("run");
         fact(&out.stdout, "errno").or_else(|| fact(&out.stdout, "result")).unwrap_or_default()
