@@ -273,10 +273,16 @@ impl Daemon {
         }
     }
 
-    /// Every line of the event log, parsed.
+    /// Every complete line of the event log, parsed. A last line without
+    /// its newline is a batch the daemon is writing at this moment (a read
+    /// can see part of a concurrent write(2)): it is left for the next read.
     pub fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.events_log)
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(&self.events_log).unwrap_or_default();
+        let complete = match text.rfind('\n') {
+            Some(end) => &text[..=end],
+            None => "",
+        };
+        complete
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l}: {e}")))
             .collect()

@@ -59,15 +59,9 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// The complete lines of the daemon's event log (the daemon may be in the
-/// middle of writing the last one).
+/// The complete lines of the daemon's event log.
 fn log_events(d: &Daemon) -> Vec<Value> {
-    let text = std::fs::read_to_string(&d.events_log).unwrap_or_default();
-    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
-    complete
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l}: {e}")))
-        .collect()
+    d.events()
 }
 
 fn wait_log(d: &Daemon, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
