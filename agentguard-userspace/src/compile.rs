@@ -8,7 +8,7 @@ use agentguard_common::{limits, maps, AgentConfig, Decision, NetKeyV4, NetKeyV6,
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        HashMap, MapData,
+        HashMap, IterableMap as _, MapData,
     },
     Ebpf, Pod,
 };
@@ -96,10 +96,21 @@ pub fn comm_key(comm: &str) -> [u8; limits::COMM_LEN] {
     key
 }
 
+/// What this process last wrote into the network tries, so that a reload
+/// writes only what changed and never walks a trie to find what to remove.
+/// `None` (at start, and after a failed write) means unknown: the next sync
+/// walks the trie and rewrites every entry.
+#[derive(Default)]
+pub struct Written {
+    v4: Option<BTreeMap<TrieOrd, (NetKeyV4, NetRuleList)>>,
+    v6: Option<BTreeMap<TrieOrd, (NetKeyV6, NetRuleList)>>,
+}
+
 /// Write the whole policy (and the given run sessions, and the addresses
 /// its host names resolved to) into the maps.
 pub fn apply(
     ebpf: &mut Ebpf,
+    written: &mut Written,
     set: &PolicySet,
     cgroup_root: &Path,
     sessions: &BTreeMap<u64, Tag>,
@@ -140,7 +151,7 @@ pub fn apply(
 
     // Rules first, then defaults: an agent's rules are in place before any
     // change to what its unmatched traffic gets.
-    apply_network(ebpf, set, resolved)?;
+    apply_network(ebpf, written, set, resolved)?;
     for (id, (flags, prefix_lens)) in crate::filemaps::apply_agents(ebpf, &files, &inodes)? {
         if let Some(config) = agents.get_mut(&id) {
             config.flags |= flags;
@@ -156,7 +167,7 @@ pub fn apply(
 }
 
 /// Every agent's network rules into the two LPM tries.
-pub fn apply_network(ebpf: &mut Ebpf, set: &PolicySet, resolved: &Resolved) -> Result<(), CompileError> {
+pub fn apply_network(ebpf: &mut Ebpf, written: &mut Written, set: &PolicySet, resolved: &Resolved) -> Result<(), CompileError> {
     let mut v4 = BTreeMap::new();
     let mut v6 = BTreeMap::new();
     for agent in set.agents.values() {
@@ -174,8 +185,8 @@ pub fn apply_network(ebpf: &mut Ebpf, set: &PolicySet, resolved: &Resolved) -> R
             }
         }
     }
-    sync_trie(ebpf, maps::NET_V4, &v4, |k: &NetKeyV4| (k.agent_be, addr16(&k.addr)))?;
-    sync_trie(ebpf, maps::NET_V6, &v6, |k: &NetKeyV6| (k.agent_be, k.addr))?;
+    sync_trie(ebpf, maps::NET_V4, &mut written.v4, v4, |k: &NetKeyV4| (k.agent_be, addr16(&k.addr)))?;
+    sync_trie(ebpf, maps::NET_V6, &mut written.v6, v6, |k: &NetKeyV6| (k.agent_be, k.addr))?;
     Ok(())
 }
 
@@ -194,33 +205,125 @@ fn addr16(v4: &[u8; 4]) -> [u8; 16] {
 /// longest prefix present for any address is, at every instant, either the
 /// old policy's longest match with its old list or the new policy's with its
 /// new list, so lookups see one version or the other, never a mix (see
-/// docs/architecture.md, "Reloads without a window").
+/// docs/architecture.md, "Reloads without a window"). An entry `written`
+/// says is already there with the same list is left alone: rewriting it
+/// would change nothing.
 fn sync_trie<K: Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
-    desired: &BTreeMap<TrieOrd, (K, NetRuleList)>,
+    written: &mut Option<BTreeMap<TrieOrd, (K, NetRuleList)>>,
+    desired: BTreeMap<TrieOrd, (K, NetRuleList)>,
     ord: impl Fn(&K) -> ([u8; 4], [u8; 16]),
 ) -> Result<(), CompileError> {
     let map = ebpf.map_mut(name).ok_or(CompileError::MissingMap(name))?;
     let mut trie: LpmTrie<&mut MapData, K, NetRuleList> =
         LpmTrie::try_from(map).map_err(|source| CompileError::Map { map: name, source })?;
-    for ((prefix, _, _), (key, list)) in desired.iter().rev() {
-        trie.insert(&Key::new(*prefix, *key), *list, 0)
-            .map_err(|source| CompileError::Map { map: name, source })?;
+    // Until this sync succeeds, what the trie holds is unknown.
+    let before = written.take();
+    let unchanged = |ord: &TrieOrd, list: &NetRuleList| {
+        before.as_ref().and_then(|b| b.get(ord)).is_some_and(|(_, old)| old == list)
+    };
+    let (keys, lists): (Vec<Key<K>>, Vec<NetRuleList>) = desired
+        .iter()
+        .rev()
+        .filter(|(ord, (_, list))| !unchanged(ord, list))
+        .map(|(ord, (key, list))| (Key::new(ord.0, *key), *list))
+        .unzip();
+    let batched = update_batch(trie.map(), &keys, &lists).map_err(|source| CompileError::Map { map: name, source })?;
+    if !batched {
+        for (k, list) in keys.iter().zip(&lists) {
+            trie.insert(k, *list, 0).map_err(|source| CompileError::Map { map: name, source })?;
+        }
     }
-    let mut stale: Vec<Key<K>> = trie
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| {
-            let (a, d) = ord(&k.data());
-            !desired.contains_key(&(k.prefix_len(), a, d))
-        })
-        .collect();
+    let mut stale: Vec<Key<K>> = match &before {
+        Some(b) => b
+            .iter()
+            .filter(|(ord, _)| !desired.contains_key(ord))
+            .map(|(ord, (key, _))| Key::new(ord.0, *key))
+            .collect(),
+        None => trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                let (a, d) = ord(&k.data());
+                !desired.contains_key(&(k.prefix_len(), a, d))
+            })
+            .collect(),
+    };
     stale.sort_by_key(Key::prefix_len);
     for k in stale {
-        let _ = trie.remove(&k);
+        match trie.remove(&k) {
+            // A concurrent removal is fine: the goal is absence.
+            Err(source) if !already_absent(&source) => return Err(CompileError::Map { map: name, source }),
+            _ => {}
+        }
     }
+    *written = Some(desired);
     Ok(())
+}
+
+/// Write `keys[i] = values[i]`, in order, in as few bpf() calls as the
+/// kernel allows: BPF_MAP_UPDATE_BATCH (Linux 5.6+; hash, array and LPM
+/// maps) applies them one by one, in array order, in one system call.
+/// `Ok(false)`: this kernel has no batch update for the map and nothing was
+/// written; the caller writes them one by one, in the same order.
+fn update_batch<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V]) -> Result<bool, aya::maps::MapError> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    /// The kernel's internal "not supported", which bpf() can return.
+    const ENOTSUPP: i32 = 524;
+    /// The `batch` member of `union bpf_attr`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    let fd = map.fd().as_fd().as_raw_fd();
+    let mut done = 0;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: u32::try_from(keys.len() - done).unwrap_or(u32::MAX),
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` points at `count` keys and values, Pod and laid out
+        // as the map's key and value (the same types aya's single-entry
+        // calls pass), alive across the call; the kernel writes back only
+        // `attr.count`, the number it applied.
+        let r = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, std::ptr::from_mut(&mut attr), std::mem::size_of::<BatchAttr>())
+        };
+        let applied = attr.count as usize;
+        if r == 0 {
+            done += applied;
+            continue;
+        }
+        let io_error = std::io::Error::last_os_error();
+        if done == 0 && applied == 0 && matches!(io_error.raw_os_error(), Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP)) {
+            return Ok(false);
+        }
+        return Err(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error }.into());
+    }
+    Ok(true)
+}
+
+/// A delete that failed because the key was not there.
+fn already_absent(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
 }
 
 fn sync_path(ebpf: &mut Ebpf, desired: &BTreeMap<[u8; limits::PATH_MAX], Tag>) -> Result<(), CompileError> {

@@ -63,6 +63,8 @@ pub struct Session {
 
 pub struct State {
     ebpf: Ebpf,
+    /// What this process last wrote into the network tries.
+    written: compile::Written,
     probes: Vec<ProbeStatus>,
     policies: PolicySet,
     config: Config,
@@ -81,9 +83,8 @@ pub struct State {
     pins: Pins,
     /// The sessions as last saved to `config.run_state`.
     run_state_written: String,
-    /// The policy in force: SHA-256 of its files, and how many reloads
-    /// brought it (0: the one loaded at start).
-    policy_hash: String,
+    /// How many reloads brought the policy in force (0: the one loaded at
+    /// start); `policies.hash` identifies it.
     policy_version: u64,
     /// `agentguard stop` asked to exit (true: and unload).
     stopping: Option<bool>,
@@ -169,7 +170,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     for p in dns_problems {
         tracing::warn!("{p}");
     }
-    let warnings = compile::apply(&mut ebpf, &policies, &cgroup_root, &lifecycle::run_selectors(&sessions), &resolved)?;
+    let mut written = compile::Written::default();
+    let warnings = compile::apply(&mut ebpf, &mut written, &policies, &cgroup_root, &lifecycle::run_selectors(&sessions), &resolved)?;
     for w in warnings {
         tracing::warn!("{w}");
     }
@@ -198,9 +200,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     let stop_signal = Arc::new(tokio::sync::Notify::new());
     let state: Shared = Arc::new(Mutex::new(State {
+        written,
         ebpf,
         probes,
-        policy_hash: lifecycle::policy_hash(&config.policy_dir),
         policy_version: 0,
         policies,
         config,
@@ -778,7 +780,7 @@ impl State {
         }
         let mut next = self.resolved.clone();
         next.extend(changed.iter().cloned());
-        if let Err(e) = compile::apply_network(&mut self.ebpf, &self.policies, &next) {
+        if let Err(e) = compile::apply_network(&mut self.ebpf, &mut self.written, &self.policies, &next) {
             tracing::error!("host addresses changed but the network rules cannot be recompiled: {e}; the previous addresses stay in force");
             return;
         }
@@ -864,7 +866,7 @@ impl State {
     fn resync_selectors(&mut self) -> anyhow::Result<()> {
         let sessions = self.run_session_selectors();
         let root = self.tree.root.clone();
-        compile::apply(&mut self.ebpf, &self.policies, &root, &sessions, &self.resolved)?;
+        compile::apply(&mut self.ebpf, &mut self.written, &self.policies, &root, &sessions, &self.resolved)?;
         self.sync_workspaces(&self.policies.clone())?;
         Ok(())
     }
@@ -919,31 +921,35 @@ impl State {
     }
 
     fn reload_inner(&mut self) -> anyhow::Result<serde_json::Value> {
-        let hash = lifecycle::policy_hash(&self.config.policy_dir);
+        let started = std::time::Instant::now();
         let policies = policy::load_dir(&self.config.policy_dir)
             .map_err(|e| anyhow::anyhow!("{e}
 policy rejected; the previous policy stays in force"))?;
+        let parsed = started.elapsed();
         let (resolved, problems) = netrules::resolve_hosts(policies.hosts(), &self.resolved);
         for p in &problems {
             tracing::warn!("{p}");
         }
         let sessions = self.run_session_selectors();
         let root = self.tree.root.clone();
-        compile::apply(&mut self.ebpf, &policies, &root, &sessions, &resolved)?;
+        let compiling = std::time::Instant::now();
+        compile::apply(&mut self.ebpf, &mut self.written, &policies, &root, &sessions, &resolved)?;
         self.sync_workspaces(&policies)?;
+        let compiled = compiling.elapsed();
         self.policies = policies;
         self.resolved = resolved;
-        self.policy_hash = hash;
         self.policy_version += 1;
         let agents: Vec<_> = self.policies.agents.keys().cloned().collect();
-        tracing::info!(?agents, "policy reloaded");
         let _ = self.log.append(&json!({
             "time": events::rfc3339(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)),
             "kind": "policy_reload",
             "agents": agents,
         }));
         let _ = self.log.flush();
-        Ok(json!({ "agents": agents, "warnings": problems, "policy_version": self.policy_version, "policy_hash": self.policy_hash }))
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        let timing = json!({ "parse_ms": ms(parsed), "compile_ms": ms(compiled), "total_ms": ms(started.elapsed()) });
+        tracing::info!(?agents, %timing, "policy reloaded");
+        Ok(json!({ "agents": agents, "warnings": problems, "policy_version": self.policy_version, "policy_hash": self.policies.hash, "timing": timing }))
     }
 
     fn ps(&mut self) -> serde_json::Value {

@@ -75,9 +75,13 @@ pub fn compile_agent(agent: &AgentPolicy, resolved: &Resolved) -> Result<Lists, 
     let nodes: std::collections::BTreeSet<IpNet> =
         rules.iter().flat_map(|(_, nets, _)| nets.iter().copied()).collect();
     let mut by_net: std::collections::HashMap<IpNet, Vec<usize>> = std::collections::HashMap::new();
+    // The prefix lengths rules name, per family (v4, v6): only those can
+    // hold an ancestor of a node.
+    let mut lengths: [std::collections::BTreeSet<u8>; 2] = Default::default();
     for (i, (_, nets, _)) in rules.iter().enumerate() {
         for n in nets {
             by_net.entry(n.trunc()).or_default().push(i);
+            lengths[usize::from(n.addr().is_ipv6())].insert(n.prefix_len());
         }
     }
     let mut out = Lists::new();
@@ -88,10 +92,12 @@ pub fn compile_agent(agent: &AgentPolicy, resolved: &Resolved) -> Result<Lists, 
             entries: [NetRuleEntry::default(); limits::NET_RULES_PER_PREFIX],
         };
         // The rules that cover `node` are those naming one of its
-        // ancestors (itself included): at most 33 (or 129) lookups, not a
-        // pass over every rule, so 10 000 rules compile in milliseconds.
-        let mut covering: Vec<usize> = (0..=node.prefix_len())
-            .filter_map(|len| IpNet::new(node.addr(), len).ok())
+        // ancestors (itself included): one lookup per prefix length some
+        // rule uses (at most 33, or 129), not a pass over every rule, so
+        // 10 000 rules compile in milliseconds.
+        let mut covering: Vec<usize> = lengths[usize::from(node.addr().is_ipv6())]
+            .range(..=node.prefix_len())
+            .filter_map(|len| IpNet::new(node.addr(), *len).ok())
             .filter_map(|anc| by_net.get(&anc.trunc()))
             .flatten()
             .copied()

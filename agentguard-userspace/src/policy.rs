@@ -14,6 +14,7 @@ use std::{
 use agentguard_common::{limits, Decision};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 use toml::Spanned;
 
 /// A policy problem, located in its file.
@@ -269,6 +270,10 @@ impl AgentPolicy {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PolicySet {
     pub agents: BTreeMap<String, AgentPolicy>,
+    /// SHA-256 over the `*.toml` files the set was read from (name and
+    /// bytes, in name order), hex: the identity of the policy, for
+    /// `status`. Computed from the very bytes that were parsed.
+    pub hash: String,
 }
 
 impl PolicySet {
@@ -565,17 +570,20 @@ fn check_file_rule(cx: &mut Ctx<'_>, rule: Spanned<RawFileRule>) -> FileRule {
     }
 }
 
-/// Read and check one file.
-pub fn load_file(path: &Path) -> Result<AgentPolicy, PolicyErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+fn read(path: &Path) -> Result<String, PolicyErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
         PolicyErrors(vec![PolicyError {
             file: path.to_owned(),
             line: 1,
             column: 1,
             message: format!("cannot read: {e}"),
         }])
-    })?;
-    parse(path, &text)
+    })
+}
+
+/// Read and check one file.
+pub fn load_file(path: &Path) -> Result<AgentPolicy, PolicyErrors> {
+    parse(path, &read(path)?)
 }
 
 /// Every `*.toml` directly in `dir` (subdirectories such as examples/ are not
@@ -596,8 +604,16 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyErrors> {
         .collect();
     files.sort();
     let mut set = PolicySet::default();
+    let mut hash = Sha256::new();
     for file in files {
-        match load_file(&file) {
+        let loaded = read(&file).and_then(|text| {
+            hash.update(file.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+            hash.update([0]);
+            hash.update(text.as_bytes());
+            hash.update([0]);
+            parse(&file, &text)
+        });
+        match loaded {
             Err(PolicyErrors(mut e)) => errors.append(&mut e),
             Ok(agent) => {
                 if let Some(prev) = set.agents.values().find(|a| a.id == agent.id && a.name != agent.name) {
@@ -632,6 +648,7 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyErrors> {
             ),
         });
     }
+    set.hash = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
     if errors.is_empty() { Ok(set) } else { Err(PolicyErrors(errors)) }
 }
 

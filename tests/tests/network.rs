@@ -238,6 +238,13 @@ fn a_rule_change_applies_to_a_running_agent_without_restart() {
     assert!(err.contains("live.toml:4:"), "error names file and line: {err}");
     let again = agent_run(&d, "live", &["connect", "tcp", &format!("127.0.0.1:{port}")]);
     assert_eq!(errno(&again), "EPERM", "the previous policy stays in force: {again:?}");
+
+    // A rule taken out of the policy stops applying: its entry leaves the kernel.
+    std::fs::write(d.dir.join("policies").join("live.toml"), open).expect("rewrite policy");
+    let out = d.cli(&["reload"]);
+    assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+    let after = agent_run(&d, "live", &["connect", "tcp", &format!("127.0.0.1:{port}")]);
+    assert_eq!(errno(&after), "ok", "the removed rule still denies: {after:?}");
 }
 
 #[test]

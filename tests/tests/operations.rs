@@ -195,6 +195,19 @@ fn sigkill_leaves_enforcement_in_place_and_a_restart_takes_it_over() {
     // Still enforcing, with the new daemon.
     assert_eq!(connect_from(&cgroup, port), "EPERM", "after the restart");
     agent.finish();
+    // A rule taken out of the policy while no daemon ran: the next daemon
+    // knows nothing of what the pinned maps hold, finds the stale entry in
+    // the kernel and removes it.
+    d.kill9();
+    std::fs::write(d.dir.join("policies").join("crash.toml"), policy_via_net("crashy", port.wrapping_add(1), 0)).expect("rewrite policy");
+    d.start_again();
+    let run_connect = |port: u16| {
+        let tb = testbin();
+        let out = d.run_cmd("crashy", &[tb.to_str().expect("utf-8"), "connect", "udp", &format!("127.0.0.1:{port}")]).stdout(Stdio::piped()).output().expect("run agent");
+        fact(&out.stdout, "errno").or_else(|| fact(&out.stdout, "result")).unwrap_or_default()
+    };
+    assert_eq!(run_connect(port), "ok", "the rule removed while the daemon was dead still denies");
+    assert_eq!(run_connect(port.wrapping_add(1)), "EPERM", "the new rule applies");
     // The log is one chain across the crash.
     d.stop();
     let out = d.cli(&["audit", "verify"]);

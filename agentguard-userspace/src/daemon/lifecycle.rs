@@ -1,11 +1,10 @@
 //! The daemon's life around its pins: taking over a previous daemon's
 //! sessions at start, saving them as they change, the policy's identity for
 //! `status`, and `agentguard stop [--unload]`.
-use std::{collections::BTreeMap, path::Path};
+use std::collections::BTreeMap;
 
 use agentguard_common::{Tag, RUN_SESSION_BIT};
 use serde_json::json;
-use sha2::{Digest as _, Sha256};
 
 use super::{Session, State};
 use crate::{
@@ -39,23 +38,6 @@ pub(super) fn run_selectors(sessions: &BTreeMap<u32, Session>) -> BTreeMap<u64, 
         .filter(|s| s.kind == "run")
         .map(|s| (s.cgroup_id, Tag { agent_id: s.agent_id, session_id: s.id }))
         .collect()
-}
-
-/// SHA-256 over the policy directory's `*.toml` files (name and bytes, in
-/// name order): the identity of the policy in force, for `status`.
-pub(super) fn policy_hash(dir: &Path) -> String {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect())
-        .unwrap_or_default();
-    files.sort();
-    let mut h = Sha256::new();
-    for f in files {
-        h.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
-        h.update([0]);
-        h.update(std::fs::read(&f).unwrap_or_default());
-        h.update([0]);
-    }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl State {
@@ -191,7 +173,7 @@ impl State {
         let extra = json!({
             "policy": {
                 "version": self.policy_version,
-                "hash": self.policy_hash,
+                "hash": self.policies.hash,
                 "dir": self.config.policy_dir,
             },
             "session_list": sessions,
