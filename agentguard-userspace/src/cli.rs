@@ -143,7 +143,15 @@ fn ask(ctx: &Ctx, req: &Request) -> anyhow::Result<Value> {
 
 pub fn reload(ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let v = ask(ctx, &Request::Reload)?;
-    println!("policy reloaded: agents {}", v["agents"]);
+    let ms = |k: &str| v["timing"][k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "policy reloaded: version {}, agents {}; {:.0} ms (parse {:.0}, compile {:.0})",
+        v["policy_version"],
+        v["agents"],
+        ms("total_ms"),
+        ms("parse_ms"),
+        ms("compile_ms")
+    );
     for w in v["warnings"].as_array().into_iter().flatten() {
         eprintln!("warning: {}", w.as_str().unwrap_or_default());
     }

@@ -168,23 +168,25 @@ pub fn apply(
 
 /// Every agent's network rules into the two LPM tries.
 pub fn apply_network(ebpf: &mut Ebpf, written: &mut Written, set: &PolicySet, resolved: &Resolved) -> Result<(), CompileError> {
-    let mut v4 = BTreeMap::new();
-    let mut v6 = BTreeMap::new();
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
     for agent in set.agents.values() {
         let agent_be = agent.id.to_be_bytes();
         for (net, list) in netrules::compile_agent(agent, resolved)? {
             match net {
                 IpNet::V4(n) => {
                     let key = NetKeyV4 { agent_be, addr: n.network().octets() };
-                    v4.insert((32 + u32::from(n.prefix_len()), key.agent_be, addr16(&key.addr)), (key, list));
+                    v4.push(((32 + u32::from(n.prefix_len()), key.agent_be, addr16(&key.addr)), (key, list)));
                 }
                 IpNet::V6(n) => {
                     let key = NetKeyV6 { agent_be, addr: n.network().octets() };
-                    v6.insert((32 + u32::from(n.prefix_len()), key.agent_be, key.addr), (key, list));
+                    v6.push(((32 + u32::from(n.prefix_len()), key.agent_be, key.addr), (key, list)));
                 }
             }
         }
     }
+    // Collected, then built in one pass (sorted first), not inserted one by one.
+    let (v4, v6): (BTreeMap<_, _>, BTreeMap<_, _>) = (v4.into_iter().collect(), v6.into_iter().collect());
     sync_trie(ebpf, maps::NET_V4, &mut written.v4, v4, |k: &NetKeyV4| (k.agent_be, addr16(&k.addr)))?;
     sync_trie(ebpf, maps::NET_V6, &mut written.v6, v6, |k: &NetKeyV6| (k.agent_be, k.addr))?;
     Ok(())

@@ -272,7 +272,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let hup_task = tokio::spawn(async move {
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         while hup.recv().await.is_some() {
-            if let Err(e) = lock(&hup_state).reload() {
+            if let Err(e) = reload(&hup_state).await {
                 tracing::error!("SIGHUP reload failed: {e:#}");
             }
         }
@@ -911,22 +911,18 @@ impl State {
         Ok(session)
     }
 
-    /// Parse, check and compile the policy directory, then switch to it. An
-    /// invalid policy changes nothing: the error names file:line:column.
-    fn reload(&mut self) -> anyhow::Result<serde_json::Value> {
+    /// Compile a prepared policy into the maps and switch to it. An error
+    /// changes nothing that is enforced differently: the previous policy
+    /// stays in force.
+    fn reload_commit(&mut self, prepared: PreparedPolicy) -> anyhow::Result<serde_json::Value> {
         systemd::reloading();
-        let result = self.reload_inner();
+        let result = self.reload_commit_inner(prepared);
         systemd::ready(&format!("enforcing for {} agent policies", self.policies.agents.len()));
         result
     }
 
-    fn reload_inner(&mut self) -> anyhow::Result<serde_json::Value> {
-        let started = std::time::Instant::now();
-        let policies = policy::load_dir(&self.config.policy_dir)
-            .map_err(|e| anyhow::anyhow!("{e}
-policy rejected; the previous policy stays in force"))?;
-        let parsed = started.elapsed();
-        let (resolved, problems) = netrules::resolve_hosts(policies.hosts(), &self.resolved);
+    fn reload_commit_inner(&mut self, prepared: PreparedPolicy) -> anyhow::Result<serde_json::Value> {
+        let PreparedPolicy { policies, resolved, problems, started, parsed } = prepared;
         for p in &problems {
             tracing::warn!("{p}");
         }
@@ -1018,6 +1014,44 @@ fn read_counters(ebpf: &Ebpf) -> serde_json::Value {
 
 // ---- control socket --------------------------------------------------------
 
+/// A policy directory read, parsed and checked, its host names resolved:
+/// everything a reload does before it needs the daemon's state.
+struct PreparedPolicy {
+    policies: PolicySet,
+    resolved: Resolved,
+    problems: Vec<String>,
+    started: std::time::Instant,
+    parsed: Duration,
+}
+
+fn prepare_policy(dir: &Path, previous: &Resolved) -> anyhow::Result<PreparedPolicy> {
+    let started = std::time::Instant::now();
+    let policies = policy::load_dir(dir).map_err(|e| anyhow::anyhow!("{e}\npolicy rejected; the previous policy stays in force"))?;
+    let parsed = started.elapsed();
+    let (resolved, problems) = netrules::resolve_hosts(policies.hosts(), previous);
+    Ok(PreparedPolicy { policies, resolved, problems, started, parsed })
+}
+
+/// One reload at a time: two overlapping ones could otherwise commit in the
+/// opposite order to the one they read the files in.
+static RELOADING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `agentguard reload` and SIGHUP: read, parse and check the policy (and
+/// resolve its host names) in the blocking pool, without the state lock, so
+/// the event log, the killswitch and approvals go on meanwhile; then compile
+/// and switch under the lock.
+async fn reload(state: &Shared) -> anyhow::Result<serde_json::Value> {
+    let _one = RELOADING.lock().await;
+    let (dir, resolved) = {
+        let s = lock(state);
+        (s.config.policy_dir.clone(), s.resolved.clone())
+    };
+    let prepared = tokio::task::spawn_blocking(move || prepare_policy(&dir, &resolved))
+        .await
+        .map_err(|e| anyhow::anyhow!("policy preparation failed: {e}; the previous policy stays in force"))??;
+    lock(state).reload_commit(prepared)
+}
+
 async fn serve_socket(listener: UnixListener, state: Shared) -> anyhow::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
@@ -1047,6 +1081,10 @@ async fn handle_client(stream: UnixStream, state: Shared) -> anyhow::Result<()> 
             BufReader::new(read).read_line(&mut line).await?;
             match serde_json::from_str::<Request>(&line) {
                 Err(e) => Response::err(format!("malformed request: {e}")),
+                Ok(Request::Reload) => match reload(&state).await {
+                    Ok(v) => Response::ok(v),
+                    Err(e) => Response::err(format!("{e:#}")),
+                },
                 Ok(req) => dispatch(&mut lock(&state), req, cred.pid()),
             }
         }
@@ -1077,10 +1115,7 @@ fn peer_refusal(s: &mut State, uid: u32, gid: u32, pid: Option<i32>) -> Option<S
 fn dispatch(s: &mut State, req: Request, peer: Option<i32>) -> Response {
     match req {
         Request::Status => Response::ok(s.status()),
-        Request::Reload => match s.reload() {
-            Ok(v) => Response::ok(v),
-            Err(e) => Response::err(format!("{e:#}")),
-        },
+        Request::Reload => Response::err("internal: reload is served by handle_client"),
         Request::Ps => Response::ok(s.ps()),
         Request::Stop { unload } => s.stop(unload),
         Request::Freeze { target, reason } => s.killswitch_request(Action::Freeze, &target, reason.as_deref(), peer),

@@ -7,7 +7,7 @@
 //! of every enclosing prefix, including address-less rules at /0): the first
 //! rule whose port and protocol match is the one the policy file lists first.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
 };
 
@@ -63,63 +63,68 @@ fn entries(rule_id: u32, rule: &crate::policy::NetRule) -> Vec<NetRuleEntry> {
 }
 
 pub fn compile_agent(agent: &AgentPolicy, resolved: &Resolved) -> Result<Lists, TooManyRules> {
-    let rules: Vec<(u32, Vec<IpNet>, Vec<NetRuleEntry>)> = agent
-        .net_rules
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let id = u32::try_from(i + 1).unwrap_or(u32::MAX);
-            (id, rule_nets(r, resolved), entries(id, r))
-        })
-        .collect();
-    let nodes: std::collections::BTreeSet<IpNet> =
-        rules.iter().flat_map(|(_, nets, _)| nets.iter().copied()).collect();
-    let mut by_net: std::collections::HashMap<IpNet, Vec<usize>> = std::collections::HashMap::new();
+    // Each rule's entries, one flat vector: rule i owns entries[spans[i]].
+    let mut entries_flat: Vec<NetRuleEntry> = Vec::with_capacity(agent.net_rules.len());
+    let mut spans = Vec::with_capacity(agent.net_rules.len());
+    // Address set → the rules naming it, in policy order.
+    let mut by_net: HashMap<IpNet, Vec<usize>> = HashMap::with_capacity(agent.net_rules.len());
     // The prefix lengths rules name, per family (v4, v6): only those can
     // hold an ancestor of a node.
-    let mut lengths: [std::collections::BTreeSet<u8>; 2] = Default::default();
-    for (i, (_, nets, _)) in rules.iter().enumerate() {
-        for n in nets {
-            by_net.entry(n.trunc()).or_default().push(i);
+    let mut lengths: [BTreeSet<u8>; 2] = Default::default();
+    for (i, r) in agent.net_rules.iter().enumerate() {
+        let id = u32::try_from(i + 1).unwrap_or(u32::MAX);
+        let start = entries_flat.len();
+        entries_flat.extend(entries(id, r));
+        spans.push(start..entries_flat.len());
+        for n in rule_nets(r, resolved) {
+            let rules = by_net.entry(n.trunc()).or_default();
+            if rules.last() != Some(&i) {
+                rules.push(i);
+            }
             lengths[usize::from(n.addr().is_ipv6())].insert(n.prefix_len());
         }
     }
-    let mut out = Lists::new();
+    let mut nodes: Vec<IpNet> = by_net.keys().copied().collect();
+    nodes.sort_unstable();
+    let mut out = Vec::with_capacity(nodes.len());
+    let mut covering: Vec<usize> = Vec::new();
     for node in nodes {
-        let mut list = NetRuleList {
-            count: 0,
-            _pad: 0,
-            entries: [NetRuleEntry::default(); limits::NET_RULES_PER_PREFIX],
-        };
         // The rules that cover `node` are those naming one of its
         // ancestors (itself included): one lookup per prefix length some
         // rule uses (at most 33, or 129), not a pass over every rule, so
         // 10 000 rules compile in milliseconds.
-        let mut covering: Vec<usize> = lengths[usize::from(node.addr().is_ipv6())]
-            .range(..=node.prefix_len())
-            .filter_map(|len| IpNet::new(node.addr(), *len).ok())
-            .filter_map(|anc| by_net.get(&anc.trunc()))
-            .flatten()
-            .copied()
-            .collect();
+        covering.clear();
+        covering.extend(
+            lengths[usize::from(node.addr().is_ipv6())]
+                .range(..=node.prefix_len())
+                .filter_map(|len| IpNet::new(node.addr(), *len).ok())
+                .filter_map(|anc| by_net.get(&anc.trunc()))
+                .flatten(),
+        );
         covering.sort_unstable();
         covering.dedup();
-        let applicable: Vec<NetRuleEntry> = covering.iter().flat_map(|i| rules[*i].2.iter().copied()).collect();
-        if applicable.len() > limits::NET_RULES_PER_PREFIX {
+        let count: usize = covering.iter().map(|i| spans[*i].len()).sum();
+        if count > limits::NET_RULES_PER_PREFIX {
             return Err(TooManyRules {
                 agent: agent.name.clone(),
                 prefix: node,
-                count: applicable.len(),
+                count,
                 max: limits::NET_RULES_PER_PREFIX,
             });
         }
-        for (slot, e) in list.entries.iter_mut().zip(&applicable) {
+        let mut list = NetRuleList {
+            count: count as u32,
+            _pad: 0,
+            entries: [NetRuleEntry::default(); limits::NET_RULES_PER_PREFIX],
+        };
+        let applicable = covering.iter().flat_map(|i| &entries_flat[spans[*i].clone()]);
+        for (slot, e) in list.entries.iter_mut().zip(applicable) {
             *slot = *e;
         }
-        list.count = applicable.len() as u32;
-        out.insert(node, list);
+        out.push((node, list));
     }
-    Ok(out)
+    // Sorted already: built in one pass, not entry by entry.
+    Ok(out.into_iter().collect())
 }
 
 /// Resolve every host name the policies mention. A name that does not
