@@ -174,7 +174,7 @@ pub struct Record<'a> {
     pub tid: u32,
     pub ppid: Option<u32>,
     /// Ancestors up to the session's root, nearest first.
-    pub lineage: Vec<u32>,
+    pub lineage: std::borrow::Cow<'a, [u32]>,
     pub uid: u32,
     pub target: Target,
     pub decision: Option<&'static str>,
@@ -391,7 +391,7 @@ fn classify<'a>(
 /// Build the record for a kernel event. `ppid` and `lineage` come from the
 /// daemon's process table ([`lineage::ProcTable`]); an exec also reads /proc
 /// for argv and cwd (a process that already exited has none).
-pub fn record<'a>(ev: &KernelEvent, policies: &'a PolicySet, clock: &Clock, ppid: Option<u32>, lineage: Vec<u32>) -> Record<'a> {
+pub fn record<'a>(ev: &KernelEvent, policies: &'a PolicySet, clock: &Clock, ppid: Option<u32>, lineage: std::borrow::Cow<'a, [u32]>) -> Record<'a> {
     let h = ev.header();
     let agent = policies.by_id(h.agent_id);
     let mut r = Record {
@@ -537,13 +537,13 @@ mod tests {
     fn net_records_carry_the_rule_class_and_rollback_and_fit_the_schema() {
         let set = policies();
         let schema = Schema::events().expect("schema");
-        let r = record(&net(1, Decision::Deny), &set, &Clock::new(), Some(1), vec![1]);
+        let r = record(&net(1, Decision::Deny), &set, &Clock::new(), Some(1), vec![1].into());
         assert_eq!((r.kind, r.action), ("net", "connect"));
         assert_eq!((r.rule.as_deref(), r.reversibility, r.rollback), (Some("db"), Some("compensable"), Some("restore it")));
         assert_eq!((r.decision, r.enforcement, r.agent), (Some("deny"), Some("enforced"), Some("a")));
-        let d = record(&net(0, Decision::Allow), &set, &Clock::new(), None, vec![]);
+        let d = record(&net(0, Decision::Allow), &set, &Clock::new(), None, vec![].into());
         assert_eq!((d.rule.as_deref(), d.reversibility), (Some("default"), Some("irreversible")));
-        let fc = record(&net(RULE_FAIL_CLOSED, Decision::Deny), &set, &Clock::new(), None, vec![]);
+        let fc = record(&net(RULE_FAIL_CLOSED, Decision::Deny), &set, &Clock::new(), None, vec![].into());
         assert_eq!(fc.rule.as_deref(), Some("fail-closed"));
         for rec in [r, d, fc] {
             // As the writer emits it.

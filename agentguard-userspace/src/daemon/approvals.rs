@@ -147,7 +147,7 @@ impl State {
 
         let created_ns = wall_ns();
         let (ppid, lineage) = self.log.ancestry(h.pid, h.session_id);
-        let rec = events::record(ev, &self.policies, &self.clock, ppid, lineage.clone());
+        let rec = events::record(ev, &self.policies, &self.clock, ppid, lineage.clone().into());
         let target = match &rec.target {
             events::Target::Socket(ip, port) => match ip {
                 std::net::IpAddr::V6(v6) => format!("[{v6}]:{port}"),

@@ -45,6 +45,10 @@ pub struct ProcTable<P: ParentSource = ProcFs> {
     roots: HashMap<u32, u32>,
     capacity: usize,
     source: P,
+    /// The last answer of [`Self::ancestry`]: (pid, session, ppid, lineage).
+    /// A busy process emits many events in a row; between two process
+    /// events (fork, exec, exit, which clear it) its answer cannot change.
+    last: Option<(u32, u32, Option<u32>, Vec<u32>)>,
 }
 
 impl Default for ProcTable<ProcFs> {
@@ -55,11 +59,12 @@ impl Default for ProcTable<ProcFs> {
 
 impl<P: ParentSource> ProcTable<P> {
     pub fn new(source: P, capacity: usize) -> Self {
-        Self { procs: HashMap::new(), roots: HashMap::new(), capacity, source }
+        Self { procs: HashMap::new(), roots: HashMap::new(), capacity, source, last: None }
     }
 
     /// A tagged task created `child` (a process or a thread).
     pub fn on_fork(&mut self, parent_pid: u32, child: u32, session: u32) {
+        self.last = None;
         self.make_room();
         self.procs.insert(child, Entry { ppid: parent_pid, session, from_fork: true, exited: false });
     }
@@ -67,6 +72,7 @@ impl<P: ParentSource> ProcTable<P> {
     /// `pid` executed a program; `tagged_here`: this exec is what tagged it,
     /// so it roots its session.
     pub fn on_exec(&mut self, pid: u32, session: u32, tagged_here: bool) {
+        self.last = None;
         if tagged_here {
             self.roots.insert(session, pid);
         }
@@ -80,8 +86,23 @@ impl<P: ParentSource> ProcTable<P> {
 
     /// Kept for its descendants' lineage until room is needed.
     pub fn on_exit(&mut self, pid: u32) {
+        self.last = None;
         if let Some(e) = self.procs.get_mut(&pid) {
             e.exited = true;
+        }
+    }
+
+    /// [`Self::ppid`] and [`Self::lineage`] together, remembered until the
+    /// next process event.
+    pub fn ancestry(&mut self, pid: u32, session: u32) -> (Option<u32>, &[u32]) {
+        if !matches!(&self.last, Some((p, s, _, _)) if *p == pid && *s == session) {
+            let ppid = self.ppid(pid, session);
+            let lineage = self.lineage(pid, session);
+            self.last = Some((pid, session, ppid, lineage));
+        }
+        match &self.last {
+            Some((_, _, ppid, lineage)) => (*ppid, lineage),
+            None => (None, &[]),
         }
     }
 
@@ -192,6 +213,22 @@ mod tests {
         t.on_fork(10, 11, RUN);
         t.on_fork(11, 12, RUN);
         assert_eq!(t.lineage(12, RUN), vec![11, 10]);
+    }
+
+    #[test]
+    fn ancestry_is_remembered_only_until_the_next_process_event() {
+        let mut t = ProcTable::new(Fake(HashMap::from([(100, 50)])), 1024);
+        t.on_exec(100, RUN, true);
+        t.on_fork(100, 200, RUN);
+        assert_eq!(t.ancestry(200, RUN), (Some(100), &[100][..]));
+        assert_eq!(t.ancestry(200, RUN), (Some(100), &[100][..]), "asked again");
+        assert_eq!(t.ancestry(100, RUN), (Some(50), &[][..]), "another pid is not answered from memory");
+        // pid 200 exits and the number is reused by a child of 300.
+        t.on_fork(100, 300, RUN);
+        assert_eq!(t.ancestry(200, RUN), (Some(100), &[100][..]));
+        t.on_exit(200);
+        t.on_fork(300, 200, RUN);
+        assert_eq!(t.ancestry(200, RUN), (Some(300), &[300, 100][..]), "a fork clears what was remembered");
     }
 
     #[test]

@@ -227,17 +227,16 @@ impl EventLog {
             KernelEvent::Exec(e) => self.procs.on_exec(h.pid, h.session_id, e.newly_tagged != 0),
             _ => {}
         }
-        let ppid = self.procs.ppid(h.pid, h.session_id);
-        let lineage = self.procs.lineage(h.pid, h.session_id);
-        if let KernelEvent::Exit(_) = ev {
-            self.procs.on_exit(h.pid);
-        }
-        let rec = record(ev, policies, clock, ppid, lineage);
+        let (ppid, lineage) = self.procs.ancestry(h.pid, h.session_id);
+        let rec = record(ev, policies, clock, ppid, std::borrow::Cow::Borrowed(lineage));
         let seq = match self.writer.push_fields(|out| rec.write_fields(out)) {
             Ok(seq) => seq,
             Err(e) => return Err(self.push_failed(e)),
         };
         self.batch_hook_ns.push(rec.wall_ns);
+        if let KernelEvent::Exit(_) = ev {
+            self.procs.on_exit(h.pid);
+        }
         Ok(seq)
     }
 
