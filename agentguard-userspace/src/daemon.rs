@@ -911,9 +911,10 @@ impl State {
         Ok(session)
     }
 
-    /// Compile a prepared policy into the maps and switch to it. An error
-    /// changes nothing that is enforced differently: the previous policy
-    /// stays in force.
+    /// Compile a prepared policy into the maps and switch to it. On an error
+    /// the previous policy stays in force (a map too full for both versions
+    /// keeps the new entries written so far beside the old ones:
+    /// docs/operations.md, "Changing policy").
     fn reload_commit(&mut self, prepared: PreparedPolicy) -> anyhow::Result<serde_json::Value> {
         systemd::reloading();
         let result = self.reload_commit_inner(prepared);

@@ -63,16 +63,24 @@ fn status(d: &Daemon) -> Value {
     serde_json::from_str(&ok(&out, "status")).expect("status --json is JSON")
 }
 
-/// Every line of every file of the log, oldest first, with its file.
+/// Every complete line of every file of the log, oldest first, with its
+/// file. The daemon may be writing meanwhile (a line not yet ended is left
+/// out) or rotating (a file listed can be renamed before it is read: then
+/// the files are listed again).
 fn all_lines(base: &Path) -> Vec<(PathBuf, String)> {
-    log_files(base)
-        .expect("list log files")
-        .into_iter()
-        .flat_map(|f| {
-            let text = std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("read {}: {e}", f.display()));
-            text.lines().map(|l| (f.clone(), l.to_owned())).collect::<Vec<_>>()
-        })
-        .collect()
+    'listing: for _ in 0..100 {
+        let mut out = Vec::new();
+        for f in log_files(base).expect("list log files") {
+            let text = match std::fs::read_to_string(&f) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue 'listing,
+                Err(e) => panic!("read {}: {e}", f.display()),
+            };
+            out.extend(text.split_inclusive('\n').filter_map(|l| l.strip_suffix('\n')).map(|l| (f.clone(), l.to_owned())));
+        }
+        return out;
+    }
+    panic!("the log files under {} kept changing while being read", base.display());
 }
 
 fn parsed(base: &Path) -> Vec<Value> {
@@ -81,11 +89,7 @@ fn parsed(base: &Path) -> Vec<Value> {
 
 /// Lines of the log (every file) for which `pred` holds.
 fn count_lines(base: &Path, pred: impl Fn(&str) -> bool) -> u64 {
-    log_files(base)
-        .expect("list log files")
-        .iter()
-        .map(|f| std::fs::read_to_string(f).expect("read log").lines().filter(|l| pred(l)).count() as u64)
-        .sum()
+    all_lines(base).iter().filter(|(_, l)| pred(l)).count() as u64
 }
 
 fn wait_until(what: &str, d: &Daemon, mut pred: impl FnMut() -> bool) {

@@ -229,14 +229,16 @@ impl EventLog {
         }
         let (ppid, lineage) = self.procs.ancestry(h.pid, h.session_id);
         let rec = record(ev, policies, clock, ppid, std::borrow::Cow::Borrowed(lineage));
-        let seq = match self.writer.push_fields(|out| rec.write_fields(out)) {
-            Ok(seq) => seq,
-            Err(e) => return Err(self.push_failed(e)),
-        };
-        self.batch_hook_ns.push(rec.wall_ns);
+        let pushed = self.writer.push_fields(|out| rec.write_fields(out));
+        let hook_ns = rec.wall_ns;
         if let KernelEvent::Exit(_) = ev {
             self.procs.on_exit(h.pid);
         }
+        let seq = match pushed {
+            Ok(seq) => seq,
+            Err(e) => return Err(self.push_failed(e)),
+        };
+        self.batch_hook_ns.push(hook_ns);
         Ok(seq)
     }
 
