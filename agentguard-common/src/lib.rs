@@ -57,6 +57,16 @@ pub mod maps {
     /// AgentGuard's own directories and files, which no tagged process may
     /// open for writing, create in, remove or rename (selfprotect.rs).
     pub const SELF_INODES: &str = "AG_SELF";
+    /// [`crate::FlowKey`] → [`crate::FlowCount`]: allowed network flows of
+    /// tagged processes. The first connect or send of a flow is an event;
+    /// its repeats are counted here by the kernel, and the daemon logs the
+    /// counts (docs/events.md, "Allowed flows").
+    pub const FLOWS: &str = "AG_FLOWS";
+    /// [`crate::FlowKey`] → [`crate::FlowCount`]: how many of a flow's
+    /// actions the event log has accounted for. Written by the daemon only,
+    /// pinned with the rest, so a restarted daemon neither repeats nor loses
+    /// what the previous one logged. No program uses it.
+    pub const FLOWS_LOGGED: &str = "AG_FLOWS_LOGGED";
 }
 
 /// Values of [`maps::SELF_INODES`].
@@ -191,6 +201,9 @@ pub mod limits {
     pub const MAX_GRANTS: u32 = 4_096;
     /// Size of the holds ring in bytes (a power of two, a multiple of the page size).
     pub const HOLDS_RING_BYTES: u32 = 64 * 1024;
+    /// Allowed network flows counted in the kernel at once (see
+    /// [`crate::maps::FLOWS`]); when full, every allowed action is an event.
+    pub const MAX_FLOWS: u32 = 16_384;
 }
 
 /// Kinds of event. The first field of every event record.
@@ -284,6 +297,9 @@ pub enum Counter {
     /// A tagged process was refused an action on AgentGuard itself
     /// (selfprotect.rs): a signal, ptrace, bpf(), or a write to its files.
     SelfProtectDenials = 3,
+    /// An allowed network action could not start a counted flow
+    /// ([`maps::FLOWS`] full): it was logged as an event of its own.
+    FlowsFull = 4,
 }
 
 pub const COUNTER_SLOTS: u32 = 8;
@@ -782,9 +798,48 @@ pub struct NetEvent {
     pub addr: [u8; 16],
     /// The approval whose grant let the action through (0: none).
     pub approval_id: u32,
-    pub _pad: u32,
+    /// [`NET_FLOW_FIRST`]: this allowed action opened a counted flow (its
+    /// repeats are counted in [`maps::FLOWS`], not sent as events); 0: a
+    /// single action.
+    pub flow: u32,
 }
 const _: () = assert!(core::mem::size_of::<NetEvent>() == 32 + 24 + 16 + 8);
+
+/// [`NetEvent::flow`]: the first action of a counted flow.
+pub const NET_FLOW_FIRST: u32 = 1;
+
+/// An allowed network flow of one process: everything a [`NetEvent`] of an
+/// `allow` decision says except the time. Repeats of the same key are the
+/// same action again, so the kernel counts them instead of sending events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    /// Process id (thread-group id).
+    pub pid: u32,
+    pub session_id: u32,
+    pub agent_id: u32,
+    /// The rule that allowed it (0: the agent's default): a reload that
+    /// changes the rule starts a new flow.
+    pub rule_id: u32,
+    /// [`NetHook`].
+    pub hook: u32,
+    pub protocol: u32,
+    pub family: u16,
+    pub port: u16,
+    pub addr: [u8; 16],
+    /// The real uid the process acted as.
+    pub uid: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 48);
+
+/// Actions of a flow: counted by the kernel in [`maps::FLOWS`] (the first
+/// included), or accounted for by the log in [`maps::FLOWS_LOGGED`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCount {
+    pub count: u64,
+}
+const _: () = assert!(core::mem::size_of::<FlowCount>() == 8);
 
 /// A tagged process tried a file action.
 #[repr(C)]
@@ -896,6 +951,8 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::GrantKey {}
     unsafe impl aya::Pod for super::Grant {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowCount {}
 }
 
 #[cfg(test)]

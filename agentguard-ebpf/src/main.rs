@@ -12,6 +12,11 @@
 //! Fail-open or fail-closed is decided in one place, [`shared::decide_unreadable`].
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no `AtomicU64::fetch_add` (it declares
+// no compare-and-swap), but LLVM lowers an atomic add to BPF's own atomic
+// add instruction (net.rs counts flows with it).
+#![expect(internal_features, reason = "core_intrinsics is how the BPF target gets an atomic add")]
+#![feature(core_intrinsics)]
 
 mod filejudge;
 mod fileobs;

@@ -9,20 +9,31 @@
 //! match: the agent's default. IPv4-mapped IPv6 destinations are judged as
 //! the IPv4 address they carry.
 //!
+//! An `allow` decision is recorded once per flow (process, rule, hook,
+//! protocol, address, port): the first action is an event, its repeats are
+//! counted in AG_FLOWS and the daemon logs the counts. A busy agent's
+//! thousandth request to the same API then costs a hash lookup and an atomic
+//! add, not a ring-buffer record (bench B2u). Every other decision is an
+//! event each time.
+//!
 //! Return 1 lets the call proceed; 0 makes the syscall fail with EPERM before
 //! any packet leaves (kernel/bpf/cgroup.c, __cgroup_bpf_run_filter_sock_addr).
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
 use agentguard_common::{
-    approval, grant_kind, limits, Decision, EventKind, GrantKey, NetEvent, NetHook, NetKeyV4,
-    NetKeyV6, NetRuleList,
+    approval, grant_kind, limits, Counter, Decision, EventKind, FlowCount, FlowKey, GrantKey,
+    NetEvent, NetHook, NetKeyV4, NetKeyV6, NetRuleList, NET_FLOW_FIRST,
 };
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
     macros::{cgroup_sock_addr, map},
-    maps::{lpm_trie::Key, LpmTrie},
+    maps::{lpm_trie::Key, HashMap, LpmTrie},
     programs::SockAddrContext,
 };
 
 use crate::shared::{
-    agent_config, current_tag, decide_unreadable, emit_flags, granted, header, notify_hold,
+    agent_config, count, current_tag, decide_unreadable, emit_flags, granted, header, notify_hold,
     use_grant, RB_FORCE_WAKEUP,
 };
 
@@ -34,6 +45,15 @@ static NET_V4: LpmTrie<NetKeyV4, NetRuleList> = LpmTrie::with_max_entries(limits
 
 #[map(name = "AG_NET_V6")]
 static NET_V6: LpmTrie<NetKeyV6, NetRuleList> = LpmTrie::with_max_entries(limits::MAX_NET_PREFIXES, 0);
+
+#[map(name = "AG_FLOWS")]
+static FLOWS: HashMap<FlowKey, FlowCount> = HashMap::with_max_entries(limits::MAX_FLOWS, 0);
+
+/// The daemon's account of what it logged of each flow (common's
+/// `maps::FLOWS_LOGGED`). Declared here so it is created and pinned with the
+/// others; no program reads it.
+#[map(name = "AG_FLOWS_LOGGED")]
+static FLOWS_LOGGED: HashMap<FlowKey, FlowCount> = HashMap::with_max_entries(limits::MAX_FLOWS, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -53,6 +73,40 @@ pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     decide(&ctx, NetHook::Sendmsg6)
+}
+
+/// How an allowed action is recorded.
+enum Flow {
+    /// A repeat of a counted flow: counted, no event.
+    Repeat,
+    /// The first action of a counted flow: an event marked as such.
+    First,
+    /// No room for another flow: an event of its own (counted as such).
+    Single,
+}
+
+/// Count an allowed action in its flow, starting the flow if it is new.
+#[inline(always)]
+fn count_flow(key: &FlowKey) -> Flow {
+    let add = |c: *mut FlowCount| {
+        // SAFETY: a value of the hash map, valid for this program run;
+        // other CPUs add to it too, hence the atomic add.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(core::ptr::addr_of_mut!((*c).count), 1) };
+    };
+    if let Some(c) = FLOWS.get_ptr_mut(key) {
+        add(c);
+        return Flow::Repeat;
+    }
+    if FLOWS.insert(key, &FlowCount { count: 1 }, u64::from(BPF_NOEXIST)).is_ok() {
+        return Flow::First;
+    }
+    // Another CPU started the same flow meanwhile, or the map is full.
+    if let Some(c) = FLOWS.get_ptr_mut(key) {
+        add(c);
+        return Flow::Repeat;
+    }
+    count(Counter::FlowsFull);
+    Flow::Single
 }
 
 /// First rule in `list` that matches the port and protocol.
@@ -133,6 +187,28 @@ fn decide(ctx: &SockAddrContext, hook: NetHook) -> i32 {
     // An `approve` rule: a grant for this session, protocol and destination
     // lets the action through; otherwise it is refused and held (the daemon
     // freezes the agent when it reads the event, so it is sent at once).
+    let flow = if decision == Decision::Allow {
+        let key = FlowKey {
+            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            session_id: tag.session_id,
+            agent_id: tag.agent_id,
+            rule_id,
+            hook: hook as u32,
+            protocol,
+            family,
+            port,
+            addr,
+            uid: bpf_get_current_uid_gid() as u32,
+        };
+        match count_flow(&key) {
+            Flow::Repeat => return 1,
+            Flow::First => NET_FLOW_FIRST,
+            Flow::Single => 0,
+        }
+    } else {
+        0
+    };
+
     let (approval, approval_id) = if decision == Decision::Approve {
         let key = GrantKey { session_id: tag.session_id, kind: grant_kind::NET, op: protocol, port, family, target: addr };
         use_grant(&key)
@@ -157,7 +233,7 @@ fn decide(ctx: &SockAddrContext, hook: NetHook) -> i32 {
             approval,
             addr,
             approval_id,
-            _pad: 0,
+            flow,
         },
         flags,
     );

@@ -294,8 +294,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     systemd::stopping();
     let mut s = lock(&state);
+    let s = &mut *s;
     s.save_sessions();
-    s.log.close();
+    s.log.close(&s.policies);
     let _ = std::fs::remove_file(&s.config.socket);
     Ok(())
 }
@@ -405,7 +406,8 @@ async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, state: Shared) -> anyh
             // Loss events, the fsync policy, probing a failing log.
             () = tokio::time::sleep_until(next_tick) => {
                 let mut s = lock(&state);
-                s.log.tick();
+                let s = &mut *s;
+                s.log.tick(&s.policies);
                 let pace = if s.log.settled() { events::log::IDLE_TICK } else { events::log::TICK };
                 next_tick = tokio::time::Instant::now() + pace;
             }
@@ -845,6 +847,9 @@ fn reconcile(s: &mut State) {
                 s.sessions.insert(id, sess);
                 continue;
             }
+            // Its processes are gone: account for its allowed flows and
+            // free their room in the kernel.
+            s.log.end_session_flows(id, &s.policies);
             if sess.kind == "run" {
                 let _ = s.resync_selectors();
             }
@@ -1010,6 +1015,7 @@ fn read_counters(ebpf: &Ebpf) -> serde_json::Value {
         "tag_insert_failures": sum(Counter::TagInsertFailures),
         "events_submitted": sum(Counter::EventsSubmitted),
         "self_protect_denials": sum(Counter::SelfProtectDenials),
+        "flows_full": sum(Counter::FlowsFull),
     })
 }
 

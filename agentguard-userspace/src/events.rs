@@ -18,6 +18,7 @@ use crate::{
 
 pub mod blast;
 pub mod cli;
+pub mod flows;
 pub mod json;
 pub mod latency;
 pub mod lineage;
@@ -217,12 +218,27 @@ pub enum Detail {
         rule_index: u32,
         /// An `approve` decision: held, or let through by approval N's grant.
         approval: Approval,
+        /// Actions this line stands for (a counted flow's repeats, else 1).
+        count: u64,
+        flow: NetFlow,
     },
     File {
         path: String,
         rule_index: u32,
         approval: Approval,
     },
+}
+
+/// Where a net line stands in a counted flow (docs/events.md, "Allowed flows").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetFlow {
+    /// A single action, not part of a counted flow.
+    None,
+    /// The first action of a counted flow.
+    First,
+    /// The repeats counted since the flow was last accounted for (when
+    /// known: wall ns).
+    Repeats { since_ns: Option<i128> },
 }
 
 /// What an `approve` decision met ([`agentguard_common::approval`]) and
@@ -340,7 +356,7 @@ impl Record<'_> {
                 crate::json_key!(out, "core_dumped");
                 json::bool(out, core);
             }
-            Detail::Net { ip, port, protocol, rule_index, approval } => {
+            Detail::Net { ip, port, protocol, rule_index, approval, count, flow } => {
                 crate::json_key!(out, "address");
                 out.push(b'"');
                 json::ip_text(out, *ip);
@@ -352,6 +368,24 @@ impl Record<'_> {
                 crate::json_key!(out, "rule_index");
                 uint(out, u64::from(*rule_index));
                 approval.write(out);
+                crate::json_key!(out, "count");
+                uint(out, *count);
+                match flow {
+                    NetFlow::None => {}
+                    NetFlow::First => {
+                        crate::json_key!(out, "flow");
+                        raw_str(out, "first");
+                    }
+                    NetFlow::Repeats { since_ns } => {
+                        crate::json_key!(out, "flow");
+                        raw_str(out, "repeats");
+                        crate::json_key!(out, "since");
+                        match since_ns {
+                            Some(ns) => json::time(out, *ns),
+                            None => json::null(out),
+                        }
+                    }
+                }
             }
             Detail::File { path, rule_index, approval } => {
                 crate::json_key!(out, "path");
@@ -386,6 +420,81 @@ fn classify<'a>(
         Some((id, class, rollback)) => (Cow::Borrowed(id), reversibility_name(class), rollback),
         None => (Cow::Owned(format!("#{rule_id}")), "irreversible", None),
     }
+}
+
+/// Where a network action went, as the kernel reported it.
+#[derive(Debug, Clone, Copy)]
+pub struct NetDest {
+    /// [`NetHook`].
+    pub hook: u32,
+    pub protocol: u32,
+    pub family: u16,
+    pub port: u16,
+    pub addr: [u8; 16],
+}
+
+/// Fill in a `net` line: action, target, the decision and its rule.
+#[expect(clippy::too_many_arguments, reason = "one call per kind of net line, each field named at the call")]
+fn net_fields<'a>(r: &mut Record<'a>, agent: Option<&'a AgentPolicy>, dest: NetDest, decision: u32, rule_id: u32, approval: Approval, count: u64, flow: NetFlow) {
+    let ip: IpAddr = match i32::from(dest.family) {
+        libc::AF_INET => Ipv4Addr::new(dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]).into(),
+        _ => Ipv6Addr::from(dest.addr).into(),
+    };
+    r.kind = "net";
+    r.action = match NetHook::from_u32(dest.hook) {
+        Some(NetHook::Connect4 | NetHook::Connect6) => "connect",
+        Some(NetHook::Sendmsg4 | NetHook::Sendmsg6) => "sendmsg",
+        None => "unknown",
+    };
+    let protocol = match dest.protocol as i32 {
+        libc::IPPROTO_TCP => "tcp",
+        libc::IPPROTO_UDP => "udp",
+        _ => "other",
+    };
+    r.target = Target::Socket(ip, dest.port);
+    let (rule, class, rollback) = classify(agent, rule_id, |a, id| {
+        a.net_rule(id).map(|r| (r.id.as_str(), r.reversibility, r.rollback.as_deref()))
+    });
+    (r.decision, r.rule, r.reversibility, r.rollback) = (Some(decision_name(decision)), Some(rule), Some(class), rollback);
+    r.enforcement = Some("enforced");
+    r.detail = Detail::Net { ip, port: dest.port, protocol, rule_index: rule_id, approval, count, flow };
+}
+
+/// The line for `count` repeats of an allowed flow ([`agentguard_common::FlowKey`]),
+/// counted by the kernel since `since_ns` and accounted for now (`wall_ns`).
+pub fn flow_repeats_record<'a>(
+    key: &agentguard_common::FlowKey,
+    count: u64,
+    since_ns: Option<i128>,
+    wall_ns: i128,
+    policies: &'a PolicySet,
+    ppid: Option<u32>,
+    lineage: std::borrow::Cow<'a, [u32]>,
+) -> Record<'a> {
+    let agent = policies.by_id(key.agent_id);
+    let mut r = Record {
+        wall_ns,
+        kind: "net",
+        action: "connect",
+        agent: agent.map(|a| a.name.as_str()),
+        agent_id: key.agent_id,
+        session: key.session_id,
+        pid: key.pid,
+        tid: key.pid,
+        ppid,
+        lineage,
+        uid: key.uid,
+        target: Target::None,
+        decision: None,
+        rule: None,
+        reversibility: None,
+        rollback: None,
+        enforcement: None,
+        detail: Detail::Exit { status: None },
+    };
+    let dest = NetDest { hook: key.hook, protocol: key.protocol, family: key.family, port: key.port, addr: key.addr };
+    net_fields(&mut r, agent, dest, agentguard_common::Decision::Allow as u32, key.rule_id, Approval::default(), count, NetFlow::Repeats { since_ns });
+    r
 }
 
 /// Build the record for a kernel event. `ppid` and `lineage` come from the
@@ -436,28 +545,9 @@ pub fn record<'a>(ev: &KernelEvent, policies: &'a PolicySet, clock: &Clock, ppid
             r.detail = Detail::Exit { status: (x.flags & agentguard_common::EXIT_STATUS_KNOWN != 0).then_some(x.exit_code) };
         }
         KernelEvent::Net(n) => {
-            let ip: IpAddr = match i32::from(n.family) {
-                libc::AF_INET => Ipv4Addr::new(n.addr[0], n.addr[1], n.addr[2], n.addr[3]).into(),
-                _ => Ipv6Addr::from(n.addr).into(),
-            };
-            r.kind = "net";
-            r.action = match NetHook::from_u32(n.hook) {
-                Some(NetHook::Connect4 | NetHook::Connect6) => "connect",
-                Some(NetHook::Sendmsg4 | NetHook::Sendmsg6) => "sendmsg",
-                None => "unknown",
-            };
-            let protocol = match n.protocol as i32 {
-                libc::IPPROTO_TCP => "tcp",
-                libc::IPPROTO_UDP => "udp",
-                _ => "other",
-            };
-            r.target = Target::Socket(ip, n.port);
-            let (rule, class, rollback) = classify(agent, n.rule_id, |a, id| {
-                a.net_rule(id).map(|r| (r.id.as_str(), r.reversibility, r.rollback.as_deref()))
-            });
-            (r.decision, r.rule, r.reversibility, r.rollback) = (Some(decision_name(n.decision)), Some(rule), Some(class), rollback);
-            r.enforcement = Some("enforced");
-            r.detail = Detail::Net { ip, port: n.port, protocol, rule_index: n.rule_id, approval: Approval { state: n.approval, id: n.approval_id } };
+            let flow = if n.flow == agentguard_common::NET_FLOW_FIRST { NetFlow::First } else { NetFlow::None };
+            let dest = NetDest { hook: n.hook, protocol: n.protocol, family: n.family, port: n.port, addr: n.addr };
+            net_fields(&mut r, agent, dest, n.decision, n.rule_id, Approval { state: n.approval, id: n.approval_id }, 1, flow);
         }
         KernelEvent::File(f) => {
             r.kind = "file";
@@ -529,7 +619,7 @@ mod tests {
             approval: 0,
             addr: [10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             approval_id: 0,
-            _pad: 0,
+            flow: 0,
         })
     }
 

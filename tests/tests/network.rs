@@ -332,3 +332,71 @@ fn a_freeze_rule_refuses_and_freezes_the_agent() {
     let out = agent.wait_with_output().expect("agent output");
     assert_eq!(fact(&out.stdout, "errno").or_else(|| fact(&out.stdout, "result")).as_deref(), Some("EPERM"), "{out:?}");
 }
+
+/// Sum of `count` over net lines to `port` with `decision`, and the lines.
+fn counted(d: &Daemon, port: u16, decision: &str) -> (u64, Vec<Value>) {
+    let lines: Vec<Value> = net_events(d, port).into_iter().filter(|e| e["decision"] == decision).collect();
+    (lines.iter().map(|e| e["count"].as_u64().unwrap_or_else(|| panic!("a net line without count: {e}"))).sum(), lines)
+}
+
+#[test]
+fn allowed_repeats_are_counted_in_the_kernel_and_logged_exactly() {
+    const N: u64 = 20_000;
+    const AUDITED: u64 = 300;
+    let (allowed, audited, denied) = (Listeners::new(), Listeners::new(), Listeners::new());
+    let policy = format!(
+        "[agent]\nname = \"flows\"\n[network]\ndefault = \"allow\"\n\
+         [[network.rule]]\nid = \"watch\"\ndecision = \"audit\"\nports = [{}]\n\
+         [[network.rule]]\nid = \"no\"\ndecision = \"deny\"\nports = [{}]\n",
+        audited.port(),
+        denied.port()
+    );
+    let d = Daemon::start(&[("flows.toml", &policy)]);
+    let tb = testbin();
+    let tb = tb.to_str().expect("utf-8");
+    // One process: N allowed connects, then audited and denied ones.
+    let script = format!(
+        "{tb} connects 127.0.0.1:{} {N} 0 now && {tb} connects 127.0.0.1:{} {AUDITED} 0 now && {tb} connects 127.0.0.1:{} 50 0 now",
+        allowed.port(),
+        audited.port(),
+        denied.port()
+    );
+    let out = d.run_cmd("flows", &["/bin/sh", "-c", &script]).stdout(Stdio::piped()).output().expect("run agent");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("denied=50"), "the deny rule still refuses every attempt: {text}");
+
+    // Every allowed connect is accounted for: one `first` line, then
+    // `repeats` lines whose counts add up to the rest, exactly.
+    let start = std::time::Instant::now();
+    let (total, lines) = loop {
+        let (total, lines) = counted(&d, allowed.port(), "allow");
+        if total >= N || start.elapsed() > WAIT {
+            break (total, lines);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(total, N, "allowed connects accounted for: {lines:#?}");
+    let firsts: Vec<_> = lines.iter().filter(|e| e["flow"] == "first").collect();
+    assert_eq!(firsts.len(), 1, "one first line per flow: {lines:#?}");
+    assert_eq!(firsts[0]["count"], 1);
+    assert!(lines.len() < 50, "repeats are summarised, not one line each: {} lines", lines.len());
+    for r in lines.iter().filter(|e| e["flow"] == "repeats") {
+        assert_eq!((r["pid"].clone(), r["rule"].as_str(), r["protocol"].as_str()), (firsts[0]["pid"].clone(), Some("default"), Some("udp")), "{r}");
+        assert!(r["since"].is_string(), "{r}");
+    }
+    // audit and deny decisions stay one line per action.
+    let (audited_total, audited_lines) = counted(&d, audited.port(), "audit");
+    assert_eq!((audited_total, audited_lines.len() as u64), (AUDITED, AUDITED), "audit: one line each");
+    assert!(audited_lines.iter().all(|e| e["flow"].is_null()));
+    let (denied_total, denied_lines) = counted(&d, denied.port(), "deny");
+    assert_eq!((denied_total, denied_lines.len()), (50, 50), "deny: one line each");
+
+    // The session ended: its flows leave the kernel.
+    let start = std::time::Instant::now();
+    while d.status()["audit"]["flows_counted"] != 0 {
+        assert!(start.elapsed() < WAIT, "the ended session's flows stay counted: {:#}", d.status()["audit"]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(counted(&d, allowed.port(), "allow").0, N, "removing the flows logged nothing twice");
+}

@@ -122,7 +122,8 @@ impl Builder {
                     first: time.clone(),
                     last: time.clone(),
                 });
-                entry.count += 1;
+                // A counted flow's `repeats` line stands for `count` actions.
+                entry.count += v.get("count").and_then(Value::as_u64).unwrap_or(1).max(1);
                 entry.last = time;
             }
             _ => {}
@@ -194,6 +195,21 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_counted_flows_repeats_line_adds_its_count() {
+        let mut b = Builder::new("claude");
+        let line = |t: &str, extra: Value| {
+            let mut v = json!({"time": t, "kind": "net", "action": "connect", "target": "10.0.0.1:443", "protocol": "tcp", "decision": "allow", "rule": "default", "reversibility": "irreversible", "rollback": null, "enforcement": "enforced"});
+            v.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
+            v
+        };
+        b.add(&line("t1", json!({"count": 1, "flow": "first"})));
+        b.add(&line("t2", json!({"count": 40, "flow": "repeats", "since": "t1"})));
+        let r = b.finish();
+        let a = &r.groups[0].actions;
+        assert_eq!((a.len(), a[0].count, a[0].first.as_str(), a[0].last.as_str()), (1, 41, "t1", "t2"));
+    }
 
     #[test]
     fn groups_irreversible_first_and_counts_repeats() {

@@ -20,7 +20,13 @@ use serde::Serialize;
 use serde_json::{json, Map as JsonMap, Value};
 use thiserror::Error;
 
-use super::{latency::Histogram, lineage::ProcTable, now_ns, now_rfc3339, record, Clock};
+use super::{
+    flow_repeats_record,
+    flows::{Flows, Repeats},
+    latency::Histogram,
+    lineage::ProcTable,
+    now_ns, now_rfc3339, record, Clock,
+};
 use crate::{
     audit::{
         to_hex,
@@ -89,6 +95,8 @@ pub struct EventLog {
     writer: ChainWriter,
     procs: ProcTable,
     kernel: Option<KernelMaps>,
+    /// Allowed network flows counted by the kernel (flows.rs).
+    flows: Option<Flows>,
     fail_closed: bool,
     body: Vec<u8>,
     drops: Drops,
@@ -127,6 +135,7 @@ impl EventLog {
             writer,
             procs: ProcTable::default(),
             kernel: None,
+            flows: None,
             fail_closed: config.fail_closed,
             body: Vec::with_capacity(1024),
             drops: Drops::default(),
@@ -175,6 +184,7 @@ impl EventLog {
         let data = MapData::from_id(id).map_err(map_err(maps::COUNTERS))?;
         let counters = PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(maps::COUNTERS))?;
         self.kernel = Some(KernelMaps { state, counters });
+        self.flows = Some(Flows::attach(ebpf)?);
         Ok(())
     }
 
@@ -239,7 +249,102 @@ impl EventLog {
             Err(e) => return Err(self.push_failed(e)),
         };
         self.batch_hook_ns.push(hook_ns);
+        if let (KernelEvent::Net(n), Some(flows)) = (ev, self.flows.as_mut()) {
+            if n.flow == agentguard_common::NET_FLOW_FIRST {
+                let key = agentguard_common::FlowKey {
+                    pid: h.pid,
+                    session_id: h.session_id,
+                    agent_id: h.agent_id,
+                    rule_id: n.rule_id,
+                    hook: n.hook,
+                    protocol: n.protocol,
+                    family: n.family,
+                    port: n.port,
+                    addr: n.addr,
+                    uid: h.uid,
+                };
+                flows.ledger.first(key, hook_ns);
+            }
+        }
         Ok(seq)
+    }
+
+    /// Log the repeats of allowed flows the kernel counted (flows.rs), and
+    /// remove the flows of processes that are gone.
+    fn sweep_flows(&mut self, policies: &PolicySet, force: bool) {
+        let failing = self.failing.is_some();
+        let Some(flows) = self.flows.as_mut() else { return };
+        // While the log cannot be written the kernel keeps counting.
+        if failing || !(force || flows.due(Instant::now())) {
+            return;
+        }
+        let repeats = flows.sweep(now_ns());
+        if self.write_repeats(&repeats, policies) {
+            if let Some(flows) = self.flows.as_mut() {
+                let idle = flows.idle_dead();
+                flows.remove(&idle);
+            }
+        }
+    }
+
+    /// A session ended: log what its flows repeated since the last sweep and
+    /// remove them from the kernel.
+    pub fn end_session_flows(&mut self, session: u32, policies: &PolicySet) {
+        if self.failing.is_some() {
+            // Kept until the log can account for them (removed at a later
+            // session end of the same id, or when idle and dead).
+            return;
+        }
+        let Some(flows) = self.flows.as_mut() else { return };
+        let (repeats, keys) = flows.settle_session(session, now_ns());
+        if self.write_repeats(&repeats, policies) {
+            if let Some(flows) = self.flows.as_mut() {
+                flows.remove(&keys);
+            }
+        }
+    }
+
+    /// Write `repeats` lines; true when they were written (and the account
+    /// recorded in the kernel). When the log cannot be written, the account
+    /// is put back: the kernel keeps counting, and the repeats are logged
+    /// once the log recovers, so nothing is lost or counted twice.
+    fn write_repeats(&mut self, repeats: &[Repeats], policies: &PolicySet) -> bool {
+        if repeats.is_empty() {
+            return true;
+        }
+        // The batch then holds only these lines: what a failed write drops
+        // is exactly them.
+        if self.flush().is_err() {
+            self.revert_repeats(repeats);
+            return false;
+        }
+        let dropped_before = self.drops.write_failed;
+        for r in repeats {
+            let (ppid, lineage) = self.procs.ancestry(r.key.pid, r.key.session_id);
+            let rec = flow_repeats_record(&r.key, r.count, r.since_ns, now_ns(), policies, ppid, std::borrow::Cow::Borrowed(lineage));
+            if let Err(e) = self.writer.push_fields(|out| rec.write_fields(out)) {
+                let _ = self.push_failed(e);
+            }
+        }
+        let _ = self.flush();
+        if self.drops.write_failed != dropped_before || self.failing.is_some() {
+            // Not lost: retried after recovery.
+            self.drops.write_failed = dropped_before;
+            self.revert_repeats(repeats);
+            return false;
+        }
+        if let Some(flows) = self.flows.as_mut() {
+            flows.record_logged(repeats);
+        }
+        true
+    }
+
+    fn revert_repeats(&mut self, repeats: &[Repeats]) {
+        if let Some(flows) = self.flows.as_mut() {
+            for r in repeats {
+                flows.ledger.revert(r);
+            }
+        }
     }
 
     fn push_body(&mut self) -> io::Result<u64> {
@@ -314,7 +419,8 @@ impl EventLog {
         self.writer.settled() && !self.loss_due && self.failing.is_none()
     }
 
-    pub fn tick(&mut self) {
+    pub fn tick(&mut self, policies: &PolicySet) {
+        self.sweep_flows(policies, false);
         let _ = self.flush();
         let now = Instant::now();
         if self.loss_due || now.duration_since(self.last_loss_check) >= LOSS_INTERVAL {
@@ -324,8 +430,10 @@ impl EventLog {
         self.writer.maybe_sync(now);
     }
 
-    /// At shutdown: the last `loss` event, then sync and checkpoint.
-    pub fn close(&mut self) {
+    /// At shutdown: the flows' last repeats, the last `loss` event, then
+    /// sync and checkpoint.
+    pub fn close(&mut self, policies: &PolicySet) {
+        self.sweep_flows(policies, true);
         let _ = self.flush();
         self.report_loss();
         self.writer.sync_now();
@@ -449,6 +557,7 @@ impl EventLog {
                 "ring_full": self.state(StateSlot::RingFull) != 0,
                 "ring_full_episodes": self.ring_full_episodes,
             },
+            "flows_counted": self.flows.as_ref().map(Flows::live),
             "drops": {
                 "ringbuf": kernel_total,
                 "ringbuf_per_cpu": per_cpu,

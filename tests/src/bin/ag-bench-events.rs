@@ -27,7 +27,7 @@ use agentguard_tests::{
 };
 use serde_json::{json, Value};
 
-const POLICY: &str = "[agent]\nname = \"bench\"\n[network]\ndefault = \"allow\"\n[files]\ndefault = \"allow\"\n";
+const POLICY: &str = "[agent]\nname = \"bench\"\n[network]\ndefault = \"audit\"\n[files]\ndefault = \"allow\"\n";
 const TARGET_RATE: u64 = 500_000;
 
 fn status(d: &Daemon) -> Value {

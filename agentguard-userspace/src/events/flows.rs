@@ -1,0 +1,265 @@
+//! Allowed network flows (docs/events.md, "Allowed flows"). The kernel sends
+//! the first allowed connect or send of a flow (process, rule, hook,
+//! protocol, address, port, uid) as an event and counts its repeats in
+//! AG_FLOWS; this module turns those counts into `repeats` lines, so the log
+//! accounts for every action without a ring-buffer record per packet.
+//!
+//! The account is exact: each flow's kernel count is the number of its
+//! actions; its first action's line stands for one of them, each `repeats`
+//! line for the difference since the previous one. What the log has
+//! accounted for is kept in AG_FLOWS_LOGGED (pinned), so a restarted daemon
+//! continues the account instead of repeating or losing it.
+use std::{
+    collections::HashMap as StdHashMap,
+    time::{Duration, Instant},
+};
+
+use agentguard_common::{maps, FlowCount, FlowKey};
+use aya::{
+    maps::{HashMap, MapData},
+    Ebpf,
+};
+
+use super::log::KernelMapError;
+
+/// How often the kernel's counts are read and logged.
+pub const SWEEP: Duration = Duration::from_secs(1);
+/// A flow whose process is gone and whose count did not change for this
+/// many sweeps is removed from the kernel's map (after its last repeats were
+/// logged), so a long session does not fill it with dead processes' flows.
+const IDLE_SWEEPS_BEFORE_REMOVAL: u32 = 2;
+
+/// The log's account of one flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    /// Actions the log accounts for (the first action's line counts 1).
+    count: u64,
+    /// When the log last accounted for it (wall ns), when known.
+    at_ns: Option<i128>,
+    /// Whether the first action's line was written, or one sweep passed
+    /// without it (it may have been lost with a full ring: counted there).
+    first_settled: bool,
+    /// Consecutive sweeps that found the count unchanged.
+    idle_sweeps: u32,
+}
+
+/// Repeats to log for one flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Repeats {
+    pub key: FlowKey,
+    pub count: u64,
+    pub since_ns: Option<i128>,
+}
+
+/// The account, without the kernel: what to log given the kernel's counts.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    entries: StdHashMap<FlowKey, Entry>,
+}
+
+impl Ledger {
+    /// The line of a flow's first action was written (at `wall_ns`).
+    pub fn first(&mut self, key: FlowKey, wall_ns: i128) {
+        let e = self.entries.entry(key).or_insert(Entry { count: 1, at_ns: None, first_settled: false, idle_sweeps: 0 });
+        e.first_settled = true;
+        e.at_ns = Some(e.at_ns.map_or(wall_ns, |t| t.max(wall_ns)));
+    }
+
+    /// A flow accounted for up to `count` by a previous daemon.
+    pub fn restore(&mut self, key: FlowKey, count: u64) {
+        self.entries.insert(key, Entry { count, at_ns: None, first_settled: true, idle_sweeps: 0 });
+    }
+
+    /// The kernel counts `kernel_count` actions of `key` now (`now_ns`):
+    /// the repeats to log, if any, now accounted for. A flow seen for the
+    /// first time waits one sweep for its first action's line, so the
+    /// repeats follow it in the log.
+    pub fn observe(&mut self, key: FlowKey, kernel_count: u64, now_ns: i128) -> Option<Repeats> {
+        let e = self.entries.entry(key).or_insert(Entry { count: 1, at_ns: None, first_settled: false, idle_sweeps: 0 });
+        if !e.first_settled {
+            e.first_settled = true;
+            return None;
+        }
+        if kernel_count <= e.count {
+            e.idle_sweeps = e.idle_sweeps.saturating_add(1);
+            return None;
+        }
+        let r = Repeats { key, count: kernel_count - e.count, since_ns: e.at_ns };
+        e.count = kernel_count;
+        e.at_ns = Some(now_ns);
+        e.idle_sweeps = 0;
+        Some(r)
+    }
+
+    /// Undo [`Self::observe`]'s `r`: its line could not be written.
+    pub fn revert(&mut self, r: &Repeats) {
+        if let Some(e) = self.entries.get_mut(&r.key) {
+            e.count = e.count.saturating_sub(r.count);
+            e.at_ns = r.since_ns;
+        }
+    }
+
+    /// What the log accounts for of `key`.
+    pub fn accounted(&self, key: &FlowKey) -> u64 {
+        self.entries.get(key).map_or(1, |e| e.count)
+    }
+
+    /// Whether `key` has stayed unchanged long enough to be removed once
+    /// its process is gone.
+    fn idle(&self, key: &FlowKey) -> bool {
+        self.entries.get(key).is_some_and(|e| e.first_settled && e.idle_sweeps >= IDLE_SWEEPS_BEFORE_REMOVAL)
+    }
+
+    pub fn forget(&mut self, key: &FlowKey) {
+        self.entries.remove(key);
+    }
+
+    /// Like [`Self::observe`], for a flow about to be removed: everything
+    /// not yet accounted for is logged now.
+    fn settle(&mut self, key: FlowKey, kernel_count: u64, now_ns: i128) -> Option<Repeats> {
+        self.entries.entry(key).or_insert(Entry { count: 1, at_ns: None, first_settled: true, idle_sweeps: 0 }).first_settled = true;
+        self.observe(key, kernel_count, now_ns)
+    }
+}
+
+/// The kernel's flow maps and the log's account of them.
+pub struct Flows {
+    counts: HashMap<MapData, FlowKey, FlowCount>,
+    logged: HashMap<MapData, FlowKey, FlowCount>,
+    pub ledger: Ledger,
+    last_sweep: Instant,
+}
+
+impl Flows {
+    /// Take the flow maps from the object, and the account a previous
+    /// daemon left in AG_FLOWS_LOGGED.
+    pub fn attach(ebpf: &mut Ebpf) -> Result<Self, KernelMapError> {
+        let take = |ebpf: &mut Ebpf, name: &'static str| -> Result<HashMap<MapData, FlowKey, FlowCount>, KernelMapError> {
+            let map = ebpf.take_map(name).ok_or(KernelMapError::Missing(name))?;
+            HashMap::try_from(map).map_err(|source| KernelMapError::Map { name, source })
+        };
+        let counts = take(ebpf, maps::FLOWS)?;
+        let logged = take(ebpf, maps::FLOWS_LOGGED)?;
+        let mut ledger = Ledger::default();
+        for (key, c) in logged.iter().filter_map(Result::ok) {
+            ledger.restore(key, c.count);
+        }
+        Ok(Self { counts, logged, ledger, last_sweep: Instant::now() })
+    }
+
+    /// Whether a sweep is due.
+    pub fn due(&self, now: Instant) -> bool {
+        now.duration_since(self.last_sweep) >= SWEEP
+    }
+
+    /// Read every flow's count: the repeats to log now. Flows of processes
+    /// that are gone and that stopped changing are removed afterwards, by
+    /// [`Self::remove_idle`], once their last repeats are written.
+    pub fn sweep(&mut self, now_ns: i128) -> Vec<Repeats> {
+        self.last_sweep = Instant::now();
+        let current: Vec<(FlowKey, u64)> = self.counts.iter().filter_map(Result::ok).map(|(k, v)| (k, v.count)).collect();
+        current.into_iter().filter_map(|(k, c)| self.ledger.observe(k, c, now_ns)).collect()
+    }
+
+    /// Every flow of `session`, settled: the repeats to log before the
+    /// session's flows are removed with [`Self::remove`].
+    pub fn settle_session(&mut self, session: u32, now_ns: i128) -> (Vec<Repeats>, Vec<FlowKey>) {
+        let current: Vec<(FlowKey, u64)> =
+            self.counts.iter().filter_map(Result::ok).filter(|(k, _)| k.session_id == session).map(|(k, v)| (k, v.count)).collect();
+        let keys = current.iter().map(|(k, _)| *k).collect();
+        let repeats = current.into_iter().filter_map(|(k, c)| self.ledger.settle(k, c, now_ns)).collect();
+        (repeats, keys)
+    }
+
+    /// Record in the kernel what the log now accounts for (after the
+    /// repeats lines were written).
+    pub fn record_logged(&mut self, repeats: &[Repeats]) {
+        for r in repeats {
+            let count = FlowCount { count: self.ledger.accounted(&r.key) };
+            if let Err(e) = self.logged.insert(r.key, count, 0) {
+                tracing::warn!(error = %e, "cannot record a flow's account in AG_FLOWS_LOGGED; a restarted daemon may log its repeats twice");
+            }
+        }
+    }
+
+    /// Flows whose process is gone and that stopped changing.
+    pub fn idle_dead(&self) -> Vec<FlowKey> {
+        let mut keys: Vec<FlowKey> = self.counts.keys().filter_map(Result::ok).filter(|k| self.ledger.idle(k)).collect();
+        keys.retain(|k| !std::path::Path::new(&format!("/proc/{}", k.pid)).exists());
+        keys
+    }
+
+    /// Remove flows from the kernel and the account. A process that acts
+    /// on a removed flow again starts it anew (a `first` line).
+    pub fn remove(&mut self, keys: &[FlowKey]) {
+        for k in keys {
+            let _ = self.counts.remove(k);
+            let _ = self.logged.remove(k);
+            self.ledger.forget(k);
+        }
+    }
+
+    /// Flows the kernel counts now.
+    pub fn live(&self) -> usize {
+        self.counts.keys().filter_map(Result::ok).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey { pid: 7, session_id: 3, agent_id: 1, port, ..FlowKey::default() }
+    }
+
+    #[test]
+    fn the_first_line_counts_one_and_repeats_the_rest_exactly() {
+        let mut l = Ledger::default();
+        l.first(key(1), 100);
+        // Nothing repeated yet.
+        assert_eq!(l.observe(key(1), 1, 200), None);
+        assert_eq!(l.observe(key(1), 10, 300), Some(Repeats { key: key(1), count: 9, since_ns: Some(100) }));
+        assert_eq!(l.observe(key(1), 10, 400), None);
+        assert_eq!(l.observe(key(1), 25, 500), Some(Repeats { key: key(1), count: 15, since_ns: Some(300) }));
+        assert_eq!(l.accounted(&key(1)), 25);
+        // A line that could not be written is put back and logged later.
+        let r = l.observe(key(1), 30, 600).expect("repeats");
+        l.revert(&r);
+        assert_eq!(l.observe(key(1), 31, 700), Some(Repeats { key: key(1), count: 6, since_ns: Some(500) }));
+    }
+
+    #[test]
+    fn a_flow_seen_before_its_first_line_waits_one_sweep_then_is_not_lost() {
+        let mut l = Ledger::default();
+        // The sweep saw it before the first line was written: wait.
+        assert_eq!(l.observe(key(2), 5, 100), None);
+        l.first(key(2), 90);
+        assert_eq!(l.observe(key(2), 6, 200), Some(Repeats { key: key(2), count: 5, since_ns: Some(90) }));
+        // A first line lost with a full ring (counted as a ring drop): the
+        // repeats are still logged from the second sweep on.
+        assert_eq!(l.observe(key(3), 4, 100), None);
+        assert_eq!(l.observe(key(3), 4, 200), Some(Repeats { key: key(3), count: 3, since_ns: None }));
+    }
+
+    #[test]
+    fn a_restored_account_continues_without_repeating() {
+        let mut l = Ledger::default();
+        l.restore(key(4), 40);
+        assert_eq!(l.observe(key(4), 40, 100), None);
+        assert_eq!(l.observe(key(4), 41, 200), Some(Repeats { key: key(4), count: 1, since_ns: None }));
+    }
+
+    #[test]
+    fn idle_needs_unchanged_sweeps_and_settle_logs_the_rest() {
+        let mut l = Ledger::default();
+        l.first(key(5), 1);
+        assert!(!l.idle(&key(5)));
+        for t in 0..IDLE_SWEEPS_BEFORE_REMOVAL {
+            assert_eq!(l.observe(key(5), 1, i128::from(t)), None);
+        }
+        assert!(l.idle(&key(5)));
+        // An unseen first line does not hold back a session's last account.
+        assert_eq!(l.settle(key(6), 3, 10), Some(Repeats { key: key(6), count: 2, since_ns: None }));
+    }
+}
