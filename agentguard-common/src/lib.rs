@@ -67,6 +67,13 @@ pub mod maps {
     /// pinned with the rest, so a restarted daemon neither repeats nor loses
     /// what the previous one logged. No program uses it.
     pub const FLOWS_LOGGED: &str = "AG_FLOWS_LOGGED";
+    /// Array of u64 words, one bit per task id: set for every tagged task
+    /// (and possibly for a few that no longer are). A clear bit means "not
+    /// tagged" without a hash lookup in [`TAGS`], the common case of every
+    /// hook for every process on the host. Only kernel code writes it, with
+    /// atomic or/and: the daemon sets bits through the
+    /// [`crate::programs::SET_TAG_HINT`] program.
+    pub const TAG_HINTS: &str = "AG_TAG_HINTS";
 }
 
 /// Values of [`maps::SELF_INODES`].
@@ -138,6 +145,10 @@ pub mod programs {
     pub const OBS_CALIBRATE: &str = "calibrate_fmode";
     /// Empty syscall-tracepoint program: the B1f floor, never attached by the daemon.
     pub const FLOOR_SYSCALL: &str = "floor_syscall";
+    /// Sets the [`crate::maps::TAG_HINTS`] bit of the task id in its first
+    /// argument: run by the daemon with BPF_PROG_TEST_RUN before it writes a
+    /// tag itself; never attached.
+    pub const SET_TAG_HINT: &str = "set_tag_hint";
 }
 
 /// Names of the read-only globals the loader sets before loading.
@@ -204,6 +215,10 @@ pub mod limits {
     /// Allowed network flows counted in the kernel at once (see
     /// [`crate::maps::FLOWS`]); when full, every allowed action is an event.
     pub const MAX_FLOWS: u32 = 16_384;
+    /// The kernel's PID_MAX_LIMIT on 64-bit: no task id reaches it.
+    pub const TASK_ID_LIMIT: u32 = 4 * 1024 * 1024;
+    /// Words of [`crate::maps::TAG_HINTS`] (512 KiB: every task id).
+    pub const TAG_HINT_WORDS: u32 = TASK_ID_LIMIT / 64;
 }
 
 /// Kinds of event. The first field of every event record.

@@ -19,14 +19,14 @@ use aya_ebpf::{
         bpf_get_current_task, bpf_get_current_uid_gid, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes, generated::bpf_send_signal,
     },
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
     EbpfContext as _, Global,
 };
 
 use crate::shared::{
     count, emit, header, hook_flag, reserve, SCRATCH, SEL_CGROUP, SEL_COMM, SEL_EXE, SEL_UID,
-    TAGS,
+    hint_set, tag_insert, tag_of, tag_remove,
 };
 
 const SIGSTOP: u32 = 19;
@@ -43,6 +43,22 @@ static EXEC_FILENAME_OFF: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static TASK_EXIT_CODE_OFF: Global<u32> = Global::new(0);
 
+/// Set the tag-hint bit of the task id in the first argument. Never
+/// attached: the daemon runs it with BPF_PROG_TEST_RUN before it writes a
+/// tag itself (agents found running at start), so that only atomic kernel
+/// instructions ever change the bitmap.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn set_tag_hint(ctx: RawTracePointContext) -> i32 {
+    let tid: u64 = ctx.arg(0);
+    match u32::try_from(tid) {
+        Ok(tid) => {
+            hint_set(tid);
+            0
+        }
+        Err(_) => 1,
+    }
+}
+
 #[tracepoint]
 pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     match try_fork(&ctx) {
@@ -56,7 +72,7 @@ fn try_fork(ctx: &TracePointContext) -> Result<(), ()> {
     // SAFETY: the offset comes from this kernel's tracefs format file.
     let child: i32 = unsafe { ctx.read_at(FORK_CHILD_PID_OFF.load() as usize) }.map_err(|_| ())?;
     let child = child as u32;
-    if TAGS.insert(&child, &tag, 0).is_err() {
+    if !tag_insert(child, &tag) {
         // An untagged child of an agent is an escape: count it so the daemon
         // reports it and can contain the agent.
         count(Counter::TagInsertFailures);
@@ -88,11 +104,11 @@ fn try_exec(ctx: &TracePointContext) -> Result<(), ()> {
     // A non-leader thread that execs takes over the leader's pid (de_thread):
     // carry its tag over from its old task id.
     // SAFETY: values are copied out at once.
-    let mut existing = unsafe { TAGS.get(&tid) }.copied();
+    let mut existing = tag_of(tid);
     if existing.is_none() && old_pid != tid {
-        if let Some(tag) = unsafe { TAGS.get(&old_pid) }.copied() {
-            let _ = TAGS.remove(&old_pid);
-            if TAGS.insert(&tid, &tag, 0).is_err() {
+        if let Some(tag) = tag_of(old_pid) {
+            tag_remove(old_pid, false);
+            if !tag_insert(tid, &tag) {
                 count(Counter::TagInsertFailures);
             }
             existing = Some(tag);
@@ -112,7 +128,7 @@ fn try_exec(ctx: &TracePointContext) -> Result<(), ()> {
         Some(tag) => (tag, 0),
         None => {
             let tag = select(key).ok_or(())?;
-            if TAGS.insert(&tid, &tag, 0).is_err() {
+            if !tag_insert(tid, &tag) {
                 count(Counter::TagInsertFailures);
             }
             // The network hooks are attached only while some agent is live.
@@ -180,11 +196,11 @@ fn session_of_match(mut tag: Tag) -> Tag {
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
-    let Some(tag) = (unsafe { TAGS.get(&tid) }).copied() else {
+    let Some(tag) = tag_of(tid) else {
         return 0;
     };
     // Dropped at exit so a reused task id never inherits a stale tag.
-    let _ = TAGS.remove(&tid);
+    tag_remove(tid, true);
     // One event per process, not per thread.
     if (pid_tgid >> 32) as u32 == tid {
         let (exit_code, flags) = exit_code();

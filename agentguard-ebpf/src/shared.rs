@@ -1,4 +1,6 @@
 //! Maps shared by every program, the event emitter and the counters.
+use core::intrinsics::{atomic_and, atomic_or, AtomicOrdering};
+
 use agentguard_common::{
     approval, limits, AgentConfig, Counter, Decision, EventHeader, EventKind, Grant, GrantKey,
     HoldEvent, HookFlag, PathKey, StateSlot, Tag, COUNTER_SLOTS, HOOK_SLOTS, STATE_SLOTS,
@@ -16,7 +18,72 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENTS_RING_BYTES, 
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 #[map(name = "AG_TAGS")]
-pub static TAGS: HashMap<u32, Tag> = HashMap::with_max_entries(limits::MAX_TAGGED_TASKS, 0);
+static TAGS: HashMap<u32, Tag> = HashMap::with_max_entries(limits::MAX_TAGGED_TASKS, 0);
+
+/// One bit per task id, set for every tagged task (common's
+/// `maps::TAG_HINTS`): a clear bit answers "untagged" with one array load,
+/// which the verifier inlines, instead of a hash lookup. Bits are set before
+/// a tag is written and cleared only by the task's exit after its tag is
+/// removed, so a clear bit is never wrong; a stale set bit only costs the
+/// lookup.
+#[map(name = "AG_TAG_HINTS")]
+static TAG_HINTS: Array<u64> = Array::with_max_entries(limits::TAG_HINT_WORDS, 0);
+
+/// Whether `tid` may be tagged (false: it certainly is not).
+#[inline(always)]
+fn hinted(tid: u32) -> bool {
+    match TAG_HINTS.get(tid / 64) {
+        Some(word) => *word & (1u64 << (tid % 64)) != 0,
+        // Beyond the array (cannot happen below PID_MAX_LIMIT): look it up.
+        None => true,
+    }
+}
+
+/// Set `tid`'s hint bit (before its tag is written).
+#[inline(always)]
+pub fn hint_set(tid: u32) {
+    if let Some(word) = TAG_HINTS.get_ptr_mut(tid / 64) {
+        // SAFETY: a word of the array; other CPUs change other bits of it.
+        unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, 1u64 << (tid % 64)) };
+    }
+}
+
+/// Clear `tid`'s hint bit (its tag is gone: the task is exiting).
+#[inline(always)]
+fn hint_clear(tid: u32) {
+    if let Some(word) = TAG_HINTS.get_ptr_mut(tid / 64) {
+        // SAFETY: as in `hint_set`.
+        unsafe { atomic_and::<u64, u64, { AtomicOrdering::Relaxed }>(word, !(1u64 << (tid % 64))) };
+    }
+}
+
+/// The tag of task `tid`, if it belongs to an agent.
+#[inline(always)]
+pub fn tag_of(tid: u32) -> Option<Tag> {
+    if !hinted(tid) {
+        return None;
+    }
+    // SAFETY: the value is copied out before any other map operation.
+    unsafe { TAGS.get(&tid) }.copied()
+}
+
+/// Tag task `tid`; false when the map is full.
+#[inline(always)]
+pub fn tag_insert(tid: u32, tag: &Tag) -> bool {
+    hint_set(tid);
+    TAGS.insert(&tid, tag, 0).is_ok()
+}
+
+/// Untag task `tid` (it is exiting, or its task id moved at exec). The bit
+/// is cleared only at exit (`clear_hint`): after an exec's move, the old id
+/// is free, and a stale bit only costs a lookup.
+#[inline(always)]
+pub fn tag_remove(tid: u32, clear_hint: bool) {
+    let _ = TAGS.remove(&tid);
+    if clear_hint {
+        hint_clear(tid);
+    }
+}
 
 #[map(name = "AG_AGENTS")]
 pub static AGENTS: HashMap<u32, AgentConfig> = HashMap::with_max_entries(limits::MAX_AGENTS, 0);
@@ -128,9 +195,7 @@ pub fn count(counter: Counter) {
 /// The calling task's tag, if it belongs to an agent.
 #[inline(always)]
 pub fn current_tag() -> Option<Tag> {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    // SAFETY: the value is copied out before any other map operation.
-    unsafe { TAGS.get(&tid) }.copied()
+    tag_of(bpf_get_current_pid_tgid() as u32)
 }
 
 pub fn agent_config(agent_id: u32) -> AgentConfig {

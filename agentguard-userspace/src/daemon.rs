@@ -157,6 +157,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mut ebpf = loader::load_object_with(Some(&pins))?;
     let probes = loader::attach_all_with(&mut ebpf, &cgroup_root, Some(&pins))?;
     report_probes(&probes);
+    // Tags the daemon writes itself need their hint bit set first (taghint.rs).
+    crate::taghint::load(&mut ebpf).map_err(|e| anyhow::anyhow!("{e}: the daemon could not tag agents that are already running"))?;
     // Self-protection (selfprotect.rs) guards this process from agents.
     if let Err(e) = loader::set_hook_flag(&mut ebpf, agentguard_common::HookFlag::DaemonTgid, std::process::id()) {
         tracing::warn!(error = %e, "cannot register the daemon for self-protection");
@@ -572,10 +574,20 @@ impl State {
 
     fn tag_tids(&mut self, pid: u32, tag: Tag) -> usize {
         let tids = procfs::tids(pid);
+        // The hint bit first: with a tag but no bit, the hooks would take
+        // the task for untagged (taghint.rs).
+        let hinted: Vec<u32> = tids
+            .into_iter()
+            .filter(|tid| match crate::taghint::set(&self.ebpf, *tid) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(pid, tid, error = %e, "cannot tag a task of an agent: it is not judged");
+                    false
+                }
+            })
+            .collect();
         let Some(mut tags) = self.tags() else { return 0 };
-        tids.iter()
-            .filter(|tid| tags.insert(**tid, tag, 0).is_ok())
-            .count()
+        hinted.iter().filter(|tid| tags.insert(**tid, tag, 0).is_ok()).count()
     }
 
     /// A tagged process was found outside its session cgroup (it moved, or

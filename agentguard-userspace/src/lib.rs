@@ -30,4 +30,5 @@ pub mod runstate;
 pub mod schema;
 pub mod selfprotect;
 pub mod systemd;
+pub mod taghint;
 pub mod tracefs;

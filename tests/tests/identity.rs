@@ -230,6 +230,34 @@ fn agents_running_before_the_daemon_are_tagged_with_their_descendants() {
     let _ = parent.wait();
 }
 
+/// An agent the daemon found running (tagged by the daemon, not by the
+/// kernel at exec) is judged like any other: its tag-hint bit was set before
+/// its tag was written, so the hooks do not take it for untagged.
+#[test]
+fn an_agent_adopted_at_start_is_judged_in_the_kernel() {
+    let bins = TempDir::new("adopted");
+    let agent = testbin_as(&bins, "agt-adopted");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let gate = bins.join("go");
+    // Connects once before the daemon exists, then again once the gate opens.
+    let mut a = Command::new(&agent)
+        .args(["connect-twice", "udp", &format!("127.0.0.1:{port}"), gate.to_str().expect("utf-8")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn agent");
+    let pid = read_fact(&mut a, "pid");
+    let policy = format!("{}[network]\ndefault = \"allow\"\n[[network.rule]]\nid = \"closed\"\ndecision = \"deny\"\nports = [{port}]\n", policy("adopted", "comm = [\"agt-adopted\"]"));
+    let d = Daemon::start(&[("a.toml", &policy)]);
+    wait_tagged(&d, pid, "adopted");
+    std::fs::write(&gate, "").expect("open the gate");
+    let out = a.wait_with_output().expect("wait");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("try1=ok"), "before the daemon: {text}");
+    assert!(text.contains("try2=EPERM"), "an adopted agent's connect must be judged by its policy: {text}");
+    d.wait_event(WAIT, "the adopted agent's denial", |e| e["kind"] == "net" && e["pid"] == pid && e["decision"] == "deny");
+}
+
 /// Where BPF-LSM self-protection loads (the VMs) the move is refused and
 /// recorded; elsewhere (this host) it happens and is undone and recorded.
 #[test]
