@@ -295,6 +295,10 @@ pub enum HookFlag {
     /// The daemon's tgid, which agents may not signal or ptrace
     /// (selfprotect.rs); written at each daemon start.
     DaemonTgid = 4,
+    /// Bumped by the daemon after every change to the network rules or the
+    /// agents' defaults. A counted flow ([`FlowCount::generation`]) decided
+    /// under the current value is allowed again without deciding anew.
+    NetGeneration = 5,
 }
 
 pub const HOOK_SLOTS: u32 = 8;
@@ -824,8 +828,9 @@ const _: () = assert!(core::mem::size_of::<NetEvent>() == 32 + 24 + 16 + 8);
 pub const NET_FLOW_FIRST: u32 = 1;
 
 /// An allowed network flow of one process: everything a [`NetEvent`] of an
-/// `allow` decision says except the time. Repeats of the same key are the
-/// same action again, so the kernel counts them instead of sending events.
+/// `allow` decision says except the time and the rule (in [`FlowCount`]).
+/// Repeats of the same key are the same action again, so the kernel counts
+/// them instead of sending events.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
@@ -833,9 +838,7 @@ pub struct FlowKey {
     pub pid: u32,
     pub session_id: u32,
     pub agent_id: u32,
-    /// The rule that allowed it (0: the agent's default): a reload that
-    /// changes the rule starts a new flow.
-    pub rule_id: u32,
+    pub _pad: u32,
     /// [`NetHook`].
     pub hook: u32,
     pub protocol: u32,
@@ -848,13 +851,21 @@ pub struct FlowKey {
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 48);
 
 /// Actions of a flow: counted by the kernel in [`maps::FLOWS`] (the first
-/// included), or accounted for by the log in [`maps::FLOWS_LOGGED`].
+/// included), or accounted for by the log in [`maps::FLOWS_LOGGED`] (where
+/// only `count` is used).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowCount {
     pub count: u64,
+    /// The rule that allowed the flow (0: the agent's default). Fixed for
+    /// the flow's life: when a reload decides its actions by another rule,
+    /// they are sent as events of their own.
+    pub rule_id: u32,
+    /// [`HookFlag::NetGeneration`] the decision was taken (or confirmed)
+    /// under: while it is current, a repeat is allowed without deciding.
+    pub generation: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowCount>() == 8);
+const _: () = assert!(core::mem::size_of::<FlowCount>() == 16);
 
 /// A tagged process tried a file action.
 #[repr(C)]

@@ -9,12 +9,16 @@
 //! match: the agent's default. IPv4-mapped IPv6 destinations are judged as
 //! the IPv4 address they carry.
 //!
-//! An `allow` decision is recorded once per flow (process, rule, hook,
-//! protocol, address, port): the first action is an event, its repeats are
-//! counted in AG_FLOWS and the daemon logs the counts. A busy agent's
-//! thousandth request to the same API then costs a hash lookup and an atomic
-//! add, not a ring-buffer record (bench B2u). Every other decision is an
-//! event each time.
+//! An `allow` decision is recorded once per flow (process, hook, protocol,
+//! address, port, uid): the first action is an event, its repeats are
+//! counted in AG_FLOWS and the daemon logs the counts. The flow also keeps
+//! the rule that allowed it and the rules' generation (HookFlag::
+//! NetGeneration, bumped by the daemon after every change of the network
+//! rules): a repeat under the same generation is allowed without deciding
+//! again. A busy agent's thousandth request to the same API then costs the
+//! tag and flow lookups and an atomic add, not the rule lookups and a
+//! ring-buffer record (bench B2u). Every other decision is decided and sent
+//! as an event each time.
 //!
 //! Return 1 lets the call proceed; 0 makes the syscall fail with EPERM before
 //! any packet leaves (kernel/bpf/cgroup.c, __cgroup_bpf_run_filter_sock_addr).
@@ -22,7 +26,7 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use agentguard_common::{
     approval, grant_kind, limits, Counter, Decision, EventKind, FlowCount, FlowKey, GrantKey,
-    NetEvent, NetHook, NetKeyV4, NetKeyV6, NetRuleList, NET_FLOW_FIRST,
+    HookFlag, NetEvent, NetHook, NetKeyV4, NetKeyV6, NetRuleList, NET_FLOW_FIRST,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -33,8 +37,8 @@ use aya_ebpf::{
 };
 
 use crate::shared::{
-    agent_config, count, current_tag, decide_unreadable, emit_flags, granted, header, notify_hold,
-    use_grant, RB_FORCE_WAKEUP,
+    agent_config, count, current_tag, decide_unreadable, emit_flags, granted, header, hook_flag,
+    notify_hold, use_grant, RB_FORCE_WAKEUP,
 };
 
 const AF_INET: u16 = 2;
@@ -81,29 +85,58 @@ enum Flow {
     Repeat,
     /// The first action of a counted flow: an event marked as such.
     First,
-    /// No room for another flow: an event of its own (counted as such).
+    /// An event of its own: no room for another flow (counted as such), or
+    /// the flow is counted under another rule than the one that decided now.
     Single,
 }
 
-/// Count an allowed action in its flow, starting the flow if it is new.
+/// Count one more action of a flow.
 #[inline(always)]
-fn count_flow(key: &FlowKey) -> Flow {
-    let add = |c: *mut FlowCount| {
-        // SAFETY: a value of the hash map, valid for this program run;
-        // other CPUs add to it too, hence the atomic add.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(core::ptr::addr_of_mut!((*c).count), 1) };
+fn add(c: *mut FlowCount) {
+    // SAFETY: a value of the hash map, valid for this program run; other
+    // CPUs add to it too, hence the atomic add.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(core::ptr::addr_of_mut!((*c).count), 1) };
+}
+
+/// A repeat of a flow decided under the current generation: counted, and
+/// allowed without deciding again (the rules it was decided by have not
+/// changed since). Anything else returns `None` and is decided.
+#[inline(always)]
+fn counted_repeat(key: &FlowKey, generation: u32) -> Option<()> {
+    let c = FLOWS.get_ptr_mut(key)?;
+    // SAFETY: as in `add`; a racing store of the same generation is harmless.
+    if unsafe { (*c).generation } != generation {
+        return None;
+    }
+    add(c);
+    Some(())
+}
+
+/// Count an action that `rule_id` allowed under `generation` in its flow,
+/// starting the flow if it is new.
+#[inline(always)]
+fn count_flow(key: &FlowKey, rule_id: u32, generation: u32) -> Flow {
+    let existing = |c: *mut FlowCount| {
+        // SAFETY: as in `add`.
+        if unsafe { (*c).rule_id } != rule_id {
+            // Counted under the rule of an earlier policy: this action is an
+            // event of its own, so neither rule is credited with the other's.
+            return Flow::Single;
+        }
+        // SAFETY: as in `add`; concurrent stores write the same value.
+        unsafe { (*c).generation = generation };
+        add(c);
+        Flow::Repeat
     };
     if let Some(c) = FLOWS.get_ptr_mut(key) {
-        add(c);
-        return Flow::Repeat;
+        return existing(c);
     }
-    if FLOWS.insert(key, &FlowCount { count: 1 }, u64::from(BPF_NOEXIST)).is_ok() {
+    if FLOWS.insert(key, &FlowCount { count: 1, rule_id, generation }, u64::from(BPF_NOEXIST)).is_ok() {
         return Flow::First;
     }
     // Another CPU started the same flow meanwhile, or the map is full.
     if let Some(c) = FLOWS.get_ptr_mut(key) {
-        add(c);
-        return Flow::Repeat;
+        return existing(c);
     }
     count(Counter::FlowsFull);
     Flow::Single
@@ -139,34 +172,57 @@ fn decide(ctx: &SockAddrContext, hook: NetHook) -> i32 {
     let protocol = sa.protocol;
     let agent_be = tag.agent_id.to_be_bytes();
 
+    // The destination as judged: ::ffff:a.b.c.d is a.b.c.d.
     let mut addr = [0u8; 16];
-    let (family, list) = match hook {
+    let family = match hook {
         NetHook::Connect4 | NetHook::Sendmsg4 => {
-            let v4 = sa.user_ip4.to_ne_bytes();
-            addr[..4].copy_from_slice(&v4);
-            let key = Key::new(64, NetKeyV4 { agent_be, addr: v4 });
-            (AF_INET, NET_V4.get(&key))
+            addr[..4].copy_from_slice(&sa.user_ip4.to_ne_bytes());
+            AF_INET
         }
         NetHook::Connect6 | NetHook::Sendmsg6 => {
             let ip6 = sa.user_ip6;
-            let w0 = ip6[0].to_ne_bytes();
-            let w1 = ip6[1].to_ne_bytes();
             let w2 = ip6[2].to_ne_bytes();
-            let w3 = ip6[3].to_ne_bytes();
-            // ::ffff:a.b.c.d is judged as a.b.c.d.
             if ip6[0] == 0 && ip6[1] == 0 && w2 == [0, 0, 0xff, 0xff] {
-                addr[..4].copy_from_slice(&w3);
-                let key = Key::new(64, NetKeyV4 { agent_be, addr: w3 });
-                (AF_INET, NET_V4.get(&key))
+                addr[..4].copy_from_slice(&ip6[3].to_ne_bytes());
+                AF_INET
             } else {
-                addr[0..4].copy_from_slice(&w0);
-                addr[4..8].copy_from_slice(&w1);
+                addr[0..4].copy_from_slice(&ip6[0].to_ne_bytes());
+                addr[4..8].copy_from_slice(&ip6[1].to_ne_bytes());
                 addr[8..12].copy_from_slice(&w2);
-                addr[12..16].copy_from_slice(&w3);
-                let key = Key::new(160, NetKeyV6 { agent_be, addr });
-                (AF_INET6, NET_V6.get(&key))
+                addr[12..16].copy_from_slice(&ip6[3].to_ne_bytes());
+                AF_INET6
             }
         }
+    };
+
+    // Fail-closed recording (events, issue 7): while events cannot be
+    // recorded, a tagged task's connects and sends are denied.
+    let recording_failed = crate::shared::recording_failed();
+    // Read before the rules: a flow is only ever stamped with a generation
+    // whose rules (written before the daemon bumps it) it was decided by.
+    let generation = hook_flag(HookFlag::NetGeneration);
+    let key = FlowKey {
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        session_id: tag.session_id,
+        agent_id: tag.agent_id,
+        _pad: 0,
+        hook: hook as u32,
+        protocol,
+        family,
+        port,
+        addr,
+        uid: bpf_get_current_uid_gid() as u32,
+    };
+    if !recording_failed && counted_repeat(&key, generation).is_some() {
+        return 1;
+    }
+
+    let list = if family == AF_INET {
+        let mut v4 = [0u8; 4];
+        v4.copy_from_slice(&addr[..4]);
+        NET_V4.get(&Key::new(64, NetKeyV4 { agent_be, addr: v4 }))
+    } else {
+        NET_V6.get(&Key::new(160, NetKeyV6 { agent_be, addr }))
     };
 
     let (decision, rule_id) = match list.and_then(|l| first_match(l, port, protocol)) {
@@ -176,31 +232,14 @@ fn decide(ctx: &SockAddrContext, hook: NetHook) -> i32 {
             0,
         ),
     };
-    // Fail-closed recording (events, issue 7): while events cannot be
-    // recorded, a tagged task's connects and sends are denied.
-    let (decision, rule_id) = if crate::shared::recording_failed() {
+    let (decision, rule_id) = if recording_failed {
         (Decision::Deny, agentguard_common::RULE_FAIL_CLOSED)
     } else {
         (decision, rule_id)
     };
 
-    // An `approve` rule: a grant for this session, protocol and destination
-    // lets the action through; otherwise it is refused and held (the daemon
-    // freezes the agent when it reads the event, so it is sent at once).
     let flow = if decision == Decision::Allow {
-        let key = FlowKey {
-            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-            session_id: tag.session_id,
-            agent_id: tag.agent_id,
-            rule_id,
-            hook: hook as u32,
-            protocol,
-            family,
-            port,
-            addr,
-            uid: bpf_get_current_uid_gid() as u32,
-        };
-        match count_flow(&key) {
+        match count_flow(&key, rule_id, generation) {
             Flow::Repeat => return 1,
             Flow::First => NET_FLOW_FIRST,
             Flow::Single => 0,
@@ -209,6 +248,9 @@ fn decide(ctx: &SockAddrContext, hook: NetHook) -> i32 {
         0
     };
 
+    // An `approve` rule: a grant for this session, protocol and destination
+    // lets the action through; otherwise it is refused and held (the daemon
+    // freezes the agent when it reads the event, so it is sent at once).
     let (approval, approval_id) = if decision == Decision::Approve {
         let key = GrantKey { session_id: tag.session_id, kind: grant_kind::NET, op: protocol, port, family, target: addr };
         use_grant(&key)

@@ -159,6 +159,8 @@ pub fn apply(
         }
     }
     sync::<u32, AgentConfig>(ebpf, maps::AGENTS, &agents)?;
+    // The agents' network defaults may have changed: flows decide again.
+    bump_net_generation(ebpf)?;
     sync::<u64, Tag>(ebpf, maps::SEL_CGROUP, &cgroups_sel)?;
     sync_path(ebpf, &exe)?;
     sync::<[u8; limits::COMM_LEN], Tag>(ebpf, maps::SEL_COMM, &comm)?;
@@ -189,7 +191,21 @@ pub fn apply_network(ebpf: &mut Ebpf, written: &mut Written, set: &PolicySet, re
     let (v4, v6): (BTreeMap<_, _>, BTreeMap<_, _>) = (v4.into_iter().collect(), v6.into_iter().collect());
     sync_trie(ebpf, maps::NET_V4, &mut written.v4, v4, |k: &NetKeyV4| (k.agent_be, addr16(&k.addr)))?;
     sync_trie(ebpf, maps::NET_V6, &mut written.v6, v6, |k: &NetKeyV6| (k.agent_be, k.addr))?;
-    Ok(())
+    bump_net_generation(ebpf)
+}
+
+/// After the network rules or defaults were written: counted flows decided
+/// under the previous generation are decided again at their next action
+/// (net.rs). Written after the rules, so a flow stamped with the new value
+/// was decided by the new rules.
+fn bump_net_generation(ebpf: &mut Ebpf) -> Result<(), CompileError> {
+    use agentguard_common::HookFlag;
+    let map = ebpf.map_mut(maps::HOOKS).ok_or(CompileError::MissingMap(maps::HOOKS))?;
+    let mut hooks: aya::maps::Array<&mut aya::maps::MapData, u32> =
+        aya::maps::Array::try_from(map).map_err(|source| CompileError::Map { map: maps::HOOKS, source })?;
+    let slot = HookFlag::NetGeneration as u32;
+    let current = hooks.get(&slot, 0).map_err(|source| CompileError::Map { map: maps::HOOKS, source })?;
+    hooks.set(slot, current.wrapping_add(1), 0).map_err(|source| CompileError::Map { map: maps::HOOKS, source })
 }
 
 /// (prefix length, agent, address padded to 16 bytes): a trie key's order

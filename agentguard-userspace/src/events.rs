@@ -464,6 +464,7 @@ fn net_fields<'a>(r: &mut Record<'a>, agent: Option<&'a AgentPolicy>, dest: NetD
 /// counted by the kernel since `since_ns` and accounted for now (`wall_ns`).
 pub fn flow_repeats_record<'a>(
     key: &agentguard_common::FlowKey,
+    rule_id: u32,
     count: u64,
     since_ns: Option<i128>,
     wall_ns: i128,
@@ -493,7 +494,7 @@ pub fn flow_repeats_record<'a>(
         detail: Detail::Exit { status: None },
     };
     let dest = NetDest { hook: key.hook, protocol: key.protocol, family: key.family, port: key.port, addr: key.addr };
-    net_fields(&mut r, agent, dest, agentguard_common::Decision::Allow as u32, key.rule_id, Approval::default(), count, NetFlow::Repeats { since_ns });
+    net_fields(&mut r, agent, dest, Decision::Allow as u32, rule_id, Approval::default(), count, NetFlow::Repeats { since_ns });
     r
 }
 

@@ -47,6 +47,8 @@ struct Entry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Repeats {
     pub key: FlowKey,
+    /// The rule that allowed the flow (0: the agent's default).
+    pub rule_id: u32,
     pub count: u64,
     pub since_ns: Option<i128>,
 }
@@ -74,7 +76,7 @@ impl Ledger {
     /// the repeats to log, if any, now accounted for. A flow seen for the
     /// first time waits one sweep for its first action's line, so the
     /// repeats follow it in the log.
-    pub fn observe(&mut self, key: FlowKey, kernel_count: u64, now_ns: i128) -> Option<Repeats> {
+    pub fn observe(&mut self, key: FlowKey, rule_id: u32, kernel_count: u64, now_ns: i128) -> Option<Repeats> {
         let e = self.entries.entry(key).or_insert(Entry { count: 1, at_ns: None, first_settled: false, idle_sweeps: 0 });
         if !e.first_settled {
             e.first_settled = true;
@@ -84,7 +86,7 @@ impl Ledger {
             e.idle_sweeps = e.idle_sweeps.saturating_add(1);
             return None;
         }
-        let r = Repeats { key, count: kernel_count - e.count, since_ns: e.at_ns };
+        let r = Repeats { key, rule_id, count: kernel_count - e.count, since_ns: e.at_ns };
         e.count = kernel_count;
         e.at_ns = Some(now_ns);
         e.idle_sweeps = 0;
@@ -116,9 +118,9 @@ impl Ledger {
 
     /// Like [`Self::observe`], for a flow about to be removed: everything
     /// not yet accounted for is logged now.
-    fn settle(&mut self, key: FlowKey, kernel_count: u64, now_ns: i128) -> Option<Repeats> {
+    fn settle(&mut self, key: FlowKey, rule_id: u32, kernel_count: u64, now_ns: i128) -> Option<Repeats> {
         self.entries.entry(key).or_insert(Entry { count: 1, at_ns: None, first_settled: true, idle_sweeps: 0 }).first_settled = true;
-        self.observe(key, kernel_count, now_ns)
+        self.observe(key, rule_id, kernel_count, now_ns)
     }
 }
 
@@ -157,17 +159,16 @@ impl Flows {
     /// [`Self::remove_idle`], once their last repeats are written.
     pub fn sweep(&mut self, now_ns: i128) -> Vec<Repeats> {
         self.last_sweep = Instant::now();
-        let current: Vec<(FlowKey, u64)> = self.counts.iter().filter_map(Result::ok).map(|(k, v)| (k, v.count)).collect();
-        current.into_iter().filter_map(|(k, c)| self.ledger.observe(k, c, now_ns)).collect()
+        let current: Vec<(FlowKey, FlowCount)> = self.counts.iter().filter_map(Result::ok).collect();
+        current.into_iter().filter_map(|(k, c)| self.ledger.observe(k, c.rule_id, c.count, now_ns)).collect()
     }
 
     /// Every flow of `session`, settled: the repeats to log before the
     /// session's flows are removed with [`Self::remove`].
     pub fn settle_session(&mut self, session: u32, now_ns: i128) -> (Vec<Repeats>, Vec<FlowKey>) {
-        let current: Vec<(FlowKey, u64)> =
-            self.counts.iter().filter_map(Result::ok).filter(|(k, _)| k.session_id == session).map(|(k, v)| (k, v.count)).collect();
+        let current: Vec<(FlowKey, FlowCount)> = self.counts.iter().filter_map(Result::ok).filter(|(k, _)| k.session_id == session).collect();
         let keys = current.iter().map(|(k, _)| *k).collect();
-        let repeats = current.into_iter().filter_map(|(k, c)| self.ledger.settle(k, c, now_ns)).collect();
+        let repeats = current.into_iter().filter_map(|(k, c)| self.ledger.settle(k, c.rule_id, c.count, now_ns)).collect();
         (repeats, keys)
     }
 
@@ -175,7 +176,7 @@ impl Flows {
     /// repeats lines were written).
     pub fn record_logged(&mut self, repeats: &[Repeats]) {
         for r in repeats {
-            let count = FlowCount { count: self.ledger.accounted(&r.key) };
+            let count = FlowCount { count: self.ledger.accounted(&r.key), ..FlowCount::default() };
             if let Err(e) = self.logged.insert(r.key, count, 0) {
                 tracing::warn!(error = %e, "cannot record a flow's account in AG_FLOWS_LOGGED; a restarted daemon may log its repeats twice");
             }
@@ -218,36 +219,36 @@ mod tests {
         let mut l = Ledger::default();
         l.first(key(1), 100);
         // Nothing repeated yet.
-        assert_eq!(l.observe(key(1), 1, 200), None);
-        assert_eq!(l.observe(key(1), 10, 300), Some(Repeats { key: key(1), count: 9, since_ns: Some(100) }));
-        assert_eq!(l.observe(key(1), 10, 400), None);
-        assert_eq!(l.observe(key(1), 25, 500), Some(Repeats { key: key(1), count: 15, since_ns: Some(300) }));
+        assert_eq!(l.observe(key(1), 0, 1, 200), None);
+        assert_eq!(l.observe(key(1), 0, 10, 300), Some(Repeats { rule_id: 0, key: key(1), count: 9, since_ns: Some(100) }));
+        assert_eq!(l.observe(key(1), 0, 10, 400), None);
+        assert_eq!(l.observe(key(1), 0, 25, 500), Some(Repeats { rule_id: 0, key: key(1), count: 15, since_ns: Some(300) }));
         assert_eq!(l.accounted(&key(1)), 25);
         // A line that could not be written is put back and logged later.
-        let r = l.observe(key(1), 30, 600).expect("repeats");
+        let r = l.observe(key(1), 0, 30, 600).expect("repeats");
         l.revert(&r);
-        assert_eq!(l.observe(key(1), 31, 700), Some(Repeats { key: key(1), count: 6, since_ns: Some(500) }));
+        assert_eq!(l.observe(key(1), 0, 31, 700), Some(Repeats { rule_id: 0, key: key(1), count: 6, since_ns: Some(500) }));
     }
 
     #[test]
     fn a_flow_seen_before_its_first_line_waits_one_sweep_then_is_not_lost() {
         let mut l = Ledger::default();
         // The sweep saw it before the first line was written: wait.
-        assert_eq!(l.observe(key(2), 5, 100), None);
+        assert_eq!(l.observe(key(2), 0, 5, 100), None);
         l.first(key(2), 90);
-        assert_eq!(l.observe(key(2), 6, 200), Some(Repeats { key: key(2), count: 5, since_ns: Some(90) }));
+        assert_eq!(l.observe(key(2), 0, 6, 200), Some(Repeats { rule_id: 0, key: key(2), count: 5, since_ns: Some(90) }));
         // A first line lost with a full ring (counted as a ring drop): the
         // repeats are still logged from the second sweep on.
-        assert_eq!(l.observe(key(3), 4, 100), None);
-        assert_eq!(l.observe(key(3), 4, 200), Some(Repeats { key: key(3), count: 3, since_ns: None }));
+        assert_eq!(l.observe(key(3), 0, 4, 100), None);
+        assert_eq!(l.observe(key(3), 0, 4, 200), Some(Repeats { rule_id: 0, key: key(3), count: 3, since_ns: None }));
     }
 
     #[test]
     fn a_restored_account_continues_without_repeating() {
         let mut l = Ledger::default();
         l.restore(key(4), 40);
-        assert_eq!(l.observe(key(4), 40, 100), None);
-        assert_eq!(l.observe(key(4), 41, 200), Some(Repeats { key: key(4), count: 1, since_ns: None }));
+        assert_eq!(l.observe(key(4), 0, 40, 100), None);
+        assert_eq!(l.observe(key(4), 0, 41, 200), Some(Repeats { rule_id: 0, key: key(4), count: 1, since_ns: None }));
     }
 
     #[test]
@@ -256,10 +257,10 @@ mod tests {
         l.first(key(5), 1);
         assert!(!l.idle(&key(5)));
         for t in 0..IDLE_SWEEPS_BEFORE_REMOVAL {
-            assert_eq!(l.observe(key(5), 1, i128::from(t)), None);
+            assert_eq!(l.observe(key(5), 0, 1, i128::from(t)), None);
         }
         assert!(l.idle(&key(5)));
         // An unseen first line does not hold back a session's last account.
-        assert_eq!(l.settle(key(6), 3, 10), Some(Repeats { key: key(6), count: 2, since_ns: None }));
+        assert_eq!(l.settle(key(6), 0, 3, 10), Some(Repeats { rule_id: 0, key: key(6), count: 2, since_ns: None }));
     }
 }
