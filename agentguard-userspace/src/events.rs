@@ -460,18 +460,16 @@ fn net_fields<'a>(r: &mut Record<'a>, agent: Option<&'a AgentPolicy>, dest: NetD
     r.detail = Detail::Net { ip, port: dest.port, protocol, rule_index: rule_id, approval, count, flow };
 }
 
-/// The line for `count` repeats of an allowed flow ([`agentguard_common::FlowKey`]),
-/// counted by the kernel since `since_ns` and accounted for now (`wall_ns`).
+/// The line for the repeats of an allowed flow that the kernel counted
+/// since the flow was last accounted for, accounted for now (`wall_ns`).
 pub fn flow_repeats_record<'a>(
-    key: &agentguard_common::FlowKey,
-    rule_id: u32,
-    count: u64,
-    since_ns: Option<i128>,
+    repeats: &flows::Repeats,
     wall_ns: i128,
     policies: &'a PolicySet,
     ppid: Option<u32>,
     lineage: std::borrow::Cow<'a, [u32]>,
 ) -> Record<'a> {
+    let key = &repeats.key;
     let agent = policies.by_id(key.agent_id);
     let mut r = Record {
         wall_ns,
@@ -494,7 +492,7 @@ pub fn flow_repeats_record<'a>(
         detail: Detail::Exit { status: None },
     };
     let dest = NetDest { hook: key.hook, protocol: key.protocol, family: key.family, port: key.port, addr: key.addr };
-    net_fields(&mut r, agent, dest, Decision::Allow as u32, rule_id, Approval::default(), count, NetFlow::Repeats { since_ns });
+    net_fields(&mut r, agent, dest, Decision::Allow as u32, repeats.rule_id, Approval::default(), repeats.count, NetFlow::Repeats { since_ns: repeats.since_ns });
     r
 }
 

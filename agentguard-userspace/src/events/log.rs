@@ -321,7 +321,7 @@ impl EventLog {
         let dropped_before = self.drops.write_failed;
         for r in repeats {
             let (ppid, lineage) = self.procs.ancestry(r.key.pid, r.key.session_id);
-            let rec = flow_repeats_record(&r.key, r.rule_id, r.count, r.since_ns, now_ns(), policies, ppid, std::borrow::Cow::Borrowed(lineage));
+            let rec = flow_repeats_record(r, now_ns(), policies, ppid, std::borrow::Cow::Borrowed(lineage));
             if let Err(e) = self.writer.push_fields(|out| rec.write_fields(out)) {
                 let _ = self.push_failed(e);
             }
