@@ -268,6 +268,33 @@ impl Approval {
     }
 }
 
+impl<'a> Record<'a> {
+    /// A record of who (`h`) did something at `wall_ns`; the caller fills in
+    /// what (kind, action, target, decision...).
+    fn blank(h: &agentguard_common::EventHeader, wall_ns: i128, agent: Option<&'a AgentPolicy>, ppid: Option<u32>, lineage: Cow<'a, [u32]>) -> Self {
+        Record {
+            wall_ns,
+            kind: "exec",
+            action: "exec",
+            agent: agent.map(|a| a.name.as_str()),
+            agent_id: h.agent_id,
+            session: h.session_id,
+            pid: h.pid,
+            tid: h.tid,
+            ppid,
+            lineage,
+            uid: h.uid,
+            target: Target::None,
+            decision: None,
+            rule: None,
+            reversibility: None,
+            rollback: None,
+            enforcement: None,
+            detail: Detail::Exit { status: None },
+        }
+    }
+}
+
 impl Record<'_> {
     /// Append the fields, each as `,"key":value` (see [`crate::audit::compose_head`]).
     pub fn write_fields(&self, out: &mut Vec<u8>) {
@@ -471,26 +498,16 @@ pub fn flow_repeats_record<'a>(
 ) -> Record<'a> {
     let key = &repeats.key;
     let agent = policies.by_id(key.agent_id);
-    let mut r = Record {
-        wall_ns,
-        kind: "net",
-        action: "connect",
-        agent: agent.map(|a| a.name.as_str()),
+    let who = agentguard_common::EventHeader {
+        kind: agentguard_common::EventKind::Net as u32,
         agent_id: key.agent_id,
-        session: key.session_id,
+        session_id: key.session_id,
         pid: key.pid,
         tid: key.pid,
-        ppid,
-        lineage,
         uid: key.uid,
-        target: Target::None,
-        decision: None,
-        rule: None,
-        reversibility: None,
-        rollback: None,
-        enforcement: None,
-        detail: Detail::Exit { status: None },
+        ktime_ns: 0,
     };
+    let mut r = Record::blank(&who, wall_ns, agent, ppid, lineage);
     let dest = NetDest { hook: key.hook, protocol: key.protocol, family: key.family, port: key.port, addr: key.addr };
     net_fields(&mut r, agent, dest, Decision::Allow as u32, repeats.rule_id, Approval::default(), repeats.count, NetFlow::Repeats { since_ns: repeats.since_ns });
     r
@@ -502,26 +519,7 @@ pub fn flow_repeats_record<'a>(
 pub fn record<'a>(ev: &KernelEvent, policies: &'a PolicySet, clock: &Clock, ppid: Option<u32>, lineage: std::borrow::Cow<'a, [u32]>) -> Record<'a> {
     let h = ev.header();
     let agent = policies.by_id(h.agent_id);
-    let mut r = Record {
-        wall_ns: clock.wall_ns(h.ktime_ns),
-        kind: "exec",
-        action: "exec",
-        agent: agent.map(|a| a.name.as_str()),
-        agent_id: h.agent_id,
-        session: h.session_id,
-        pid: h.pid,
-        tid: h.tid,
-        ppid,
-        lineage,
-        uid: h.uid,
-        target: Target::None,
-        decision: None,
-        rule: None,
-        reversibility: None,
-        rollback: None,
-        enforcement: None,
-        detail: Detail::Exit { status: None },
-    };
+    let mut r = Record::blank(h, clock.wall_ns(h.ktime_ns), agent, ppid, lineage);
     match ev {
         KernelEvent::Exec(e) => {
             let exe = c_str(&e.filename);
