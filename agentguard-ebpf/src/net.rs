@@ -37,8 +37,8 @@ use aya_ebpf::{
 };
 
 use crate::shared::{
-    agent_config, count, current_tag, decide_unreadable, emit_flags, granted, header, hook_flag,
-    notify_hold, use_grant, RB_FORCE_WAKEUP,
+    agent_config, count, decide_unreadable, emit_flags, granted, header, hook_flag, notify_hold,
+    tag_of, use_grant, RB_FORCE_WAKEUP,
 };
 
 const AF_INET: u16 = 2;
@@ -163,7 +163,8 @@ fn first_match(list: &NetRuleList, port: u16, protocol: u32) -> Option<(Decision
 
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, hook: NetHook) -> i32 {
-    let Some(tag) = current_tag() else {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(tag) = tag_of(pid_tgid as u32) else {
         return 1;
     };
     // SAFETY: the context pointer is the kernel's bpf_sock_addr for this call.
@@ -202,7 +203,7 @@ fn decide(ctx: &SockAddrContext, hook: NetHook) -> i32 {
     // whose rules (written before the daemon bumps it) it was decided by.
     let generation = hook_flag(HookFlag::NetGeneration);
     let key = FlowKey {
-        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        pid: (pid_tgid >> 32) as u32,
         session_id: tag.session_id,
         agent_id: tag.agent_id,
         _pad: 0,

@@ -154,13 +154,19 @@ impl Flows {
         now.duration_since(self.last_sweep) >= SWEEP
     }
 
-    /// Read every flow's count: the repeats to log now. Flows of processes
-    /// that are gone and that stopped changing are removed afterwards, by
-    /// [`Self::remove_idle`], once their last repeats are written.
-    pub fn sweep(&mut self, now_ns: i128) -> Vec<Repeats> {
+    /// Read every flow's count: the repeats to log now, and the flows whose
+    /// process is gone and that stopped changing, to [`Self::remove`] once
+    /// the repeats are written.
+    pub fn sweep(&mut self, now_ns: i128) -> (Vec<Repeats>, Vec<FlowKey>) {
         self.last_sweep = Instant::now();
         let current: Vec<(FlowKey, FlowCount)> = self.counts.iter().filter_map(Result::ok).collect();
-        current.into_iter().filter_map(|(k, c)| self.ledger.observe(k, c.rule_id, c.count, now_ns)).collect()
+        let repeats = current.iter().filter_map(|(k, c)| self.ledger.observe(*k, c.rule_id, c.count, now_ns)).collect();
+        let idle_dead = current
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| self.ledger.idle(k) && !std::path::Path::new(&format!("/proc/{}", k.pid)).exists())
+            .collect();
+        (repeats, idle_dead)
     }
 
     /// Every flow of `session`, settled: the repeats to log before the
@@ -181,13 +187,6 @@ impl Flows {
                 tracing::warn!(error = %e, "cannot record a flow's account in AG_FLOWS_LOGGED; a restarted daemon may log its repeats twice");
             }
         }
-    }
-
-    /// Flows whose process is gone and that stopped changing.
-    pub fn idle_dead(&self) -> Vec<FlowKey> {
-        let mut keys: Vec<FlowKey> = self.counts.keys().filter_map(Result::ok).filter(|k| self.ledger.idle(k)).collect();
-        keys.retain(|k| !std::path::Path::new(&format!("/proc/{}", k.pid)).exists());
-        keys
     }
 
     /// Remove flows from the kernel and the account. A process that acts

@@ -278,11 +278,10 @@ impl EventLog {
         if failing || !(force || flows.due(Instant::now())) {
             return;
         }
-        let repeats = flows.sweep(now_ns());
+        let (repeats, idle_dead) = flows.sweep(now_ns());
         if self.write_repeats(&repeats, policies) {
             if let Some(flows) = self.flows.as_mut() {
-                let idle = flows.idle_dead();
-                flows.remove(&idle);
+                flows.remove(&idle_dead);
             }
         }
     }
@@ -304,39 +303,57 @@ impl EventLog {
         }
     }
 
-    /// Write `repeats` lines; true when they were written (and the account
-    /// recorded in the kernel). When the log cannot be written, the account
-    /// is put back: the kernel keeps counting, and the repeats are logged
-    /// once the log recovers, so nothing is lost or counted twice.
+    /// Write `repeats` lines; true when they were all written (and the
+    /// account recorded in the kernel). A line that could not be written is
+    /// put back in the account: the kernel keeps counting, and its repeats
+    /// are logged once the log recovers, so nothing is lost or counted twice.
     fn write_repeats(&mut self, repeats: &[Repeats], policies: &PolicySet) -> bool {
         if repeats.is_empty() {
             return true;
         }
-        // The batch then holds only these lines: what a failed write drops
-        // is exactly them.
+        // The batch then holds only these lines: whatever a failed write
+        // drops from now on is one of them.
         if self.flush().is_err() {
             self.revert_repeats(repeats);
             return false;
         }
         let dropped_before = self.drops.write_failed;
+        // The seq each line was given (None: not even buffered).
+        let mut seqs = Vec::with_capacity(repeats.len());
         for r in repeats {
             let (ppid, lineage) = self.procs.ancestry(r.key.pid, r.key.session_id);
             let rec = flow_repeats_record(r, now_ns(), policies, ppid, std::borrow::Cow::Borrowed(lineage));
-            if let Err(e) = self.writer.push_fields(|out| rec.write_fields(out)) {
-                let _ = self.push_failed(e);
+            match self.writer.push_fields(|out| rec.write_fields(out)) {
+                Ok(seq) => seqs.push(Some(seq)),
+                Err(e) => {
+                    let _ = self.push_failed(e);
+                    // The failed write dropped every buffered line, and the
+                    // writer hands their seqs out again.
+                    let written_to = self.writer.seq();
+                    for s in &mut seqs {
+                        if s.is_some_and(|s| s > written_to) {
+                            *s = None;
+                        }
+                    }
+                    seqs.push(None);
+                }
             }
         }
         let _ = self.flush();
-        if self.drops.write_failed != dropped_before || self.failing.is_some() {
-            // Not lost: retried after recovery.
-            self.drops.write_failed = dropped_before;
-            self.revert_repeats(repeats);
-            return false;
-        }
+        // A batch written before a later one failed (a full buffer, a
+        // rotation) stays written: only lines past the last written seq go
+        // back, and they are not losses.
+        let written_to = self.writer.seq();
+        let (written, unwritten): (Vec<_>, Vec<_>) =
+            repeats.iter().zip(seqs).partition(|(_, seq)| seq.is_some_and(|s| s <= written_to));
+        let written: Vec<Repeats> = written.into_iter().map(|(r, _)| *r).collect();
+        let unwritten: Vec<Repeats> = unwritten.into_iter().map(|(r, _)| *r).collect();
+        self.drops.write_failed = dropped_before;
+        self.revert_repeats(&unwritten);
         if let Some(flows) = self.flows.as_mut() {
-            flows.record_logged(repeats);
+            flows.record_logged(&written);
         }
-        true
+        unwritten.is_empty()
     }
 
     fn revert_repeats(&mut self, repeats: &[Repeats]) {
