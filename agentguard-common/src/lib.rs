@@ -319,6 +319,10 @@ pub enum Counter {
     /// An allowed network action could not start a counted flow
     /// ([`maps::FLOWS`] full): it was logged as an event of its own.
     FlowsFull = 4,
+    /// A tag was written or removed by a program. The daemon reads the sum
+    /// before it walks the tags and walks again only when it changed
+    /// (reconciliation of an idle agent costs no walk: bench B8).
+    TagChanges = 5,
 }
 
 pub const COUNTER_SLOTS: u32 = 8;

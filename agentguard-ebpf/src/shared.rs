@@ -71,7 +71,10 @@ pub fn tag_of(tid: u32) -> Option<Tag> {
 #[inline(always)]
 pub fn tag_insert(tid: u32, tag: &Tag) -> bool {
     hint_set(tid);
-    TAGS.insert(&tid, tag, 0).is_ok()
+    let ok = TAGS.insert(&tid, tag, 0).is_ok();
+    // After the write: a reader that sees the count sees the tag.
+    count(Counter::TagChanges);
+    ok
 }
 
 /// Untag task `tid` (it is exiting, or its task id moved at exec). The bit
@@ -80,6 +83,7 @@ pub fn tag_insert(tid: u32, tag: &Tag) -> bool {
 #[inline(always)]
 pub fn tag_remove(tid: u32, clear_hint: bool) {
     let _ = TAGS.remove(&tid);
+    count(Counter::TagChanges);
     if clear_hint {
         hint_clear(tid);
     }

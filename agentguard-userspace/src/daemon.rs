@@ -91,7 +91,32 @@ pub struct State {
     stop_signal: Arc<tokio::sync::Notify>,
     /// Pending approvals and live grants (daemon/approvals.rs).
     approvals: crate::approvals::Store,
+    /// The tagged processes as of the last walk of the tags map.
+    tagged: Option<TaggedWalk>,
+    /// A reload brought a new policy in force (its host names are
+    /// refreshed from then on).
+    policy_changed: Arc<tokio::sync::Notify>,
 }
+
+/// What a walk of `AG_TAGS` found, and the kernel's tag-change count read
+/// just before it. Walking a hash map visits every bucket (65 536 here,
+/// however few tasks are tagged), so reconciliation reuses the walk while
+/// the count is unchanged: an idle agent costs no walk (bench B8). A walk
+/// older than [`TAG_WALK_MAX_AGE`] is redone regardless, and the daemon's
+/// own writes to the map drop it.
+struct TaggedWalk {
+    changes: u64,
+    walked: std::time::Instant,
+    /// Thread-group leaders and their tags.
+    leaders: Vec<(u32, Tag)>,
+    /// Whether any task at all was tagged.
+    any: bool,
+}
+
+/// Bound on how long a walk is reused while the count stays the same (the
+/// count is per-CPU and read without ordering against the map on every
+/// architecture: this bounds what a missed change could cost).
+const TAG_WALK_MAX_AGE: Duration = Duration::from_secs(10);
 
 type Shared = Arc<Mutex<State>>;
 
@@ -222,6 +247,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         stopping: None,
         stop_signal: stop_signal.clone(),
         approvals,
+        tagged: None,
+        policy_changed: Arc::new(tokio::sync::Notify::new()),
     }));
     lock(&state).restore_approvals();
 
@@ -491,6 +518,11 @@ impl State {
         if !self.live.attached() || self.sessions.values().any(|s| s.kind == "run") {
             return;
         }
+        // A task is tagged as of the last walk the kernel has not changed
+        // since: no need for the authoritative check below (a walk).
+        if self.tagged_leaders().is_some_and(|(_, any)| any) {
+            return;
+        }
         let detached = self.live.detach_if(&mut self.ebpf, |ebpf| {
             ebpf.map_mut(maps::TAGS)
                 .and_then(|m| HashMap::<&mut MapData, u32, Tag>::try_from(m).ok())
@@ -586,8 +618,35 @@ impl State {
                 }
             })
             .collect();
+        self.tagged = None;
         let Some(mut tags) = self.tags() else { return 0 };
         hinted.iter().filter(|tid| tags.insert(**tid, tag, 0).is_ok()).count()
+    }
+
+    /// The kernel's count of tag writes and removals (all CPUs).
+    fn tag_changes(&self) -> Option<u64> {
+        let map = self.ebpf.map(maps::COUNTERS)?;
+        let arr = aya::maps::PerCpuArray::<_, u64>::try_from(map).ok()?;
+        arr.get(&(agentguard_common::Counter::TagChanges as u32), 0).ok().map(|v| v.iter().sum())
+    }
+
+    /// The tagged thread-group leaders, and whether any task is tagged:
+    /// from the last walk of the tags map while the kernel has changed no
+    /// tag since (see [`TaggedWalk`]), else from a new walk.
+    fn tagged_leaders(&mut self) -> Option<(Vec<(u32, Tag)>, bool)> {
+        // Read before the walk: a change during it changes the count, and
+        // the next call walks again.
+        let changes = self.tag_changes();
+        if let (Some(c), Some(w)) = (changes, &self.tagged) {
+            if w.changes == c && w.walked.elapsed() < TAG_WALK_MAX_AGE {
+                return Some((w.leaders.clone(), w.any));
+            }
+        }
+        let entries: Vec<(u32, Tag)> = self.tags()?.iter().filter_map(Result::ok).collect();
+        let any = !entries.is_empty();
+        let leaders: Vec<(u32, Tag)> = entries.into_iter().filter(|(tid, _)| procfs::tgid_of(*tid) == Some(*tid)).collect();
+        self.tagged = changes.map(|changes| TaggedWalk { changes, walked: std::time::Instant::now(), leaders: leaders.clone(), any });
+        Some((leaders, any))
     }
 
     /// A tagged process was found outside its session cgroup (it moved, or
@@ -611,6 +670,7 @@ impl State {
     fn untag_tids(&mut self, pid: u32) {
         let mut tids = procfs::tids(pid);
         tids.push(pid);
+        self.tagged = None;
         if let Some(mut tags) = self.tags() {
             for tid in tids {
                 let _ = tags.remove(&tid);
@@ -741,7 +801,7 @@ async fn reconcile_loop(state: Shared) -> anyhow::Result<()> {
         let busy = {
             let mut s = lock(&state);
             reconcile(&mut s);
-            !s.sessions.is_empty() || s.tags().is_some_and(|t| t.keys().next().is_some())
+            !s.sessions.is_empty() || s.tagged_leaders().is_some_and(|(_, any)| any)
         };
         tokio::time::sleep(if busy { RECONCILE } else { RECONCILE_IDLE }).await;
     }
@@ -750,7 +810,10 @@ async fn reconcile_loop(state: Shared) -> anyhow::Result<()> {
 /// Re-resolve each policy host name when its DNS answer expires (dns.rs);
 /// the lookups run without the state lock.
 async fn dns_refresh_loop(state: Shared) -> anyhow::Result<()> {
-    let servers = lock(&state).config.dns_servers.clone();
+    let (servers, policy_changed) = {
+        let s = lock(&state);
+        (s.config.dns_servers.clone(), s.policy_changed.clone())
+    };
     let resolver = match crate::dns::resolver(&servers) {
         Ok(r) => r,
         Err(e) => {
@@ -779,7 +842,19 @@ async fn dns_refresh_loop(state: Shared) -> anyhow::Result<()> {
         if !fresh.is_empty() {
             lock(&state).refresh_hosts(fresh);
         }
-        tokio::time::sleep(crate::dns::MIN_REFRESH).await;
+        // Sleep until the next name is due (no sooner than MIN_REFRESH), or
+        // until a reload brings other names: with none, the task sleeps (B8).
+        let now = tokio::time::Instant::now();
+        let wake = schedule.next().map(|t| t.max(now + crate::dns::MIN_REFRESH));
+        tokio::select! {
+            () = async {
+                match wake {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+            () = policy_changed.notified() => {}
+        }
     }
 }
 
@@ -816,15 +891,8 @@ impl State {
 /// Keep every tagged process in its session cgroup (moving back any that
 /// left, and logging the attempt), and drop sessions whose processes are gone.
 fn reconcile(s: &mut State) {
-    let tagged: Vec<(u32, Tag)> = match s.tags() {
-        Some(t) => t.iter().filter_map(Result::ok).collect(),
-        None => return,
-    };
-    for (tid, tag) in tagged {
-        let Some(pid) = procfs::tgid_of(tid) else { continue };
-        if pid != tid {
-            continue;
-        }
+    let Some((leaders, _)) = s.tagged_leaders() else { return };
+    for (pid, tag) in leaders {
         let Some(session) = s.sessions.get(&tag.session_id).cloned() else {
             s.contain(pid, tag);
             continue;
@@ -953,6 +1021,7 @@ impl State {
         self.policies = policies;
         self.resolved = resolved;
         self.policy_version += 1;
+        self.policy_changed.notify_one();
         let agents: Vec<_> = self.policies.agents.keys().cloned().collect();
         let _ = self.log.append(&json!({
             "time": events::rfc3339(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)),
@@ -1028,6 +1097,7 @@ fn read_counters(ebpf: &Ebpf) -> serde_json::Value {
         "events_submitted": sum(Counter::EventsSubmitted),
         "self_protect_denials": sum(Counter::SelfProtectDenials),
         "flows_full": sum(Counter::FlowsFull),
+        "tag_changes": sum(Counter::TagChanges),
     })
 }
 

@@ -76,6 +76,11 @@ impl Schedule {
     pub fn set(&mut self, host: String, at: Instant) {
         self.due.insert(host, at);
     }
+
+    /// When the next name is due (None: no name is known).
+    pub fn next(&self) -> Option<Instant> {
+        self.due.values().min().copied()
+    }
 }
 
 #[cfg(test)]
