@@ -201,6 +201,14 @@ fn main() -> ExitCode {
     let args = Args::parse();
     cli::init_tracing();
     let Args { config, socket, command } = args;
+    if !matches!(command, Command::Daemon { .. }) {
+        // A reader that goes away (`agentguard events | head`) ends the
+        // command quietly, as for any Unix tool, instead of a panic on
+        // EPIPE. The daemon keeps Rust's default (ignored: a client that
+        // hangs up is an error to handle, not a reason to die).
+        // SAFETY: signal(2) only changes this process's disposition.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let ctx = cli::Ctx { config_path: config, socket };
     let result = match command {
         Command::Daemon { policy_dir, events_log } => cli::daemon(&ctx, policy_dir, events_log),

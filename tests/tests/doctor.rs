@@ -54,3 +54,21 @@ fn doctor_matches_what_this_kernel_can_load() {
     let lsm_file = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
     assert_eq!(listed["ok"], lsm_file.split(',').any(|l| l.trim() == "bpf"), "{listed}");
 }
+
+/// A reader that goes away (`agentguard doctor | head -1`) ends a command
+/// quietly, as SIGPIPE ends any Unix tool: no panic, no backtrace.
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(agentguard_bin())
+        .arg("doctor")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run doctor");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "doctor panicked on a closed pipe: {stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "ended by SIGPIPE, as `cat` would be: {:?} {stderr}", out.status);
+}
