@@ -96,6 +96,8 @@ pub mod programs {
     pub const SCHED_PROCESS_FORK: &str = "sched_process_fork";
     pub const SCHED_PROCESS_EXEC: &str = "sched_process_exec";
     pub const SCHED_PROCESS_EXIT: &str = "sched_process_exit";
+    /// A task moved to another cgroup (cgroup_attach_task tracepoint).
+    pub const CGROUP_ATTACH_TASK: &str = "cgroup_attach_task";
     pub const CONNECT4: &str = "connect4";
     pub const CONNECT6: &str = "connect6";
     pub const SENDMSG4: &str = "sendmsg4";
@@ -155,6 +157,9 @@ pub mod programs {
 pub mod globals {
     /// Byte offset of `child_pid` in the sched_process_fork tracepoint record.
     pub const FORK_CHILD_PID_OFF: &str = "FORK_CHILD_PID_OFF";
+    /// Byte offsets of `pid` and `dst_id` in the cgroup_attach_task record.
+    pub const CGROUP_ATTACH_PID_OFF: &str = "CGROUP_ATTACH_PID_OFF";
+    pub const CGROUP_ATTACH_DST_ID_OFF: &str = "CGROUP_ATTACH_DST_ID_OFF";
     /// Byte offset of `old_pid` in the sched_process_exec tracepoint record.
     pub const EXEC_OLD_PID_OFF: &str = "EXEC_OLD_PID_OFF";
     /// Byte offset of the `filename` `__data_loc` word in the sched_process_exec record.
@@ -228,6 +233,10 @@ pub enum EventKind {
     Exec = 1,
     Fork = 2,
     Exit = 3,
+    /// A tagged task was moved to another cgroup: a notification for the
+    /// daemon, which moves it back if it left its session (not a log line
+    /// of its own; the daemon logs `cgroup_escape`).
+    CgroupMove = 4,
     Net = 10,
     File = 20,
 }
@@ -238,6 +247,7 @@ impl EventKind {
             1 => Self::Exec,
             2 => Self::Fork,
             3 => Self::Exit,
+            4 => Self::CgroupMove,
             10 => Self::Net,
             20 => Self::File,
             _ => return None,
@@ -796,6 +806,20 @@ pub struct ExitEvent {
 const _: () = assert!(core::mem::size_of::<ExitEvent>() == 40);
 /// [`ExitEvent::flags`]: `exit_code` was read from the task.
 pub const EXIT_STATUS_KNOWN: u32 = 1;
+
+/// A tagged task was moved to another cgroup. The header carries the moved
+/// task's tag, and the pid and tid of the task that moved it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CgroupMoveEvent {
+    pub header: EventHeader,
+    /// Task id of the moved task (its pid when the whole process moved).
+    pub moved_tid: u32,
+    pub _pad: u32,
+    /// The cgroup it was moved to.
+    pub dst_cgroup_id: u64,
+}
+const _: () = assert!(core::mem::size_of::<CgroupMoveEvent>() == 48);
 
 /// A tagged process tried to connect or send to an address.
 #[repr(C)]

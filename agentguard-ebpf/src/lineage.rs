@@ -11,7 +11,8 @@
 //! kernel_clone(), after copy_process() and before wake_up_new_task(), so the
 //! child is tagged before it runs its first instruction.
 use agentguard_common::{
-    limits, Counter, EventKind, ExecEvent, ExitEvent, ForkEvent, HookFlag, PathKey, Tag,
+    limits, CgroupMoveEvent, Counter, EventKind, ExecEvent, ExitEvent, ForkEvent, HookFlag,
+    PathKey, Tag,
 };
 use aya_ebpf::{
     helpers::{
@@ -39,6 +40,10 @@ static FORK_CHILD_PID_OFF: Global<u32> = Global::new(0);
 static EXEC_OLD_PID_OFF: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static EXEC_FILENAME_OFF: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static CGROUP_ATTACH_PID_OFF: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static CGROUP_ATTACH_DST_ID_OFF: Global<u32> = Global::new(0);
 /// `task_struct.exit_code` (from BTF); 0: unknown, no status is read.
 #[unsafe(no_mangle)]
 static TASK_EXIT_CODE_OFF: Global<u32> = Global::new(0);
@@ -226,4 +231,40 @@ fn exit_code() -> (u32, u32) {
         Ok(code) => (code, agentguard_common::EXIT_STATUS_KNOWN),
         Err(_) => (0, 0),
     }
+}
+
+/// A task moved to another cgroup (a write to `cgroup.procs` or
+/// `cgroup.threads`, by anyone). For a tagged task, tell the daemon at once,
+/// which moves it back if it left its session's cgroup: the freezer
+/// (the killswitch) acts on that cgroup. Untagged moves cost one array load.
+/// The record is a notification, not an event of the log, so it is not
+/// counted in `EventsSubmitted`; a full ring counts it as a drop, and the
+/// daemon's periodic reconciliation still finds the move.
+#[tracepoint]
+pub fn cgroup_attach_task(ctx: TracePointContext) -> u32 {
+    let pid_off = CGROUP_ATTACH_PID_OFF.load();
+    // 0: the loader did not find this kernel's layout (never a valid offset).
+    if pid_off == 0 {
+        return 0;
+    }
+    // SAFETY: offsets come from this kernel's tracefs format file.
+    let Ok(moved) = (unsafe { ctx.read_at::<i32>(pid_off as usize) }) else {
+        return 0;
+    };
+    let moved = moved as u32;
+    let Some(tag) = tag_of(moved) else {
+        return 0;
+    };
+    // SAFETY: as above.
+    let dst = unsafe { ctx.read_at::<u64>(CGROUP_ATTACH_DST_ID_OFF.load() as usize) }.unwrap_or(0);
+    if let Some(mut entry) = reserve::<CgroupMoveEvent>() {
+        entry.write(CgroupMoveEvent {
+            header: header(EventKind::CgroupMove, tag),
+            moved_tid: moved,
+            _pad: 0,
+            dst_cgroup_id: dst,
+        });
+        entry.submit(crate::shared::RB_FORCE_WAKEUP);
+    }
+    0
 }

@@ -75,6 +75,8 @@ pub struct State {
     clock: Clock,
     decode_errors: u64,
     events_logged: u64,
+    /// Cgroup moves of tagged tasks the kernel reported (cgroup_attach_task).
+    cgroup_moves_reported: u64,
     /// Addresses the policies' host names resolved to (refreshed periodically).
     resolved: Resolved,
     /// The network hooks, attached only while an agent is live.
@@ -240,6 +242,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         clock: Clock::new(),
         decode_errors: 0,
         events_logged: 0,
+        cgroup_moves_reported: 0,
         resolved,
         live: LiveHooks::pinned(pins.clone()),
         pins,
@@ -459,6 +462,16 @@ impl State {
             }
             KernelEvent::Exec(e) if e.newly_tagged == 1 => self.contain(h.pid, Tag { agent_id: h.agent_id, session_id: h.session_id }),
             KernelEvent::Fork(f) => self.contain(f.child_tid, Tag { agent_id: h.agent_id, session_id: h.session_id }),
+            KernelEvent::CgroupMove(m) => {
+                // A notification, not a line: the escape, if it is one, is
+                // logged as `cgroup_escape`.
+                let tag = Tag { agent_id: h.agent_id, session_id: h.session_id };
+                self.cgroup_moves_reported += 1;
+                if procfs::tgid_of(m.moved_tid) == Some(m.moved_tid) {
+                    self.keep_in_session(m.moved_tid, tag, "cgroup_move");
+                }
+                return;
+            }
             _ => {}
         }
         // A failed write is reported and counted by the log itself.
@@ -587,7 +600,7 @@ impl State {
         if existed {
             if let (Some(left_to), Some(session)) = (current_path, self.sessions.get(&tag.session_id).cloned()) {
                 if session.origin.as_deref() != Some(left_to.as_str()) && !procfs::is_zombie(pid) {
-                    self.log_escape(&session, pid, tag, &left_to);
+                    self.log_escape(&session, pid, tag, &left_to, "fork_exec");
                 }
             }
         }
@@ -651,7 +664,7 @@ impl State {
 
     /// A tagged process was found outside its session cgroup (it moved, or
     /// was moved): say so; the caller moves it back.
-    fn log_escape(&mut self, session: &Session, pid: u32, tag: Tag, left_to: &str) {
+    fn log_escape(&mut self, session: &Session, pid: u32, tag: Tag, left_to: &str, detected: &str) {
         tracing::warn!(pid, agent = session.agent, left_to, "tagged process left its session cgroup; moving it back");
         let rec = json!({
             "time": events::rfc3339(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)),
@@ -661,6 +674,7 @@ impl State {
             "session": tag.session_id,
             "pid": pid,
             "left_to": left_to,
+            "detected": detected,
             "enforcement": "contained",
         });
         let _ = self.log.append(&rec);
@@ -791,19 +805,27 @@ pub fn match_selectors(set: &PolicySet, p: &procfs::ProcInfo, cgroup_root: &Path
 // ---- reconciliation -------------------------------------------------------
 
 /// Reconciliation's pace while any process is tagged or any session is
-/// open (escapes are moved back within this), and while none is (an idle
-/// host's daemon wakes as little as it can: B8).
+/// open: escapes are moved back within this where the kernel does not
+/// report cgroup moves, and while none is (an idle host's daemon wakes as
+/// little as it can: B8).
 const RECONCILE: Duration = Duration::from_millis(500);
 const RECONCILE_IDLE: Duration = Duration::from_secs(2);
+/// The pace while an agent is live where the cgroup_attach_task probe
+/// reports its cgroup moves as they happen: reconciliation is then the
+/// backstop (a notification lost with a full ring), ends sessions and
+/// expires approvals.
+const RECONCILE_OBSERVED: Duration = Duration::from_secs(1);
 
 async fn reconcile_loop(state: Shared) -> anyhow::Result<()> {
+    let observed = crate::loader::cgroup_moves_observed(&lock(&state).probes);
+    let busy_pace = if observed { RECONCILE_OBSERVED } else { RECONCILE };
     loop {
         let busy = {
             let mut s = lock(&state);
             reconcile(&mut s);
             !s.sessions.is_empty() || s.tagged_leaders().is_some_and(|(_, any)| any)
         };
-        tokio::time::sleep(if busy { RECONCILE } else { RECONCILE_IDLE }).await;
+        tokio::time::sleep(if busy { busy_pace } else { RECONCILE_IDLE }).await;
     }
 }
 
@@ -893,23 +915,7 @@ impl State {
 fn reconcile(s: &mut State) {
     let Some((leaders, _)) = s.tagged_leaders() else { return };
     for (pid, tag) in leaders {
-        let Some(session) = s.sessions.get(&tag.session_id).cloned() else {
-            s.contain(pid, tag);
-            continue;
-        };
-        let want = format!("0::{}", s.tree.relative(&session.cgroup));
-        let current = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        // has_tag: the snapshot above may be stale (see `contain`).
-        // A zombie reports the root cgroup: it has left, but not by moving.
-        if !current.lines().any(|l| l == want) && !current.is_empty() && !procfs::is_zombie(pid) && s.has_tag(pid, tag) {
-            let left_to = current.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("?").to_owned();
-            if session.origin.as_deref() != Some(left_to.as_str()) {
-                s.log_escape(&session, pid, tag, &left_to);
-            }
-            if let Err(e) = CgroupTree::move_pid(&session.cgroup, pid) {
-                tracing::error!(pid, error = %e, "cannot move the process back");
-            }
-        }
+        s.keep_in_session(pid, tag, "reconcile");
     }
     s.release_live_hooks_if_idle();
     s.expire_approvals();
@@ -940,6 +946,31 @@ fn reconcile(s: &mut State) {
 }
 
 impl State {
+    /// Keep tagged process `pid` in its session's cgroup: move it back (and
+    /// log the escape) if it left; a process of no known session is
+    /// contained in a new one. `detected`: what found it, `cgroup_move` (the
+    /// cgroup_attach_task probe, as it happened) or `reconcile` (the
+    /// periodic check; `contain` reports `fork_exec`).
+    fn keep_in_session(&mut self, pid: u32, tag: Tag, detected: &str) {
+        let Some(session) = self.sessions.get(&tag.session_id).cloned() else {
+            self.contain(pid, tag);
+            return;
+        };
+        let want = format!("0::{}", self.tree.relative(&session.cgroup));
+        let current = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        // has_tag: the caller's view may be stale (see `contain`).
+        // A zombie reports the root cgroup: it has left, but not by moving.
+        if !current.lines().any(|l| l == want) && !current.is_empty() && !procfs::is_zombie(pid) && self.has_tag(pid, tag) {
+            let left_to = current.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("?").to_owned();
+            if session.origin.as_deref() != Some(left_to.as_str()) {
+                self.log_escape(&session, pid, tag, &left_to, detected);
+            }
+            if let Err(e) = CgroupTree::move_pid(&session.cgroup, pid) {
+                tracing::error!(pid, error = %e, "cannot move the process back");
+            }
+        }
+    }
+
     fn run_session_selectors(&self) -> BTreeMap<u64, Tag> {
         self.sessions
             .values()
@@ -1077,6 +1108,7 @@ impl State {
             "file_enforcement": self.file_enforcement(),
             "events_logged": self.events_logged,
             "decode_errors": self.decode_errors,
+            "cgroup_moves_reported": self.cgroup_moves_reported,
             "approvals_pending": self.approvals.pending.len(),
             "kernel_counters": counters,
             "audit": self.log.status(),

@@ -1,6 +1,6 @@
 //! Decoding ring-buffer records into the shared event structs. Pure: a byte
 //! slice in, an event or a [`DecodeError`] out, lengths always checked.
-use agentguard_common::{EventHeader, EventKind, ExecEvent, ExitEvent, FileEvent, ForkEvent, NetEvent};
+use agentguard_common::{CgroupMoveEvent, EventHeader, EventKind, ExecEvent, ExitEvent, FileEvent, ForkEvent, NetEvent};
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -25,6 +25,9 @@ pub enum KernelEvent {
     Exec(ExecEvent),
     Fork(ForkEvent),
     Exit(ExitEvent),
+    /// A notification for the daemon, not a line of the log (see
+    /// agentguard_common::EventKind::CgroupMove).
+    CgroupMove(CgroupMoveEvent),
     Net(NetEvent),
     File(FileEvent),
 }
@@ -35,6 +38,7 @@ impl KernelEvent {
             Self::Exec(e) => &e.header,
             Self::Fork(e) => &e.header,
             Self::Exit(e) => &e.header,
+            Self::CgroupMove(e) => &e.header,
             Self::Net(e) => &e.header,
             Self::File(e) => &e.header,
         }
@@ -72,6 +76,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
         EventKind::Exec => KernelEvent::Exec(read_exact(kind, bytes)?),
         EventKind::Fork => KernelEvent::Fork(read_exact(kind, bytes)?),
         EventKind::Exit => KernelEvent::Exit(read_exact(kind, bytes)?),
+        EventKind::CgroupMove => KernelEvent::CgroupMove(read_exact(kind, bytes)?),
         EventKind::Net => KernelEvent::Net(read_exact(kind, bytes)?),
         EventKind::File => KernelEvent::File(read_exact(kind, bytes)?),
     })

@@ -537,6 +537,12 @@ pub fn record<'a>(ev: &KernelEvent, policies: &'a PolicySet, clock: &Clock, ppid
             (r.kind, r.action) = ("fork", "fork");
             r.detail = Detail::Fork { child_tid: f.child_tid };
         }
+        KernelEvent::CgroupMove(m) => {
+            // Not logged by the daemon (it logs `cgroup_escape`); a record
+            // for completeness of the decoder's kinds.
+            (r.kind, r.action) = ("cgroup_move", "cgroup_move");
+            r.target = Target::Text(format!("cgroup id {}", m.dst_cgroup_id));
+        }
         KernelEvent::Exit(x) => {
             (r.kind, r.action) = ("exit", "exit");
             r.detail = Detail::Exit { status: (x.flags & agentguard_common::EXIT_STATUS_KNOWN != 0).then_some(x.exit_code) };

@@ -116,6 +116,15 @@ pub const PROBES: &[ProbeSpec] = &[
         required: true,
         lifetime: Lifetime::Always,
     },
+    // Optional: without it, reconciliation finds an agent's cgroup moves
+    // within its period instead of at once.
+    ProbeSpec {
+        program: programs::CGROUP_ATTACH_TASK,
+        kind: ProbeKind::TracePoint { category: "cgroup", name: "cgroup_attach_task" },
+        class: ActionClass::Tagging,
+        required: false,
+        lifetime: Lifetime::Always,
+    },
     ProbeSpec {
         program: programs::CONNECT4,
         kind: ProbeKind::CgroupSockAddr,
@@ -265,6 +274,15 @@ pub fn load_object_with(pins: Option<&Pins>) -> Result<Ebpf, LoadError> {
     let fork_child = tracefs::field_offset("sched", "sched_process_fork", "child_pid")?;
     let exec_old_pid = tracefs::field_offset("sched", "sched_process_exec", "old_pid")?;
     let exec_filename = tracefs::field_offset("sched", "sched_process_exec", "filename")?;
+    // Optional (the probe is then unavailable and reconciliation alone
+    // finds cgroup moves): zeros are never read, the probe does not attach.
+    let attach_offsets = tracefs::field_offset("cgroup", "cgroup_attach_task", "pid")
+        .and_then(|pid| Ok((pid, tracefs::field_offset("cgroup", "cgroup_attach_task", "dst_id")?)));
+    let (attach_pid, attach_dst) = attach_offsets.unwrap_or_else(|e| {
+        tracing::warn!("cgroup moves of agents are found by reconciliation only: {e}");
+        (0, 0)
+    });
+    CGROUP_MOVE_OFFSETS.store(attach_pid != 0, std::sync::atomic::Ordering::Relaxed);
     // Without offsets the file programs are reported unavailable (attach_all);
     // the zeros they would read are never used.
     let offsets = kernel_offsets().clone().unwrap_or_default();
@@ -278,6 +296,8 @@ pub fn load_object_with(pins: Option<&Pins>) -> Result<Ebpf, LoadError> {
         .override_global(globals::FORK_CHILD_PID_OFF, &fork_child, true)
         .override_global(globals::EXEC_OLD_PID_OFF, &exec_old_pid, true)
         .override_global(globals::EXEC_FILENAME_OFF, &exec_filename, true)
+        .override_global(globals::CGROUP_ATTACH_PID_OFF, &attach_pid, true)
+        .override_global(globals::CGROUP_ATTACH_DST_ID_OFF, &attach_dst, true)
         .override_global(globals::KERNEL_OFFSETS, &offsets, true)
         .override_global(globals::TASK_EXIT_CODE_OFF, &exit_code_off, true)
         .override_global(globals::TASK_TGID_OFF, &tgid_off, true)
@@ -286,6 +306,17 @@ pub fn load_object_with(pins: Option<&Pins>) -> Result<Ebpf, LoadError> {
         loader.map_pin_path(name.as_str(), path.as_path());
     }
     Ok(loader.load(EBPF_OBJECT)?)
+}
+
+/// Whether the last [`load_object`] found the cgroup_attach_task layout (the
+/// program ignores every move without it).
+static CGROUP_MOVE_OFFSETS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether agents' cgroup moves reach the daemon as they happen: the
+/// cgroup_attach_task probe is attached and knows this kernel's layout.
+pub fn cgroup_moves_observed(probes: &[ProbeStatus]) -> bool {
+    CGROUP_MOVE_OFFSETS.load(std::sync::atomic::Ordering::Relaxed)
+        && probes.iter().any(|p| p.program == programs::CGROUP_ATTACH_TASK && matches!(p.state, ProbeState::Attached))
 }
 
 /// The event ring's size for the next [`load_object`] (the daemon sets it

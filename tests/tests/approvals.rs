@@ -333,6 +333,13 @@ fn pending_approvals_survive_a_daemon_restart() {
     d.restart();
     let after = d.approvals();
     assert_eq!(after.len(), 1, "{after:#?}");
+    let st: Value = serde_json::from_slice(&d.cli(&["status", "--json"]).stdout).expect("status --json is JSON");
+    let brief = &st["pending_approvals"];
+    assert_eq!(brief.as_array().map(Vec::len), Some(1), "status lists the pending approval: {st:#}");
+    for k in ["id", "target", "rule", "agent", "pid"] {
+        assert_eq!(brief[0][k], a1[k], "status names the held action's {k}");
+    }
+    assert_eq!(brief[0]["frozen"], true, "{brief}");
     for k in ["id", "target", "rule", "agent", "pid", "lineage", "activity", "expires"] {
         assert_eq!(after[0][k], a1[k], "{k} survives the restart");
     }

@@ -195,8 +195,18 @@ impl State {
                 "adopted_at_start": self.pins.adopted,
                 "pinned": pins::list(&self.pins.dir).len(),
             },
-            // Filled by the approvals work (issue 8): the actions held for a human.
-            "pending_approvals": [],
+            // The actions held for a human, in brief (`agentguard approvals`
+            // has the whole record).
+            "pending_approvals": self.approvals.pending.values().map(|a| json!({
+                "id": a.id,
+                "agent": a.agent,
+                "pid": a.pid,
+                "action": a.action,
+                "target": a.target,
+                "rule": a.rule,
+                "expires": a.expires,
+                "frozen": a.frozen,
+            })).collect::<Vec<_>>(),
         });
         if let (Some(m), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
             m.extend(e);
