@@ -14,7 +14,11 @@ use std::{
 use super::{AuditError, Checkpoint};
 
 pub(super) struct SyncJob {
+    /// Rotated-away files not yet synced, then the current file.
     pub files: Vec<File>,
+    /// The current file's bytes (from `dropped_from`) that this job makes
+    /// durable and then drops from the page cache.
+    pub current: std::ops::Range<u64>,
     pub checkpoint: Checkpoint,
     pub path: PathBuf,
 }
@@ -27,7 +31,40 @@ impl SyncJob {
         if self.checkpoint.seq > 0 {
             self.checkpoint.store(&self.path)?;
         }
+        self.drop_cached();
         Ok(())
+    }
+
+    /// The log is written once and read rarely: once its bytes are on disk,
+    /// give their page-cache pages back. A busy agent's log (hundreds of
+    /// MB/s) then does not push the host's own data out of the cache, and
+    /// the writer keeps reusing the same warm pages instead of taking fresh
+    /// ones (on a VM whose free memory goes back to the hypervisor, a fresh
+    /// page costs several times the copy: B4, docs/performance.md). Only
+    /// whole pages below the end: the page being appended to stays, so the
+    /// next write never reads it back. A failure costs only memory.
+    fn drop_cached(&self) {
+        use std::os::fd::AsRawFd as _;
+        let Some((current, rotated)) = self.files.split_last() else { return };
+        for f in rotated {
+            // SAFETY: plain syscall on an open descriptor; (0, 0) is the whole file.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+        let page = page_size();
+        let start = self.current.start / page * page;
+        let end = self.current.end / page * page;
+        if end > start {
+            // SAFETY: as above; a range of whole pages that are on disk.
+            unsafe { libc::posix_fadvise(current.as_raw_fd(), start as i64, (end - start) as i64, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
     }
 }
 

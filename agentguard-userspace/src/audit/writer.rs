@@ -80,6 +80,9 @@ pub struct ChainWriter {
     unsynced: Vec<File>,
     syncer: Syncer,
     written: u64,
+    /// The current file's bytes handed to a sync job so far (each job drops
+    /// what it synced from the page cache).
+    cache_dropped_to: u64,
 }
 
 impl ChainWriter {
@@ -156,6 +159,7 @@ impl ChainWriter {
             unsynced: Vec::new(),
             syncer: Syncer::start(),
             written: 0,
+            cache_dropped_to: 0,
         };
         Ok((writer, opened))
     }
@@ -278,7 +282,10 @@ impl ChainWriter {
         let mut files = std::mem::take(&mut self.unsynced);
         files.push(self.file.try_clone().map_err(AuditError::io(&self.cfg.path))?);
         self.dirty = false;
-        Ok(SyncJob { files, checkpoint: self.checkpoint(), path: self.cfg.chain_head.clone() })
+        // The previous job dropped whole pages below its end; start at that page.
+        let current = self.cache_dropped_to.min(self.size)..self.size;
+        self.cache_dropped_to = self.size;
+        Ok(SyncJob { files, current, checkpoint: self.checkpoint(), path: self.cfg.chain_head.clone() })
     }
 
     fn checkpoint(&self) -> Checkpoint {
@@ -326,6 +333,7 @@ impl ChainWriter {
             Ok(file) => {
                 self.unsynced.push(std::mem::replace(&mut self.file, file));
                 self.size = 0;
+                self.cache_dropped_to = 0;
             }
             Err(e) => tracing::error!(error = %e, "cannot open a new log file; continuing in the rotated one"),
         }
@@ -509,6 +517,58 @@ mod tests {
         std::fs::remove_file(rotated_path(&c.path, 2)).expect("rm");
         let report = verify(&c.path, Some(&cp), None).expect("verifies");
         assert_eq!(report.failure.map(|f| f.kind), Some(FailureKind::FrontMissing));
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    /// Pages of `path` in the page cache (mincore), and the page count.
+    fn resident_pages(path: &Path) -> (usize, usize) {
+        use std::os::fd::AsRawFd as _;
+        let f = File::open(path).expect("open");
+        let len = f.metadata().expect("stat").len() as usize;
+        let page = 4096;
+        let pages = len.div_ceil(page);
+        // SAFETY: a private read-only mapping of an open file, unmapped below.
+        let addr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0) };
+        assert_ne!(addr, libc::MAP_FAILED, "mmap");
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `vec` has one byte per page of the mapping.
+        let rc = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(addr, len) };
+        assert_eq!(rc, 0, "mincore");
+        (vec.iter().filter(|b| **b & 1 == 1).count(), pages)
+    }
+
+    /// Synced log bytes leave the page cache (the kernel's own account,
+    /// mincore), except the page still being appended to; bytes written
+    /// after the sync stay until the next one.
+    #[test]
+    fn synced_lines_leave_the_page_cache() {
+        // On the repo's disk: tmpfs (a possible /tmp) keeps its pages.
+        let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ag-writer-cache");
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("mkdir");
+        let c = cfg(&d, 0, 0);
+        let (mut w, _) = ChainWriter::open(c.clone(), "host").expect("open");
+        // fsync_interval zero: every flush syncs (and drops) at once.
+        write_n(&mut w, 3000);
+        let (resident, pages) = resident_pages(&c.path);
+        assert!(pages > 50, "{pages} pages written");
+        assert!(resident <= 1, "{resident} of {pages} synced pages still cached");
+        // Bytes written while no sync runs stay cached until one does.
+        let mut c2 = c.clone();
+        c2.fsync_interval = Duration::from_secs(3600);
+        drop(w);
+        let (mut w, _) = ChainWriter::open(c2, "host").expect("reopen");
+        write_n(&mut w, 3000);
+        let (resident, _) = resident_pages(&c.path);
+        assert!(resident > 50, "unsynced bytes are not dropped: {resident} pages cached");
+        w.sync_now();
+        let (resident, pages) = resident_pages(&c.path);
+        assert!(resident <= 1, "after the sync: {resident} of {pages} pages still cached");
+        let report = verify(&c.path, None, None).expect("verifies");
+        assert!(report.failure.is_none(), "{report:?}");
+        assert_eq!(report.lines, 6000);
         let _ = std::fs::remove_dir_all(d);
     }
 
