@@ -188,7 +188,7 @@ const BENCHES: &[Bench] = &[
         id: "B3",
         what: "fork + exec(/bin/true) + wait",
         workload: Workload::ForkExec,
-        setups: &[Setup::Baseline, Setup::Untagged, Setup::Tagged],
+        setups: &[Setup::Baseline, Setup::FloorFallback, Setup::Untagged, Setup::Tagged],
         targets: &[(Setup::Untagged, "<= 1 %"), (Setup::Tagged, "<= 3 %")],
     },
 ];
