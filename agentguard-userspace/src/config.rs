@@ -47,6 +47,11 @@ pub struct Config {
     /// page. Bigger rides out longer stalls of the daemon before events are
     /// lost (and counted).
     pub events_ring_bytes: u32,
+    /// How much the daemon raises its scheduling priority (nice -N, like
+    /// auditd's `priority_boost`): an agent that floods the machine with
+    /// work must not starve the daemon that records it into losing events.
+    /// 0..=20; 0 leaves it as started.
+    pub priority_boost: u8,
     /// Approvals (docs/operations.md): seconds a pending approval waits for
     /// a human before it expires into a deny.
     pub approval_timeout_s: u64,
@@ -82,6 +87,7 @@ impl Default for Config {
             incident_dir: PathBuf::from("/var/log/agentguard/incidents"),
             dns_servers: Vec::new(),
             events_ring_bytes: agentguard_common::limits::EVENTS_RING_BYTES,
+            priority_boost: 10,
             approval_timeout_s: 15 * 60,
             approval_on_expiry: crate::approvals::OnExpiry::Thaw,
             approval_notify: None,
@@ -137,6 +143,16 @@ impl Config {
                 message: format!("events_ring_bytes = {ring}: must be a power of two of at least 4096 (a page), e.g. 16777216"),
             }]));
         }
+        if config.priority_boost > 20 {
+            let at = text.find("priority_boost").unwrap_or(0);
+            let (line, column) = crate::policy::line_col(&text, at);
+            return Err(PolicyErrors(vec![PolicyError {
+                file: path.to_owned(),
+                line,
+                column,
+                message: format!("priority_boost = {}: must be 0 to 20 (the daemon runs at nice -priority_boost)", config.priority_boost),
+            }]));
+        }
         config.source = Some(path.to_owned());
         Ok(config)
     }
@@ -156,6 +172,20 @@ mod tests {
         assert_eq!((e.0[0].line, e.0[0].column), (2, 1), "{e}");
         std::fs::write(&f, "events_ring_bytes = 65536\n").expect("write");
         assert_eq!(Config::load(&f).expect("valid").events_ring_bytes, 65536);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_priority_boost_beyond_nice_range_is_refused_with_its_line() {
+        let dir = std::env::temp_dir().join(format!("ag-config-boost-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let f = dir.join("agentguard.toml");
+        std::fs::write(&f, "fail_closed = true\npriority_boost = 30\n").expect("write");
+        let e = Config::load(&f).expect_err("must be rejected");
+        assert_eq!((e.0[0].line, e.0[0].column), (2, 1), "{e}");
+        std::fs::write(&f, "priority_boost = 0\n").expect("write");
+        assert_eq!(Config::load(&f).expect("valid").priority_boost, 0);
+        assert_eq!(Config::default().priority_boost, 10);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

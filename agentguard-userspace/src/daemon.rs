@@ -151,11 +151,35 @@ fn guard_own_files(ebpf: &mut Ebpf, config: &Config, tree: &CgroupTree) {
 
 /// Start-up, then serve until SIGINT or SIGTERM.
 pub fn run(config: Config) -> anyhow::Result<()> {
+    // Before the runtime: threads started later inherit the priority.
+    boost_priority(config.priority_boost);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(serve(config))
+}
+
+/// Run every thread of the daemon at nice -`boost` (config
+/// `priority_boost`). Needs CAP_SYS_NICE; without it the daemon runs as
+/// started and says so.
+fn boost_priority(boost: u8) {
+    if boost == 0 {
+        return;
+    }
+    let nice = -i32::from(boost);
+    let tids: Vec<u32> = std::fs::read_dir("/proc/self/task")
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    for tid in tids {
+        // SAFETY: plain syscall; PRIO_PROCESS with a thread id sets that thread.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } != 0 {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!(error = %e, nice, "cannot raise the daemon's priority (needs CAP_SYS_NICE); a flood of events may be dropped (and counted) sooner");
+            return;
+        }
+    }
+    tracing::debug!(nice, "daemon priority raised");
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -1109,6 +1133,9 @@ impl State {
             "events_logged": self.events_logged,
             "decode_errors": self.decode_errors,
             "cgroup_moves_reported": self.cgroup_moves_reported,
+            // The daemon's scheduling priority now (config `priority_boost`).
+            // SAFETY: plain syscall; errno is not consulted (-1 is a valid nice).
+            "nice": unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) },
             "approvals_pending": self.approvals.pending.len(),
             "kernel_counters": counters,
             "audit": self.log.status(),

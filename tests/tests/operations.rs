@@ -334,6 +334,19 @@ fn status_reports_policy_sessions_enforcement_and_pins() {
     assert!(st["events"]["kernel"]["ringbuf_drops"].is_u64(), "{st:#}");
     assert!(st["pending_approvals"].is_array(), "{st:#}");
     assert!(st["pins"]["pinned"].as_u64().is_some_and(|n| n > 10), "{st:#}");
+    // priority_boost (default 10): every thread of the daemon runs at nice
+    // -10, as the kernel reports it (field 19 of /proc/PID/task/TID/stat).
+    assert_eq!(st["nice"], -10, "{st:#}");
+    let pid = st["daemon_pid"].as_u64().expect("daemon_pid");
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks").filter_map(Result::ok).collect();
+    assert!(!tasks.is_empty());
+    for t in tasks {
+        let stat = std::fs::read_to_string(t.path().join("stat")).expect("stat");
+        let comm_end = stat.rfind(')').expect("comm");
+        let fields: Vec<&str> = stat[comm_end + 2..].split(' ').collect();
+        // fields[0] is field 3 (state): nice, field 19, is fields[16].
+        assert_eq!(fields[16], "-10", "thread {:?} of the daemon: {stat}", t.file_name());
+    }
     let text = d.cli(&["status"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("policy:   version 0 sha256 ") && text.contains("network:") && text.contains("pending approvals: 0"), "{text}");
