@@ -132,26 +132,17 @@ impl Config {
                 message: e.message().trim().to_owned(),
             }])
         })?;
+        // A value out of range: the error points at its key.
+        let bad = |key: &str, message: String| {
+            let (line, column) = crate::policy::line_col(&text, text.find(key).unwrap_or(0));
+            Err(PolicyErrors(vec![PolicyError { file: path.to_owned(), line, column, message }]))
+        };
         let ring = config.events_ring_bytes;
         if !ring.is_power_of_two() || ring < 4096 {
-            let at = text.find("events_ring_bytes").unwrap_or(0);
-            let (line, column) = crate::policy::line_col(&text, at);
-            return Err(PolicyErrors(vec![PolicyError {
-                file: path.to_owned(),
-                line,
-                column,
-                message: format!("events_ring_bytes = {ring}: must be a power of two of at least 4096 (a page), e.g. 16777216"),
-            }]));
+            return bad("events_ring_bytes", format!("events_ring_bytes = {ring}: must be a power of two of at least 4096 (a page), e.g. 16777216"));
         }
         if config.priority_boost > 20 {
-            let at = text.find("priority_boost").unwrap_or(0);
-            let (line, column) = crate::policy::line_col(&text, at);
-            return Err(PolicyErrors(vec![PolicyError {
-                file: path.to_owned(),
-                line,
-                column,
-                message: format!("priority_boost = {}: must be 0 to 20 (the daemon runs at nice -priority_boost)", config.priority_boost),
-            }]));
+            return bad("priority_boost", format!("priority_boost = {}: must be 0 to 20 (the daemon runs at nice -priority_boost)", config.priority_boost));
         }
         config.source = Some(path.to_owned());
         Ok(config)

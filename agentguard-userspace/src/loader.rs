@@ -274,15 +274,9 @@ pub fn load_object_with(pins: Option<&Pins>) -> Result<Ebpf, LoadError> {
     let fork_child = tracefs::field_offset("sched", "sched_process_fork", "child_pid")?;
     let exec_old_pid = tracefs::field_offset("sched", "sched_process_exec", "old_pid")?;
     let exec_filename = tracefs::field_offset("sched", "sched_process_exec", "filename")?;
-    // Optional (the probe is then unavailable and reconciliation alone
-    // finds cgroup moves): zeros are never read, the probe does not attach.
-    let attach_offsets = tracefs::field_offset("cgroup", "cgroup_attach_task", "pid")
-        .and_then(|pid| Ok((pid, tracefs::field_offset("cgroup", "cgroup_attach_task", "dst_id")?)));
-    let (attach_pid, attach_dst) = attach_offsets.unwrap_or_else(|e| {
-        tracing::warn!("cgroup moves of agents are found by reconciliation only: {e}");
-        (0, 0)
-    });
-    CGROUP_MOVE_OFFSETS.store(attach_pid != 0, std::sync::atomic::Ordering::Relaxed);
+    // Without the layout the probe is reported unavailable (attach_all) and
+    // reconciliation alone finds cgroup moves; the zeros are never read.
+    let (attach_pid, attach_dst) = cgroup_attach_layout().clone().unwrap_or_default();
     // Without offsets the file programs are reported unavailable (attach_all);
     // the zeros they would read are never used.
     let offsets = kernel_offsets().clone().unwrap_or_default();
@@ -308,15 +302,20 @@ pub fn load_object_with(pins: Option<&Pins>) -> Result<Ebpf, LoadError> {
     Ok(loader.load(EBPF_OBJECT)?)
 }
 
-/// Whether the last [`load_object`] found the cgroup_attach_task layout (the
-/// program ignores every move without it).
-static CGROUP_MOVE_OFFSETS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Byte offsets of `pid` and `dst_id` in this kernel's cgroup_attach_task
+/// record (tracefs), computed once.
+fn cgroup_attach_layout() -> &'static Result<(u32, u32), String> {
+    static LAYOUT: OnceLock<Result<(u32, u32), String>> = OnceLock::new();
+    LAYOUT.get_or_init(|| {
+        let field = |f: &str| tracefs::field_offset("cgroup", "cgroup_attach_task", f).map_err(|e| e.to_string());
+        Ok((field("pid")?, field("dst_id")?))
+    })
+}
 
-/// Whether agents' cgroup moves reach the daemon as they happen: the
-/// cgroup_attach_task probe is attached and knows this kernel's layout.
+/// Whether agents' cgroup moves reach the daemon as they happen (the
+/// cgroup_attach_task probe is attached).
 pub fn cgroup_moves_observed(probes: &[ProbeStatus]) -> bool {
-    CGROUP_MOVE_OFFSETS.load(std::sync::atomic::Ordering::Relaxed)
-        && probes.iter().any(|p| p.program == programs::CGROUP_ATTACH_TASK && matches!(p.state, ProbeState::Attached))
+    probes.iter().any(|p| p.program == programs::CGROUP_ATTACH_TASK && matches!(p.state, ProbeState::Attached))
 }
 
 /// The event ring's size for the next [`load_object`] (the daemon sets it
@@ -569,6 +568,11 @@ pub fn attach_all_with(ebpf: &mut Ebpf, cgroup_root: &Path, pins: Option<&Pins>)
                 }
                 Ok(()) => attach(ebpf, spec),
             },
+            // A program that would ignore every move is not attached.
+            _ if spec.program == programs::CGROUP_ATTACH_TASK && cgroup_attach_layout().is_err() => Err(format!(
+                "cannot read the cgroup_attach_task record layout: {}; reconciliation alone finds cgroup moves",
+                cgroup_attach_layout().as_ref().err().map_or("", String::as_str)
+            )),
             (Lifetime::Always, _) => attach(ebpf, spec),
             _ => load_probe(ebpf, spec).map(|()| ProbeState::Ready),
         };

@@ -16,8 +16,8 @@ use super::{AuditError, Checkpoint};
 pub(super) struct SyncJob {
     /// Rotated-away files not yet synced, then the current file.
     pub files: Vec<File>,
-    /// The current file's bytes (from `dropped_from`) that this job makes
-    /// durable and then drops from the page cache.
+    /// The current file's bytes written since the previous job, which this
+    /// job makes durable and then drops from the page cache.
     pub current: std::ops::Range<u64>,
     pub checkpoint: Checkpoint,
     pub path: PathBuf,
