@@ -74,6 +74,14 @@ pub mod maps {
     /// atomic or/and: the daemon sets bits through the
     /// [`crate::programs::SET_TAG_HINT`] program.
     pub const TAG_HINTS: &str = "AG_TAG_HINTS";
+    /// Array of one u64: changed after every write or removal in [`TAGS`]
+    /// (atomically by the programs; by the daemon after its own writes). A
+    /// [`crate::FlowSlot`] filled under an older value is not used.
+    pub const TAG_EPOCH: &str = "AG_TAG_EPOCH";
+    /// Per-CPU array of one [`crate::FlowSlot`]: the last allowed flow each
+    /// CPU counted, so its next repeat costs no hash lookup. Its pending
+    /// count is part of the flow's count (the daemon adds it).
+    pub const FLOW_SLOTS: &str = "AG_FLOW_SLOTS";
 }
 
 /// Values of [`maps::SELF_INODES`].
@@ -151,6 +159,9 @@ pub mod programs {
     /// argument: run by the daemon with BPF_PROG_TEST_RUN before it writes a
     /// tag itself; never attached.
     pub const SET_TAG_HINT: &str = "set_tag_hint";
+    /// Changes [`crate::maps::TAG_EPOCH`]; run by the daemon with
+    /// BPF_PROG_TEST_RUN after it changed tags itself or removed flows.
+    pub const BUMP_TAG_EPOCH: &str = "bump_tag_epoch";
 }
 
 /// Names of the read-only globals the loader sets before loading.
@@ -892,8 +903,43 @@ pub struct FlowCount {
     /// [`HookFlag::NetGeneration`] the decision was taken (or confirmed)
     /// under: while it is current, a repeat is allowed without deciding.
     pub generation: u32,
+    /// Set when the kernel starts the flow (its clock then), so a
+    /// [`FlowSlot`] counting this flow's repeats can tell it from a later
+    /// flow of the same key after the daemon removed this one.
+    pub serial: u64,
 }
-const _: () = assert!(core::mem::size_of::<FlowCount>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowCount>() == 24);
+
+/// The last allowed flow a CPU counted ([`maps::FLOW_SLOTS`]): while the
+/// same task repeats it under the same tag epoch and rule generation, the
+/// program counts the repeat here, without looking up the tag or the flow.
+/// `pending` belongs to the flow with `key` and `serial` in [`maps::FLOWS`]:
+/// the program adds it there when the slot is refilled, and until then the
+/// daemon adds it to what it reads there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSlot {
+    /// 1 while a program on this CPU uses the slot (taken with an atomic
+    /// compare-and-exchange; a program that finds it taken does without).
+    pub busy: u64,
+    /// Odd while the slot is being refilled (its pending count moved to
+    /// [`maps::FLOWS`], its key rewritten), +2 after each refill: a reader
+    /// that sees it unchanged around its reads saw no refill.
+    pub seq: u64,
+    /// The task (pid << 32 | tid) whose tag the flow's key was built from.
+    pub pid_tgid: u64,
+    /// [`maps::TAG_EPOCH`] read before that tag was.
+    pub tag_epoch: u64,
+    /// [`FlowCount::serial`] of the flow.
+    pub serial: u64,
+    /// Repeats counted here and not yet in [`maps::FLOWS`].
+    pub pending: u64,
+    /// [`HookFlag::NetGeneration`] at the fill.
+    pub generation: u32,
+    pub _pad: u32,
+    pub key: FlowKey,
+}
+const _: () = assert!(core::mem::size_of::<FlowSlot>() == 104);
 
 /// A tagged process tried a file action.
 #[repr(C)]
@@ -1007,6 +1053,7 @@ mod pod {
     unsafe impl aya::Pod for super::Grant {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowCount {}
+    unsafe impl aya::Pod for super::FlowSlot {}
 }
 
 #[cfg(test)]

@@ -64,6 +64,16 @@ pub fn set_tag_hint(ctx: RawTracePointContext) -> i32 {
     }
 }
 
+/// Change the tag epoch (shared.rs). Never attached: the daemon runs it with
+/// BPF_PROG_TEST_RUN after it wrote or removed tags itself, or removed
+/// flows, so that no per-CPU flow slot filled before is used again. Like the
+/// hint bits, the epoch only ever changes by an atomic kernel instruction.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn bump_tag_epoch(_ctx: RawTracePointContext) -> i32 {
+    crate::shared::bump_tag_epoch();
+    0
+}
+
 #[tracepoint]
 pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     match try_fork(&ctx) {

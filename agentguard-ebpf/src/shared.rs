@@ -1,5 +1,5 @@
 //! Maps shared by every program, the event emitter and the counters.
-use core::intrinsics::{atomic_and, atomic_or, AtomicOrdering};
+use core::intrinsics::{atomic_and, atomic_or, atomic_xadd, AtomicOrdering};
 
 use agentguard_common::{
     approval, limits, AgentConfig, Counter, Decision, EventHeader, EventKind, Grant, GrantKey,
@@ -31,7 +31,7 @@ static TAG_HINTS: Array<u64> = Array::with_max_entries(limits::TAG_HINT_WORDS, 0
 
 /// Whether `tid` may be tagged (false: it certainly is not).
 #[inline(always)]
-fn hinted(tid: u32) -> bool {
+pub fn hinted(tid: u32) -> bool {
     match TAG_HINTS.get(tid / 64) {
         Some(word) => *word & (1u64 << (tid % 64)) != 0,
         // Beyond the array (cannot happen below PID_MAX_LIMIT): look it up.
@@ -57,6 +57,33 @@ fn hint_clear(tid: u32) {
     }
 }
 
+/// Changed after every change of [`TAGS`] (common's `maps::TAG_EPOCH`).
+#[map(name = "AG_TAG_EPOCH")]
+static TAG_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The tag epoch now: read it before a tag, and what was decided from
+/// that tag holds while the epoch stays the same.
+#[inline(always)]
+pub fn tag_epoch() -> u64 {
+    TAG_EPOCH.get(0).copied().unwrap_or(0)
+}
+
+/// A tag was written or removed.
+#[inline(always)]
+fn tag_changed() {
+    count(Counter::TagChanges);
+    bump_tag_epoch();
+}
+
+/// Change the tag epoch: what was decided from a tag read before is stale.
+#[inline(always)]
+pub fn bump_tag_epoch() {
+    if let Some(epoch) = TAG_EPOCH.get_ptr_mut(0) {
+        // SAFETY: the array's one slot; other CPUs add to it too.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(epoch, 1) };
+    }
+}
+
 /// The tag of task `tid`, if it belongs to an agent.
 #[inline(always)]
 pub fn tag_of(tid: u32) -> Option<Tag> {
@@ -72,8 +99,9 @@ pub fn tag_of(tid: u32) -> Option<Tag> {
 pub fn tag_insert(tid: u32, tag: &Tag) -> bool {
     hint_set(tid);
     let ok = TAGS.insert(&tid, tag, 0).is_ok();
-    // After the write: a reader that sees the count sees the tag.
-    count(Counter::TagChanges);
+    // After the write: a reader that sees the count (or the epoch) sees
+    // the tag.
+    tag_changed();
     ok
 }
 
@@ -83,7 +111,7 @@ pub fn tag_insert(tid: u32, tag: &Tag) -> bool {
 #[inline(always)]
 pub fn tag_remove(tid: u32, clear_hint: bool) {
     let _ = TAGS.remove(&tid);
-    count(Counter::TagChanges);
+    tag_changed();
     if clear_hint {
         hint_clear(tid);
     }

@@ -657,7 +657,17 @@ impl State {
             .collect();
         self.tagged = None;
         let Some(mut tags) = self.tags() else { return 0 };
-        hinted.iter().filter(|tid| tags.insert(**tid, tag, 0).is_ok()).count()
+        let tagged = hinted.iter().filter(|tid| tags.insert(**tid, tag, 0).is_ok()).count();
+        self.tags_changed();
+        tagged
+    }
+
+    /// After the daemon's own tag writes: flows the kernel counted from an
+    /// older tag are decided again (taghint.rs, the tag epoch).
+    fn tags_changed(&self) {
+        if let Err(e) = crate::taghint::bump_epoch(&self.ebpf) {
+            tracing::error!(error = %e, "cannot change the tag epoch: a retagged task's repeated connects may be counted under its old tag");
+        }
     }
 
     /// The kernel's count of tag writes and removals (all CPUs).
@@ -714,6 +724,7 @@ impl State {
                 let _ = tags.remove(&tid);
             }
         }
+        self.tags_changed();
     }
 
     fn is_tagged(&mut self, pid: u32) -> bool {

@@ -3,6 +3,7 @@
 //! whether the listener got a connection, and what the log says.
 use std::{
     net::{TcpListener, UdpSocket},
+    os::unix::process::CommandExt as _,
     process::{Command, Output, Stdio},
     time::Duration,
 };
@@ -331,6 +332,80 @@ fn a_freeze_rule_refuses_and_freezes_the_agent() {
     let _ = agent.kill();
     let out = agent.wait_with_output().expect("agent output");
     assert_eq!(fact(&out.stdout, "errno").or_else(|| fact(&out.stdout, "result")).as_deref(), Some("EPERM"), "{out:?}");
+}
+
+/// Run `c` on CPU 0 only.
+fn on_cpu0(mut c: Command) -> Command {
+    // SAFETY: sched_setaffinity is async-signal-safe; nothing else runs
+    // between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            let mut set = nix::sched::CpuSet::new();
+            set.set(0).map_err(std::io::Error::from)?;
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(std::io::Error::from)
+        });
+    }
+    c
+}
+
+/// Each CPU remembers the last allowed flow it counted (net.rs, the flow
+/// slot), keyed by the task. An agent must not inherit another agent's
+/// allowed flow by coming to life with its process id on the same CPU. The
+/// first process, in an allow-everything agent, connects and exits; a
+/// process of a deny-everything agent that was already running then forks a
+/// child that gets the same pid (ns_last_pid), on the same CPU, and connects
+/// to the same address. Both sessions stay open throughout, so no policy
+/// compile (which decides every flow again) happens in between: only the
+/// tag epoch (a tag was written at the fork) stands between the child and
+/// the other agent's flow.
+#[test]
+fn a_reused_pid_does_not_inherit_another_agents_allowed_flow() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let l = Listeners::new();
+    let target = format!("127.0.0.1:{}", l.port());
+    let d = Daemon::start(&[
+        ("open.toml", "[agent]\nname = \"open\"\n[network]\ndefault = \"allow\"\n"),
+        ("shut.toml", "[agent]\nname = \"shut\"\n[network]\ndefault = \"deny\"\n"),
+    ]);
+    let tb = testbin();
+    let tb = tb.to_str().expect("utf-8");
+    let spawn = |agent: &str, script: String| {
+        let mut c = on_cpu0(d.run_cmd(agent, &["/bin/sh", "-c", &script]));
+        let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("spawn agent");
+        let out = BufReader::new(child.stdout.take().expect("stdout"));
+        (child, out.lines().map_while(Result::ok))
+    };
+    for _ in 0..20 {
+        // Not the script's last command: the shell forks it (dash would
+        // exec a last one in place, keeping the shell's own pid).
+        let (mut shut, mut shut_out) = spawn("shut", format!("echo ready; read go; {tb} connect udp {target}; echo end"));
+        assert_eq!(shut_out.next().as_deref(), Some("ready"));
+        // One connect, on the process's main thread (the slot is keyed by
+        // the thread): its flow is then in CPU 0's slot.
+        let (mut open, open_out) = spawn("open", format!("{tb} connect udp {target}; echo end; read done"));
+        let facts: Vec<String> = open_out.take_while(|l| l != "end").collect();
+        assert!(facts.iter().any(|l| l == "result=ok"), "the open agent may connect: {facts:?}");
+        let pid: u32 = facts.iter().find_map(|l| l.strip_prefix("pid=")).and_then(|p| p.parse().ok()).expect("pid");
+        let start = std::time::Instant::now();
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(start.elapsed() < WAIT, "the open agent's process did not exit");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The next process created gets `pid`, unless another one beats it.
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).expect("write ns_last_pid");
+        shut.stdin.as_mut().expect("stdin").write_all(b"go\n").expect("release the shut agent");
+        let lines: Vec<String> = shut_out.collect();
+        let _ = shut.wait();
+        let _ = open.stdin.as_mut().expect("stdin").write_all(b"done\n");
+        let _ = open.wait();
+        if !lines.iter().any(|l| *l == format!("pid={pid}")) {
+            continue;
+        }
+        let errno = lines.iter().find_map(|l| l.strip_prefix("errno="));
+        assert_eq!(errno, Some("EPERM"), "the deny-everything agent's child with a reused pid connected: {lines:?}");
+        return;
+    }
+    panic!("the second agent's child never got the first one's pid in 20 attempts");
 }
 
 /// Sum of `count` over net lines to `port` with `decision`, and the lines.

@@ -9,14 +9,21 @@
 //! line for the difference since the previous one. What the log has
 //! accounted for is kept in AG_FLOWS_LOGGED (pinned), so a restarted daemon
 //! continues the account instead of repeating or losing it.
+//!
+//! A flow's count is its AG_FLOWS count plus what per-CPU slots
+//! (AG_FLOW_SLOTS) counted of it and not yet moved there: each CPU counts the
+//! repeats of the last flow it saw in its slot, and moves them to AG_FLOWS
+//! when the slot is refilled (net.rs). The slots are read before and after
+//! AG_FLOWS; a slot refilled in between (its `seq` changed) is left out of
+//! that reading, so a repeat is never counted twice.
 use std::{
     collections::HashMap as StdHashMap,
     time::{Duration, Instant},
 };
 
-use agentguard_common::{maps, FlowCount, FlowKey};
+use agentguard_common::{maps, programs, FlowCount, FlowKey, FlowSlot};
 use aya::{
-    maps::{HashMap, MapData},
+    maps::{HashMap, MapData, PerCpuArray},
     Ebpf,
 };
 
@@ -128,8 +135,38 @@ impl Ledger {
 pub struct Flows {
     counts: HashMap<MapData, FlowKey, FlowCount>,
     logged: HashMap<MapData, FlowKey, FlowCount>,
+    slots: PerCpuArray<MapData, FlowSlot>,
+    /// Changes the tag epoch, so no slot counts a removed flow again.
+    epoch: crate::taghint::Runner,
     pub ledger: Ledger,
     last_sweep: Instant,
+}
+
+/// How many times a reading is retried while slots are being refilled.
+const STABLE_READ_TRIES: usize = 4;
+
+/// Add to each flow in `counts` what a slot counted of it, for the slots
+/// that were not refilled between `before` and `after` (read before and
+/// after `counts`): their pending repeats are not in `counts` yet. False
+/// when some slot with pending repeats was refilled meanwhile (its repeats
+/// may or may not be in `counts`, and are left out).
+fn add_pending(counts: &mut [(FlowKey, FlowCount)], before: &[FlowSlot], after: &[FlowSlot]) -> bool {
+    let mut stable = true;
+    for (b, a) in before.iter().zip(after) {
+        if b.pending == 0 {
+            continue;
+        }
+        if b.seq != a.seq || b.seq % 2 == 1 {
+            stable = false;
+            continue;
+        }
+        // The serial tells the flow from a later one of the same key (after
+        // a removal); a slot of a removed flow was accounted for already.
+        if let Some((_, c)) = counts.iter_mut().find(|(k, c)| *k == b.key && c.serial == b.serial) {
+            c.count += b.pending;
+        }
+    }
+    stable
 }
 
 impl Flows {
@@ -142,11 +179,40 @@ impl Flows {
         };
         let counts = take(ebpf, maps::FLOWS)?;
         let logged = take(ebpf, maps::FLOWS_LOGGED)?;
+        let slots = ebpf.take_map(maps::FLOW_SLOTS).ok_or(KernelMapError::Missing(maps::FLOW_SLOTS))?;
+        let slots = PerCpuArray::try_from(slots).map_err(|source| KernelMapError::Map { name: maps::FLOW_SLOTS, source })?;
+        let epoch = crate::taghint::Runner::new(ebpf, programs::BUMP_TAG_EPOCH).map_err(KernelMapError::Program)?;
         let mut ledger = Ledger::default();
         for (key, c) in logged.iter().filter_map(Result::ok) {
             ledger.restore(key, c.count);
         }
-        Ok(Self { counts, logged, ledger, last_sweep: Instant::now() })
+        Ok(Self { counts, logged, slots, epoch, ledger, last_sweep: Instant::now() })
+    }
+
+    /// Every CPU's slot now (empty if unreadable: the counts then lack
+    /// the slots' pending repeats until a later reading).
+    fn slots_now(&self) -> Vec<FlowSlot> {
+        match self.slots.get(&0, 0) {
+            Ok(values) => values.iter().copied().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the flow slots: repeats counted there are logged later");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Every flow's count (see the module's comment): retried while slots
+    /// with pending repeats are being refilled, then without them.
+    fn read(&self, keep: impl Fn(&FlowKey) -> bool) -> Vec<(FlowKey, FlowCount)> {
+        for attempt in 1..=STABLE_READ_TRIES {
+            let before = self.slots_now();
+            let mut current: Vec<(FlowKey, FlowCount)> = self.counts.iter().filter_map(Result::ok).filter(|(k, _)| keep(k)).collect();
+            let after = self.slots_now();
+            if add_pending(&mut current, &before, &after) || attempt == STABLE_READ_TRIES {
+                return current;
+            }
+        }
+        unreachable!("the last attempt returns")
     }
 
     /// Whether a sweep is due.
@@ -159,7 +225,7 @@ impl Flows {
     /// the repeats are written.
     pub fn sweep(&mut self, now_ns: i128) -> (Vec<Repeats>, Vec<FlowKey>) {
         self.last_sweep = Instant::now();
-        let current: Vec<(FlowKey, FlowCount)> = self.counts.iter().filter_map(Result::ok).collect();
+        let current = self.read(|_| true);
         let repeats = current.iter().filter_map(|(k, c)| self.ledger.observe(*k, c.rule_id, c.count, now_ns)).collect();
         let idle_dead = current
             .iter()
@@ -172,7 +238,7 @@ impl Flows {
     /// Every flow of `session`, settled: the repeats to log before the
     /// session's flows are removed with [`Self::remove`].
     pub fn settle_session(&mut self, session: u32, now_ns: i128) -> (Vec<Repeats>, Vec<FlowKey>) {
-        let current: Vec<(FlowKey, FlowCount)> = self.counts.iter().filter_map(Result::ok).filter(|(k, _)| k.session_id == session).collect();
+        let current = self.read(|k| k.session_id == session);
         let keys = current.iter().map(|(k, _)| *k).collect();
         let repeats = current.into_iter().filter_map(|(k, c)| self.ledger.settle(k, c.rule_id, c.count, now_ns)).collect();
         (repeats, keys)
@@ -190,12 +256,19 @@ impl Flows {
     }
 
     /// Remove flows from the kernel and the account. A process that acts
-    /// on a removed flow again starts it anew (a `first` line).
+    /// on a removed flow again starts it anew (a `first` line): the tag
+    /// epoch changes, so no CPU's slot counts it on.
     pub fn remove(&mut self, keys: &[FlowKey]) {
+        if keys.is_empty() {
+            return;
+        }
         for k in keys {
             let _ = self.counts.remove(k);
             let _ = self.logged.remove(k);
             self.ledger.forget(k);
+        }
+        if let Err(e) = self.epoch.bump_epoch() {
+            tracing::error!(error = %e, "cannot change the tag epoch after removing flows: a removed flow's repeats may go uncounted");
         }
     }
 
@@ -211,6 +284,37 @@ mod tests {
 
     fn key(port: u16) -> FlowKey {
         FlowKey { pid: 7, session_id: 3, agent_id: 1, port, ..FlowKey::default() }
+    }
+
+    fn slot(k: FlowKey, serial: u64, seq: u64, pending: u64) -> FlowSlot {
+        FlowSlot { key: k, serial, seq, pending, ..FlowSlot::default() }
+    }
+
+    fn count(n: u64, serial: u64) -> FlowCount {
+        FlowCount { count: n, serial, ..FlowCount::default() }
+    }
+
+    #[test]
+    fn pending_slot_repeats_are_added_once_and_only_to_their_own_flow() {
+        let mut counts = vec![(key(1), count(10, 100)), (key(2), count(5, 200))];
+        let slots = [slot(key(1), 100, 4, 7), slot(key(2), 199, 2, 3), slot(key(3), 300, 6, 9)];
+        // Unchanged slots: key 1 gets its 7; key 2's slot holds an earlier
+        // flow of that key (another serial); key 3 is not a flow any more.
+        assert!(add_pending(&mut counts, &slots, &slots));
+        assert_eq!(counts, vec![(key(1), count(17, 100)), (key(2), count(5, 200))]);
+        // A slot refilled between the readings (seq moved, or odd: under
+        // way) is left out, and the reading says so.
+        let mut counts = vec![(key(1), count(10, 100))];
+        let mut after = slots;
+        after[0].seq = 6;
+        assert!(!add_pending(&mut counts, &slots, &after));
+        assert_eq!(counts, vec![(key(1), count(10, 100))]);
+        let odd = [slot(key(1), 100, 5, 7)];
+        assert!(!add_pending(&mut counts, &odd, &odd));
+        assert_eq!(counts[0].1.count, 10);
+        // A slot with nothing pending does not make a reading unstable.
+        let empty = [slot(key(1), 100, 5, 0)];
+        assert!(add_pending(&mut counts, &empty, &[slot(key(1), 100, 7, 0)]));
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub enum KernelMapError {
     Missing(&'static str),
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: aya::maps::MapError },
+    #[error("{0}")]
+    Program(String),
 }
 
 /// Events decoded but not recorded, by reason.
