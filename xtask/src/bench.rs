@@ -53,6 +53,8 @@ struct HarnessRun {
     rows: Vec<Value>,
     seconds: f64,
     load: (String, String),
+    /// CPU time stolen by the hypervisor while it ran, in percent.
+    steal_pct: Option<f64>,
 }
 
 pub fn run(root: &Path, args: &BenchArgs) -> Result<ExitCode> {
@@ -81,6 +83,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<ExitCode> {
     } else if vm::selected(&args.only) {
         let start = Instant::now();
         let before = table::loadavg();
+        let ticks = table::cpu_ticks();
         let file = results.join(format!("{stamp}-ag-bench-files-vm-{}.json", vm::KERNEL));
         let (failure, rows) = match vm::b1(root, &release, &file, args.quick, args.vm_timeout) {
             Ok(rows) if rows.is_empty() => (
@@ -98,6 +101,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<ExitCode> {
             rows,
             seconds: start.elapsed().as_secs_f64(),
             load: (before, table::loadavg()),
+            steal_pct: table::steal_pct(ticks, table::cpu_ticks()),
         });
     }
 
@@ -115,11 +119,12 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<ExitCode> {
     println!("harnesses:");
     for r in &runs {
         println!(
-            "  {:<28} {:>6.0} s  load {} -> {}  {}",
+            "  {:<28} {:>6.0} s  load {} -> {}  steal {}  {}",
             r.name,
             r.seconds,
             r.load.0,
             r.load.1,
+            r.steal_pct.map_or_else(|| "?".to_owned(), |p| format!("{p:.1} %")),
             r.file.display()
         );
     }
@@ -138,6 +143,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<ExitCode> {
             "seconds": r.seconds,
             "loadavg_before": r.load.0,
             "loadavg_after": r.load.1,
+            "steal_pct": r.steal_pct,
         })).collect::<Vec<_>>(),
         "summary": rows,
     });
@@ -187,10 +193,12 @@ fn run_harness(h: &Path, results: &Path, stamp: &str, args: &BenchArgs) -> Harne
     c.arg("--json").arg(&file).args(&args.only);
     println!("\n== {name} ==");
     let before = table::loadavg();
+    let ticks = table::cpu_ticks();
     let start = Instant::now();
     let status = c.status();
     let seconds = start.elapsed().as_secs_f64();
     let load = (before, table::loadavg());
+    let steal_pct = table::steal_pct(ticks, table::cpu_ticks());
     let mut run = HarnessRun {
         name: name.clone(),
         file: file.clone(),
@@ -199,6 +207,7 @@ fn run_harness(h: &Path, results: &Path, stamp: &str, args: &BenchArgs) -> Harne
         rows: Vec::new(),
         seconds,
         load,
+        steal_pct,
     };
     match status {
         Err(e) => run.failure = Some(format!("cannot start {}: {e}", h.display())),

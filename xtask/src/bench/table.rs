@@ -63,6 +63,23 @@ impl Machine {
 }
 
 /// The 1, 5 and 15 minute load averages, as /proc/loadavg gives them.
+/// The host's CPU time so far, in clock ticks: (stolen by the hypervisor,
+/// all), from /proc/stat's `cpu` line.
+pub fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is part of user).
+    let total = fields.iter().take(8).sum();
+    Some((*fields.get(7)?, total))
+}
+
+/// The share of CPU time the hypervisor took between two [`cpu_ticks`]
+/// readings, in percent: on a VM, the time the benchmark did not get.
+pub fn steal_pct(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((s0, t0), (s1, t1)) = (before?, after?);
+    (t1 > t0).then(|| (s1.saturating_sub(s0)) as f64 * 100.0 / (t1 - t0) as f64)
+}
+
 pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
