@@ -390,13 +390,15 @@ pub fn record(tag: Tag, op: FileOp, verdict: (Decision, u32), how: Enforcement, 
         // Only the path's bytes: copying all of PATH_MAX would cost every
         // recorded action a 4 KiB copy (bench B1); the rest of the buffer
         // is never read (the daemon stops at the NUL written below).
-        let n = if b.len + 1 > limits::PATH_MAX { limits::PATH_MAX } else { b.len + 1 };
-        // SAFETY: copies at most PATH_MAX bytes of the scratch buffer
+        let last = limits::PATH_MAX - 1;
+        // Masked, so every verifier bounds it (a compare alone was refused
+        // by 6.12's): [0, PATH_MAX - 1], the NUL goes at `n` below.
+        let n = (if b.len > last { last } else { b.len }) & last;
+        // SAFETY: copies at most PATH_MAX - 1 bytes of the scratch buffer
         // (larger) into the event's PATH_MAX-byte `dir`.
         unsafe {
             bpf_probe_read_kernel(event.dir.as_mut_ptr().cast(), n as u32, s.path.as_ptr().cast());
         }
-        let last = limits::PATH_MAX - 1;
         if split && b.name_off > 0 {
             let dir_end = if b.name_off == 1 { 1 } else { b.name_off - 1 };
             event.dir[if dir_end > last { last } else { dir_end } & last] = 0;

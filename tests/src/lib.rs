@@ -43,6 +43,35 @@ macro_rules! require {
     };
 }
 
+/// Whether the running kernel has BPF-LSM active (`bpf` in
+/// /sys/kernel/security/lsm).
+pub fn bpf_lsm_active() -> bool {
+    std::fs::read_to_string("/sys/kernel/security/lsm").is_ok_and(|l| l.trim().split(',').any(|m| m == "bpf"))
+}
+
+/// Skip a test that needs AgentGuard's BPF-LSM programs, which did not
+/// load. Where the kernel has BPF-LSM active (the VMs) that is a
+/// regression, not a reason to skip: it fails the test instead, so a
+/// program the verifier starts refusing can never pass as a run of skips.
+pub fn skip_without_lsm(reason: &str) {
+    assert!(
+        !bpf_lsm_active(),
+        "BPF-LSM is active on this kernel, yet AgentGuard's BPF-LSM programs did not load: {reason}"
+    );
+    skip(reason);
+}
+
+/// [`require!`] for a BPF-LSM program (see [`skip_without_lsm`]).
+#[macro_export]
+macro_rules! require_lsm {
+    ($cond:expr, $($reason:tt)+) => {
+        if !$cond {
+            $crate::skip_without_lsm(&format!($($reason)+));
+            return;
+        }
+    };
+}
+
 /// The `agentguard` binary under test: `$AGENTGUARD_BIN`, else next to the
 /// test binary's directory (target/debug/agentguard).
 pub fn agentguard_bin() -> PathBuf {

@@ -395,7 +395,7 @@ fn a_held_unlink_happens_only_after_approval() {
     let d = Daemon::start(&[("holder.toml", &file_policy(&held))]);
     let mode = file_mode(&d);
     if mode != "veto" {
-        agentguard_tests::skip(&format!("BPF-LSM cannot load on this kernel (file enforcement here: {mode}); the VM harness runs this test"));
+        agentguard_tests::skip_without_lsm(&format!("BPF-LSM cannot load on this kernel (file enforcement here: {mode}); the VM harness runs this test"));
         return;
     }
     let g1 = dir.join("g1");

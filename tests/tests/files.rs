@@ -160,7 +160,7 @@ fn lsm_daemon(f: &Fixture) -> Option<Daemon> {
     let d = Daemon::start(&[("filer.toml", &policy(&f.protected, &f.held, ""))]);
     let mode = file_mode(&d);
     if mode != "veto" {
-        agentguard_tests::skip(&format!(
+        agentguard_tests::skip_without_lsm(&format!(
             "BPF-LSM cannot load on this kernel (file enforcement here: {mode}); the VM harness runs this test"
         ));
         return None;

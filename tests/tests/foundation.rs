@@ -7,7 +7,7 @@ use agentguard_common::{maps, AgentConfig, Decision, EventKind, Tag};
 use agentguard_tests::{
     guard::{CgroupGuard, TempDir},
     kernel::{spawn_in_cgroup, wait_for_event, Loaded},
-    require,
+    require_lsm,
 };
 use aya::maps::HashMap;
 
@@ -128,7 +128,7 @@ fn connect_by_tagged_process_is_denied_and_reported_untagged_allowed() {
 #[test]
 fn lsm_vetoes_unlink_for_tagged_process_only() {
     let mut loaded = Loaded::attach_all();
-    require!(
+    require_lsm!(
         loaded.file_veto(),
         "BPF-LSM cannot load on this kernel ({}); the VM harness runs this test",
         loaded.unavailable_reason(agentguard::loader::ActionClass::File)

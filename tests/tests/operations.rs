@@ -13,7 +13,7 @@ use agentguard_tests::{
     daemon::{fact, testbin, Daemon},
     guard::CgroupGuard,
     kernel::spawn_in_cgroup,
-    require,
+    require, require_lsm,
 };
 use serde_json::Value;
 
@@ -394,7 +394,7 @@ fn an_agent_cannot_signal_ptrace_or_bpf_the_daemon() {
     let d = Daemon::start(&[("p.toml", &policy("protected", port, 0))]);
     let st = status(&d);
     let probe = st["probes"].as_array().and_then(|p| p.iter().find(|p| p["program"] == "protect_task_kill")).cloned().unwrap_or_default();
-    require!(probe["state"] == "attached", "BPF-LSM self-protection cannot load on this kernel ({}); it runs in the qemu harness", probe["reason"].as_str().unwrap_or("no reason given"));
+    require_lsm!(probe["state"] == "attached", "BPF-LSM self-protection cannot load on this kernel ({}); it runs in the qemu harness", probe["reason"].as_str().unwrap_or("no reason given"));
     assert!(st["enforcement"]["self_protection"].as_str().is_some_and(|s| s.starts_with("BPF-LSM")), "{st:#}");
     let agent = Connector::start(&d, "protected", port, 1);
     let cgroup = session_cgroup(&d, "protected");
@@ -441,7 +441,7 @@ fn an_agent_cannot_write_remove_or_plant_agentguards_files() {
     let d = Daemon::start_with(&[("p.toml", &policy("guarded", port, 0))], &format!("incident_dir = {incidents:?}"));
     let st = status(&d);
     let probe = st["probes"].as_array().and_then(|p| p.iter().find(|p| p["program"] == "protect_file_open")).cloned().unwrap_or_default();
-    require!(probe["state"] == "attached", "BPF-LSM self-protection cannot load on this kernel ({}); it runs in the qemu harness", probe["reason"].as_str().unwrap_or("no reason given"));
+    require_lsm!(probe["state"] == "attached", "BPF-LSM self-protection cannot load on this kernel ({}); it runs in the qemu harness", probe["reason"].as_str().unwrap_or("no reason given"));
     let agent = Connector::start(&d, "guarded", port, 1);
     let cgroup = session_cgroup(&d, "guarded");
     let s = |p: &std::path::Path| p.to_str().expect("utf-8").to_owned();

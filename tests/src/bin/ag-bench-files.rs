@@ -271,6 +271,12 @@ fn run_ops(ops: &[Op], rounds: usize, n: usize, dir: &Path) -> Vec<(Value, Vec<R
                     let out = d.cli(&["status", "--json"]);
                     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
                     mode = v["file_enforcement"]["mode"].as_str().unwrap_or("?").to_owned();
+                    // B1 measured as something else is no measurement.
+                    assert!(
+                        mode == "veto" || !agentguard_tests::bpf_lsm_active(),
+                        "BPF-LSM is active on this kernel, yet the daemon's file enforcement is {mode}: {}",
+                        v["file_enforcement"]
+                    );
                 }
             }
             for (o, op) in ops.iter().enumerate() {
