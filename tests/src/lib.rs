@@ -43,21 +43,27 @@ macro_rules! require {
     };
 }
 
-/// Whether the running kernel has BPF-LSM active (`bpf` in
-/// /sys/kernel/security/lsm).
-pub fn bpf_lsm_active() -> bool {
-    std::fs::read_to_string("/sys/kernel/security/lsm").is_ok_and(|l| l.trim().split(',').any(|m| m == "bpf"))
+/// Whether a trivial BPF-LSM program (agentguard-ebpf's `lsm_probe`, which
+/// does nothing) loads and attaches on this kernel. Where it does (the VMs),
+/// AgentGuard's own BPF-LSM programs must too. Having `bpf` in the LSM list
+/// is not enough: this host lists it and still refuses every BPF-LSM load.
+pub fn bpf_lsm_loadable() -> bool {
+    static LOADABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LOADABLE.get_or_init(|| {
+        let Ok(btf) = aya::Btf::from_sys_fs() else { return false };
+        let Ok(mut ebpf) = aya::EbpfLoader::new().btf(Some(&btf)).load(agentguard::loader::EBPF_OBJECT) else { return false };
+        let Some(program) = ebpf.program_mut("lsm_probe") else { return false };
+        let Ok(lsm) = <&mut aya::programs::Lsm>::try_from(program) else { return false };
+        lsm.load("path_unlink", &btf).is_ok() && lsm.attach().is_ok()
+    })
 }
 
 /// Skip a test that needs AgentGuard's BPF-LSM programs, which did not
-/// load. Where the kernel has BPF-LSM active (the VMs) that is a
+/// load. Where a BPF-LSM program can load at all (the VMs) that is a
 /// regression, not a reason to skip: it fails the test instead, so a
 /// program the verifier starts refusing can never pass as a run of skips.
 pub fn skip_without_lsm(reason: &str) {
-    assert!(
-        !bpf_lsm_active(),
-        "BPF-LSM is active on this kernel, yet AgentGuard's BPF-LSM programs did not load: {reason}"
-    );
+    assert!(!bpf_lsm_loadable(), "BPF-LSM programs load on this kernel, yet AgentGuard's did not: {reason}");
     skip(reason);
 }
 
