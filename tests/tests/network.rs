@@ -418,7 +418,7 @@ fn counted(d: &Daemon, port: u16, decision: &str) -> (u64, Vec<Value>) {
 fn allowed_repeats_are_counted_in_the_kernel_and_logged_exactly() {
     const N: u64 = 20_000;
     const AUDITED: u64 = 300;
-    let (allowed, audited, denied) = (Listeners::new(), Listeners::new(), Listeners::new());
+    let (allowed, allowed2, audited, denied) = (Listeners::new(), Listeners::new(), Listeners::new(), Listeners::new());
     let policy = format!(
         "[agent]\nname = \"flows\"\n[network]\ndefault = \"allow\"\n\
          [[network.rule]]\nid = \"watch\"\ndecision = \"audit\"\nports = [{}]\n\
@@ -429,36 +429,43 @@ fn allowed_repeats_are_counted_in_the_kernel_and_logged_exactly() {
     let d = Daemon::start(&[("flows.toml", &policy)]);
     let tb = testbin();
     let tb = tb.to_str().expect("utf-8");
-    // One process: N allowed connects, then audited and denied ones.
+    // N allowed connects to one port, N to another, then audited and denied
+    // ones, one process each, all on CPU 0: the second allowed flow refills
+    // the CPU's flow slot, which moves the first one's repeats into AG_FLOWS
+    // (net.rs, slot_fill), and the second's stay in the slot until the
+    // daemon reads them there. Both accounts must come out exact.
     let script = format!(
-        "{tb} connects 127.0.0.1:{} {N} 0 now && {tb} connects 127.0.0.1:{} {AUDITED} 0 now && {tb} connects 127.0.0.1:{} 50 0 now",
+        "{tb} connects 127.0.0.1:{} {N} 0 now && {tb} connects 127.0.0.1:{} {N} 0 now && {tb} connects 127.0.0.1:{} {AUDITED} 0 now && {tb} connects 127.0.0.1:{} 50 0 now",
         allowed.port(),
+        allowed2.port(),
         audited.port(),
         denied.port()
     );
-    let out = d.run_cmd("flows", &["/bin/sh", "-c", &script]).stdout(Stdio::piped()).output().expect("run agent");
+    let out = on_cpu0(d.run_cmd("flows", &["/bin/sh", "-c", &script])).stdout(Stdio::piped()).output().expect("run agent");
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("denied=50"), "the deny rule still refuses every attempt: {text}");
 
     // Every allowed connect is accounted for: one `first` line, then
     // `repeats` lines whose counts add up to the rest, exactly.
-    let start = std::time::Instant::now();
-    let (total, lines) = loop {
-        let (total, lines) = counted(&d, allowed.port(), "allow");
-        if total >= N || start.elapsed() > WAIT {
-            break (total, lines);
+    for port in [allowed.port(), allowed2.port()] {
+        let start = std::time::Instant::now();
+        let (total, lines) = loop {
+            let (total, lines) = counted(&d, port, "allow");
+            if total >= N || start.elapsed() > WAIT {
+                break (total, lines);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(total, N, "allowed connects to {port} accounted for: {lines:#?}");
+        let firsts: Vec<_> = lines.iter().filter(|e| e["flow"] == "first").collect();
+        assert_eq!(firsts.len(), 1, "one first line per flow: {lines:#?}");
+        assert_eq!(firsts[0]["count"], 1);
+        assert!(lines.len() < 50, "repeats are summarised, not one line each: {} lines", lines.len());
+        for r in lines.iter().filter(|e| e["flow"] == "repeats") {
+            assert_eq!((r["pid"].clone(), r["rule"].as_str(), r["protocol"].as_str()), (firsts[0]["pid"].clone(), Some("default"), Some("udp")), "{r}");
+            assert!(r["since"].is_string(), "{r}");
         }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert_eq!(total, N, "allowed connects accounted for: {lines:#?}");
-    let firsts: Vec<_> = lines.iter().filter(|e| e["flow"] == "first").collect();
-    assert_eq!(firsts.len(), 1, "one first line per flow: {lines:#?}");
-    assert_eq!(firsts[0]["count"], 1);
-    assert!(lines.len() < 50, "repeats are summarised, not one line each: {} lines", lines.len());
-    for r in lines.iter().filter(|e| e["flow"] == "repeats") {
-        assert_eq!((r["pid"].clone(), r["rule"].as_str(), r["protocol"].as_str()), (firsts[0]["pid"].clone(), Some("default"), Some("udp")), "{r}");
-        assert!(r["since"].is_string(), "{r}");
     }
     // audit and deny decisions stay one line per action.
     let (audited_total, audited_lines) = counted(&d, audited.port(), "audit");
@@ -473,5 +480,7 @@ fn allowed_repeats_are_counted_in_the_kernel_and_logged_exactly() {
         assert!(start.elapsed() < WAIT, "the ended session's flows stay counted: {:#}", d.status()["audit"]);
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(counted(&d, allowed.port(), "allow").0, N, "removing the flows logged nothing twice");
+    for port in [allowed.port(), allowed2.port()] {
+        assert_eq!(counted(&d, port, "allow").0, N, "removing the flows logged nothing twice");
+    }
 }

@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentguard_common::{maps, programs, FlowCount, FlowKey, FlowSlot};
+use agentguard_common::{maps, FlowCount, FlowKey, FlowSlot};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray},
     Ebpf,
@@ -137,7 +137,7 @@ pub struct Flows {
     logged: HashMap<MapData, FlowKey, FlowCount>,
     slots: PerCpuArray<MapData, FlowSlot>,
     /// Changes the tag epoch, so no slot counts a removed flow again.
-    epoch: crate::taghint::Runner,
+    epoch: crate::taghint::EpochBump,
     pub ledger: Ledger,
     last_sweep: Instant,
 }
@@ -181,7 +181,7 @@ impl Flows {
         let logged = take(ebpf, maps::FLOWS_LOGGED)?;
         let slots = ebpf.take_map(maps::FLOW_SLOTS).ok_or(KernelMapError::Missing(maps::FLOW_SLOTS))?;
         let slots = PerCpuArray::try_from(slots).map_err(|source| KernelMapError::Map { name: maps::FLOW_SLOTS, source })?;
-        let epoch = crate::taghint::Runner::new(ebpf, programs::BUMP_TAG_EPOCH).map_err(KernelMapError::Program)?;
+        let epoch = crate::taghint::EpochBump::new(ebpf).map_err(KernelMapError::Program)?;
         let mut ledger = Ledger::default();
         for (key, c) in logged.iter().filter_map(Result::ok) {
             ledger.restore(key, c.count);
@@ -204,15 +204,16 @@ impl Flows {
     /// Every flow's count (see the module's comment): retried while slots
     /// with pending repeats are being refilled, then without them.
     fn read(&self, keep: impl Fn(&FlowKey) -> bool) -> Vec<(FlowKey, FlowCount)> {
-        for attempt in 1..=STABLE_READ_TRIES {
+        let mut attempt = 1;
+        loop {
             let before = self.slots_now();
             let mut current: Vec<(FlowKey, FlowCount)> = self.counts.iter().filter_map(Result::ok).filter(|(k, _)| keep(k)).collect();
             let after = self.slots_now();
             if add_pending(&mut current, &before, &after) || attempt == STABLE_READ_TRIES {
                 return current;
             }
+            attempt += 1;
         }
-        unreachable!("the last attempt returns")
     }
 
     /// Whether a sweep is due.
@@ -267,7 +268,7 @@ impl Flows {
             let _ = self.logged.remove(k);
             self.ledger.forget(k);
         }
-        if let Err(e) = self.epoch.bump_epoch() {
+        if let Err(e) = self.epoch.bump() {
             tracing::error!(error = %e, "cannot change the tag epoch after removing flows: a removed flow's repeats may go uncounted");
         }
     }
