@@ -2,7 +2,8 @@
 //! loops on tmpfs with and without AgentGuard, alternating, as ratios on
 //! this machine. B1 is the BPF-LSM path (the VM), B1f the fallback
 //! observation through syscall tracepoints (a kernel without BPF-LSM),
-//! stated against the floor: an empty program on one syscall tracepoint.
+//! stated against the floor: an empty program at the fallback's syscall
+//! tracepoints.
 //!
 //! Each measurement runs in a fresh child process; "tagged" differs from
 //! "untagged" only in that the child is started by `agentguard run` under a
@@ -142,7 +143,7 @@ impl Setup {
     fn name(self) -> &'static str {
         match self {
             Self::Baseline => "no agentguard",
-            Self::Floor => "empty syscall tracepoint (floor)",
+            Self::Floor => "empty syscall tracepoints (floor)",
             Self::DaemonIdle => "daemon, no agent live",
             Self::Untagged => "agent live, untagged",
             Self::Tagged => "tagged, allowed",
@@ -161,20 +162,11 @@ fn enter(setup: Setup) -> Env {
         Setup::Baseline => Env::None,
         Setup::Floor => {
             let mut l = agentguard_tests::kernel::Loaded::attach_always();
-            let p: &mut aya::programs::TracePoint = l
-                .ebpf
-                .program_mut(agentguard_common::programs::FLOOR_SYSCALL)
-                .expect("floor program")
-                .try_into()
-                .expect("tracepoint");
-            p.load().expect("load floor");
-            // At every tracepoint the loops' syscalls meet, so the empty
-            // program runs once per operation like the fallback's do (its
-            // run time, as the kernel accounts it, is the accounting's own
-            // cost per run: program_rows subtracts it).
-            for tp in ["sys_enter_unlinkat", "sys_enter_unlink", "sys_enter_rename", "sys_enter_rmdir"] {
-                p.attach("syscalls", tp).expect("attach floor");
-            }
+            // At every tracepoint the fallback uses, so the empty program
+            // runs once per operation like the fallback's do (its run time,
+            // as the kernel accounts it, is the accounting's own cost per
+            // run: program_rows subtracts it).
+            agentguard_tests::bench::attach_fallback_floor(&mut l.ebpf);
             Env::Floor(l)
         }
         Setup::DaemonIdle => {
