@@ -241,6 +241,26 @@ pub fn pct_added(s: f64, r: f64) -> f64 {
     (s / r - 1.0) * 100.0
 }
 
+/// The fallback's floor: load the empty syscall-tracepoint program and
+/// attach it at every tracepoint the file fallback attaches while an agent
+/// is live (enter and exit; the attach points, not one stand-in, make the
+/// mechanism's cost: an exit tracepoint puts the kernel's syscall-exit path
+/// on its slow path too). Detached when `ebpf` drops.
+pub fn attach_fallback_floor(ebpf: &mut aya::Ebpf) {
+    use agentguard::loader::{Lifetime, ProbeKind, PROBES};
+    let p: &mut aya::programs::TracePoint = ebpf
+        .program_mut(agentguard_common::programs::FLOOR_SYSCALL)
+        .expect("floor program")
+        .try_into()
+        .expect("tracepoint");
+    p.load().expect("load floor");
+    for spec in PROBES.iter().filter(|s| s.lifetime == Lifetime::FallbackWhileAgentLive) {
+        if let ProbeKind::TracePoint { category, name } = spec.kind {
+            p.attach(category, name).unwrap_or_else(|e| panic!("attach the floor at {category}/{name}: {e}"));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,22 +295,3 @@ mod tests {
     }
 }
 
-/// The fallback's floor: load the empty syscall-tracepoint program and
-/// attach it at every tracepoint the file fallback attaches while an agent
-/// is live (enter and exit; the attach points, not one stand-in, make the
-/// mechanism's cost: an exit tracepoint puts the kernel's syscall-exit path
-/// on its slow path too). Detached when `ebpf` drops.
-pub fn attach_fallback_floor(ebpf: &mut aya::Ebpf) {
-    use agentguard::loader::{Lifetime, ProbeKind, PROBES};
-    let p: &mut aya::programs::TracePoint = ebpf
-        .program_mut(agentguard_common::programs::FLOOR_SYSCALL)
-        .expect("floor program")
-        .try_into()
-        .expect("tracepoint");
-    p.load().expect("load floor");
-    for spec in PROBES.iter().filter(|s| s.lifetime == Lifetime::FallbackWhileAgentLive) {
-        if let ProbeKind::TracePoint { category, name } = spec.kind {
-            p.attach(category, name).unwrap_or_else(|e| panic!("attach the floor at {category}/{name}: {e}"));
-        }
-    }
-}
