@@ -382,6 +382,7 @@ fn detail(op: Op, mode: &str, rounds: usize, n: usize, samples: Vec<Vec<f64>>, p
                 "above_floor_pct_of_floor_cost": if floor > base { Some((m - floor) / (floor - base) * 100.0) } else { None },
                 "program_ns_per_op": programs[Setup::ALL.iter().position(|x| x == s).expect("a setup")].iter().map(|a| a.ns).collect::<Vec<_>>(),
                 "program_runs_per_op": programs[Setup::ALL.iter().position(|x| x == s).expect("a setup")].iter().map(|a| a.runs).collect::<Vec<_>>(),
+                "program_above_empty_ns_per_op": programs[Setup::ALL.iter().position(|x| x == s).expect("a setup")].iter().filter_map(|a| a.paired).collect::<Vec<_>>(),
             })
         })
         .collect();

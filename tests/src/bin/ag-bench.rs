@@ -484,7 +484,10 @@ fn report(b: &Bench, rounds: usize, quick: bool, samples: &[Vec<f64>], programs:
                 "min_ns": lo,
                 "max_ns": hi,
                 "samples_ns": v,
-                "program_run_ns": programs[b.setups.iter().position(|x| x == s).expect("a measured setup")],
+                // Per round: the program's mean run time above an empty
+                // program run after it in the same loop (for the floor: an
+                // empty program above a second one).
+                "program_above_empty_ns": programs[b.setups.iter().position(|x| x == s).expect("a measured setup")],
                 "vs_baseline_pct": (m / base - 1.0) * 100.0,
                 "vs_floor_ns": floor.map(|f| m - f),
                 "target": target,
