@@ -64,8 +64,9 @@ enum Op {
     Rmdir,
     /// Not a file operation: the cheapest syscall, with the floor's empty
     /// program also at its tracepoint, measures what the fallback's
-    /// mechanism costs one observed syscall (B1f's budget is 5 % of that)
-    /// without the spread of a 5 µs file operation around it.
+    /// mechanism adds to one observed syscall without the spread of a 5 µs
+    /// file operation around it (context for B1f: the programs' share of
+    /// it is the stricter reading of B1f's target).
     Getppid,
 }
 
