@@ -241,6 +241,14 @@ pub fn pct_added(s: f64, r: f64) -> f64 {
     (s / r - 1.0) * 100.0
 }
 
+/// Whether the daemon observes file actions through syscall tracepoints
+/// while an agent is live (its BPF-LSM file programs do not attach here):
+/// B1f rather than B1, and the fallback's floor under B2u.
+pub fn file_fallback() -> bool {
+    static FALLBACK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FALLBACK.get_or_init(|| !crate::kernel::Loaded::attach_always().file_veto())
+}
+
 /// The fallback's floor: load the empty syscall-tracepoint program and
 /// attach it at every tracepoint the file fallback attaches while an agent
 /// is live (enter and exit; the attach points, not one stand-in, make the

@@ -183,7 +183,7 @@ fn enter(setup: Setup) -> Env {
             // as the kernel accounts it, is the accounting's own cost per
             // run: program_rows subtracts it).
             agentguard_tests::bench::attach_fallback_floor(&mut l.ebpf);
-            if fallback() {
+            if agentguard_tests::bench::file_fallback() {
                 attach_getppid_floor(&mut l.ebpf);
             }
             Env::Floor(l)
@@ -229,13 +229,6 @@ struct Account {
     /// same tracepoints, in a second loop (paired operation by operation;
     /// see `measure`).
     paired: Option<f64>,
-}
-
-/// Whether this kernel lacks BPF-LSM, so the daemon observes file actions
-/// through syscall tracepoints (B1f rather than B1).
-fn fallback() -> bool {
-    static FALLBACK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FALLBACK.get_or_init(|| !agentguard_tests::bpf_lsm_loadable())
 }
 
 /// The floor's empty program (already loaded) also at getppid's tracepoint.
@@ -291,7 +284,7 @@ fn measure(setup: Setup, env: &Env, op: Op, n: usize, dir: &Path) -> (f64, Optio
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS (run time)");
     let (ns, (before, _), (after, _)) = timed(setup, env, op, n, dir, || programs_account(None));
     let mut account = Account { ns: (after.0 - before.0) as f64 / n as f64, runs: (after.1 - before.1) as f64 / n as f64, paired: None };
-    if fallback() {
+    if agentguard_tests::bench::file_fallback() {
         let mut ebpf = agentguard::loader::load_object().expect("load the object");
         agentguard_tests::bench::attach_fallback_floor(&mut ebpf);
         let id = ebpf.program(agentguard_common::programs::FLOOR_SYSCALL).expect("floor program").info().expect("program info").id();
@@ -316,6 +309,9 @@ fn scratch_dir() -> PathBuf {
 /// round enters each setup once (starting a daemon is the slow part, above
 /// all in the VM) and runs every op in it, one child per op.
 fn run_ops(ops: &[Op], rounds: usize, n: usize, dir: &Path) -> Vec<(Value, Vec<Row>)> {
+    // Asked once, before any setup is entered: the answer loads and attaches
+    // the object, which must not happen beside a setup's own programs.
+    let fallback = agentguard_tests::bench::file_fallback();
     // samples[op][setup][round]; programs[..] likewise, the programs' run
     // time per operation.
     let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); Setup::ALL.len()]; ops.len()];
@@ -346,7 +342,7 @@ fn run_ops(ops: &[Op], rounds: usize, n: usize, dir: &Path) -> Vec<(Value, Vec<R
                 samples[o][i].push(ns);
                 programs[o][i].extend(prog);
             }
-            if fallback() && matches!(s, Setup::Baseline | Setup::Floor) {
+            if fallback && matches!(s, Setup::Baseline | Setup::Floor) {
                 let (ns, _) = measure(*s, &env, Op::Getppid, n * 40, dir);
                 getppid[usize::from(*s == Setup::Floor)].push(ns);
             }

@@ -387,7 +387,7 @@ fn summary(b: &Bench, samples: &[Vec<f64>]) -> Vec<Row> {
     // The floor the targets are stated against: where the daemon runs the
     // file fallback while an agent is live, its syscall tracepoints are part
     // of the mechanism every setup with an agent live pays.
-    let (floor, floor_name) = match (file_fallback(), of(Setup::FloorFallback)) {
+    let (floor, floor_name) = match (agentguard_tests::bench::file_fallback(), of(Setup::FloorFallback)) {
         (true, Some(f)) => (Some(f), "the floor + syscall tracepoints"),
         _ => (of(Setup::Floor), "the floor"),
     };
@@ -420,13 +420,6 @@ fn summary(b: &Bench, samples: &[Vec<f64>]) -> Vec<Row> {
 
 /// Every setup any of `benches` uses, in alternation order.
 const SETUPS: [Setup; 6] = [Setup::Baseline, Setup::Floor, Setup::FloorFallback, Setup::DaemonIdle, Setup::Untagged, Setup::Tagged];
-
-/// Whether this kernel lacks BPF-LSM, so the daemon observes file actions
-/// through syscall tracepoints while an agent is live.
-fn file_fallback() -> bool {
-    static FALLBACK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FALLBACK.get_or_init(|| !agentguard_tests::kernel::Loaded::attach_always().file_veto())
-}
 
 /// Measure `benches`, `rounds` times: each round enters each setup once
 /// (starting a daemon is the slow part) and runs, in it, the workload of
