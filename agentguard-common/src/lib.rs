@@ -39,6 +39,12 @@ pub mod maps {
     /// [`crate::FileNameKey`] → [`crate::FileRuleList`]: name-pattern file
     /// rules (a component anywhere, a basename, its suffix or prefix).
     pub const FILE_NAMES: &str = "AG_FILE_NAMES";
+    /// Array of [`crate::limits::FILE_NAME_FILTER_WORDS`] u64 words: one bit
+    /// per [`crate::file_name_filter_bit`], set for every key of
+    /// [`FILE_NAMES`] (and, until the next write of the names, perhaps for
+    /// keys removed since). The kernel looks a name up only when its bit
+    /// is set: most of a path's names match no rule.
+    pub const FILE_NAME_FILTER: &str = "AG_FILE_NAME_FILTER";
     /// [`crate::FileInodeKey`] → [`crate::FileRuleList`]: protected files
     /// that have more than one hard-link name, by (device, inode).
     pub const FILE_INODES: &str = "AG_FILE_INODES";
@@ -210,6 +216,10 @@ pub mod limits {
     pub const MAX_FILE_PREFIXES: u32 = 16_384;
     /// Entries in the name-pattern and inode maps.
     pub const MAX_FILE_NAMES: u32 = 4_096;
+    /// Words of [`crate::maps::FILE_NAME_FILTER`]: 2^16 bits, so a full
+    /// names map sets at most 1/16 of them.
+    pub const FILE_NAME_FILTER_WORDS: u32 = 1 << (FILE_NAME_FILTER_BITS_LOG2 - 6);
+    pub const FILE_NAME_FILTER_BITS_LOG2: u32 = 16;
     pub const MAX_FILE_INODES: u32 = 16_384;
     /// AgentGuard's own protected directories and files (selfprotect.rs).
     pub const MAX_SELF_INODES: u32 = 64;
@@ -637,6 +647,16 @@ pub struct FileNameKey {
     pub hash: u64,
 }
 const _: () = assert!(core::mem::size_of::<FileNameKey>() == 16);
+
+/// The bit of [`maps::FILE_NAME_FILTER`] that stands for a
+/// [`FileNameKey`]: the key's fields mixed by two multiplications, top bits
+/// taken. The kernel and the daemon both compute it with this function.
+#[inline(always)]
+pub const fn file_name_filter_bit(agent_id: u32, kind: u32, hash: u64) -> u32 {
+    let id = ((agent_id as u64) << 8 | kind as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let x = (hash ^ id).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (x >> (64 - limits::FILE_NAME_FILTER_BITS_LOG2)) as u32
+}
 
 /// Key of [`maps::FILE_INODES`]. `dev` is the kernel's internal `dev_t`
 /// (`MAJOR << 20 | MINOR`), not stat's encoding.

@@ -17,7 +17,7 @@
 //! decides; no match: the agent's `[files] default`.
 use agentguard_common::{
     agent_flags, approval, grant_kind, limits, name_kind, Decision, Enforcement, EventKind,
-    FileEvent, FileInodeKey, FileNameKey, FileOp, FilePrefixKey, FileRuleList, GrantKey, Tag,
+    FileEvent, FileInodeKey, FileNameKey, FileOp, FilePrefixKey, FileRuleList, GrantKey, Tag, file_name_filter_bit,
     FNV64_OFFSET, FNV64_PRIME, GRANT_H2_OFFSET, GRANT_H2_PRIME, RULE_FAIL_CLOSED,
     RUN_SESSION_BIT,
 };
@@ -26,7 +26,7 @@ use core::ffi::c_void;
 use aya_ebpf::{
     helpers::generated::{bpf_loop, bpf_probe_read_kernel, bpf_probe_read_kernel_str},
     macros::map,
-    maps::{lpm_trie::Key, HashMap, LpmTrie},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
 };
 
 use crate::{
@@ -42,6 +42,9 @@ static FILE_PREFIX: LpmTrie<FilePrefixKey, FileRuleList> =
 #[map(name = "AG_FILE_NAMES")]
 static FILE_NAMES: HashMap<FileNameKey, FileRuleList> =
     HashMap::with_max_entries(limits::MAX_FILE_NAMES, 0);
+
+#[map(name = "AG_FILE_NAME_FILTER")]
+static FILE_NAME_FILTER: Array<u64> = Array::with_max_entries(limits::FILE_NAME_FILTER_WORDS, 0);
 
 #[map(name = "AG_FILE_INODES")]
 static FILE_INODES: HashMap<FileInodeKey, FileRuleList> =
@@ -137,76 +140,136 @@ fn push(s: &mut FileScratch, kind: u32, hash: u64) {
     }
 }
 
-/// One byte of the name scan (a `bpf_loop` callback): hash each component
-/// and queue it (and the pair it forms with the previous one) for lookup as
-/// it ends; at the end of the path, queue the basename's hash, the last
-/// pair, the basename's tails from its last three dots, and its hashes at
-/// the prefix lengths the agent uses (the four longest).
-unsafe extern "C" fn scan_byte(i: u64, _ctx: *mut c_void) -> i64 {
+/// One word (8 bytes) of the name scan's first pass (a `bpf_loop`
+/// callback, iteration `i` reads bytes `8i..8i+8`): hash each component
+/// and queue it (and the pair it forms with the previous one) as it ends;
+/// at the end of the path, queue the basename's hash and the last pair,
+/// and leave where the basename starts for the second pass
+/// ([`scan_base_byte`]). A word per iteration: the per-iteration cost (the
+/// state's loads and stores) is paid once per 8 bytes, and each byte costs
+/// two FNV steps.
+unsafe extern "C" fn scan_word(i: u64, _ctx: *mut c_void) -> i64 {
     let Some(s) = filepath::scratch() else { return 1 };
-    let i = i as usize;
-    let c = if i as u64 >= s.scan.len { 0 } else { s.path.get(i & (limits::FILE_PATH_MAX - 1)).copied().unwrap_or(0) };
+    // The loop runs (len + 8) / 8 times and len < FILE_PATH_MAX, so the
+    // mask never changes `8i`; it bounds the read for the verifier.
+    let base = (i as usize * 8) & (limits::FILE_PATH_MAX - 8);
+    // SAFETY: 8 bytes inside `path` (the word at a multiple of 8, and the
+    // buffer is 8-aligned in the map value).
+    let w = unsafe { core::ptr::read(s.path.as_ptr().add(base).cast::<u64>()) };
     let flags = s.scan.flags as u32;
-    if c == b'/' || c == 0 {
-        if s.scan.clen > 0 {
-            let (h, pair, has_prev) = (s.scan.h, s.scan.pair, s.scan.has_prev != 0);
+    let len = s.scan.len;
+    let (mut h, mut pair, mut clen) = (s.scan.h, s.scan.pair, s.scan.clen);
+    let (mut prev, mut ncomps, mut comp_start) = (s.scan.prev, s.scan.ncomps, s.scan.comp_start);
+    let mut ended = false;
+    'word: {
+        macro_rules! byte {
+            ($k:literal) => {
+                let at = base as u64 + $k;
+                let c = if at >= len { 0 } else { (w >> (8 * $k)) as u8 };
+                if c == 0 {
+                    ended = true;
+                    break 'word;
+                }
+                if c == b'/' {
+                    if clen > 0 {
+                        if flags & agent_flags::FILE_COMPONENT != 0 {
+                            push(s, name_kind::COMPONENT, h);
+                        }
+                        if ncomps > 0 && flags & agent_flags::FILE_PAIR != 0 {
+                            push(s, name_kind::PAIR, pair);
+                        }
+                        prev = h;
+                        ncomps += 1;
+                    }
+                    h = FNV64_OFFSET;
+                    pair = step(prev, b'/');
+                    clen = 0;
+                    comp_start = at + 1;
+                } else {
+                    h = step(h, c);
+                    pair = step(pair, c);
+                    clen += 1;
+                }
+            };
+        }
+        byte!(0);
+        byte!(1);
+        byte!(2);
+        byte!(3);
+        byte!(4);
+        byte!(5);
+        byte!(6);
+        byte!(7);
+    }
+    if ended {
+        s.scan.base_len = 0;
+        if clen > 0 {
             if flags & agent_flags::FILE_COMPONENT != 0 {
                 push(s, name_kind::COMPONENT, h);
             }
-            if has_prev && flags & agent_flags::FILE_PAIR != 0 {
+            if ncomps > 0 && flags & agent_flags::FILE_PAIR != 0 {
                 push(s, name_kind::PAIR, pair);
             }
-            if c == 0 {
-                if flags & agent_flags::FILE_BASENAME != 0 {
-                    push(s, name_kind::BASENAME, h);
-                }
-                if has_prev && flags & agent_flags::FILE_BASE_PAIR != 0 {
-                    push(s, name_kind::BASE_PAIR, pair);
-                }
-                if flags & agent_flags::FILE_SUFFIX != 0 {
-                    let (t, tails) = (s.scan.t, s.scan.tails);
-                    if tails > 0 {
-                        push(s, name_kind::SUFFIX, t[0]);
-                    }
-                    if tails > 1 {
-                        push(s, name_kind::SUFFIX, t[1]);
-                    }
-                    if tails > 2 {
-                        push(s, name_kind::SUFFIX, t[2]);
-                    }
-                }
-                let (p, prefixes) = (s.scan.p, s.scan.prefixes);
-                if prefixes > 0 {
-                    push(s, name_kind::BASE_PREFIX, p[0]);
-                }
-                if prefixes > 1 {
-                    push(s, name_kind::BASE_PREFIX, p[1]);
-                }
-                if prefixes > 2 {
-                    push(s, name_kind::BASE_PREFIX, p[2]);
-                }
-                if prefixes > 3 {
-                    push(s, name_kind::BASE_PREFIX, p[3]);
-                }
+            if flags & agent_flags::FILE_BASENAME != 0 {
+                push(s, name_kind::BASENAME, h);
             }
-            s.scan.prev = h;
-            s.scan.has_prev = 1;
+            if ncomps > 0 && flags & agent_flags::FILE_BASE_PAIR != 0 {
+                push(s, name_kind::BASE_PAIR, pair);
+            }
+            s.scan.base_len = clen;
         }
-        if c == 0 {
-            return 1;
-        }
-        let st = &mut s.scan;
-        st.h = FNV64_OFFSET;
-        st.pair = step(st.prev, b'/');
-        st.clen = 0;
-        st.tails = 0;
-        st.prefixes = 0;
-        return 0;
+        s.scan.comp_start = comp_start;
+        return 1;
     }
     let st = &mut s.scan;
+    st.h = h;
+    st.pair = pair;
+    st.clen = clen;
+    st.prev = prev;
+    st.ncomps = ncomps;
+    st.comp_start = comp_start;
+    0
+}
+
+/// One byte of the basename (the name scan's second pass, a `bpf_loop`
+/// callback; only when the agent has suffix or basename-prefix rules):
+/// hash the tails from its last three dots and its prefixes at the lengths
+/// the agent uses (the four longest); after its last byte, queue them.
+unsafe extern "C" fn scan_base_byte(j: u64, _ctx: *mut c_void) -> i64 {
+    let Some(s) = filepath::scratch() else { return 1 };
+    if j >= s.scan.base_len {
+        if s.scan.flags as u32 & agent_flags::FILE_SUFFIX != 0 {
+            let (t, tails) = (s.scan.t, s.scan.tails);
+            if tails > 0 {
+                push(s, name_kind::SUFFIX, t[0]);
+            }
+            if tails > 1 {
+                push(s, name_kind::SUFFIX, t[1]);
+            }
+            if tails > 2 {
+                push(s, name_kind::SUFFIX, t[2]);
+            }
+        }
+        let (p, prefixes) = (s.scan.p, s.scan.prefixes);
+        if prefixes > 0 {
+            push(s, name_kind::BASE_PREFIX, p[0]);
+        }
+        if prefixes > 1 {
+            push(s, name_kind::BASE_PREFIX, p[1]);
+        }
+        if prefixes > 2 {
+            push(s, name_kind::BASE_PREFIX, p[2]);
+        }
+        if prefixes > 3 {
+            push(s, name_kind::BASE_PREFIX, p[3]);
+        }
+        return 1;
+    }
+    let at = (s.scan.comp_start + j) as usize;
+    let c = s.path.get(at & (limits::FILE_PATH_MAX - 1)).copied().unwrap_or(0);
+    let st = &mut s.scan;
     st.h = step(st.h, c);
-    st.pair = step(st.pair, c);
-    st.clen += 1;
+    st.clen = j + 1;
     st.t[0] = step(st.t[0], c);
     st.t[1] = step(st.t[1], c);
     st.t[2] = step(st.t[2], c);
@@ -239,8 +302,17 @@ unsafe extern "C" fn lookup_key(k: u64, _ctx: *mut c_void) -> i64 {
     }
     let i = k as usize & (filepath::NAME_KEYS - 1);
     let (Some(&kind), Some(&hash)) = (s.key_kind.get(i), s.key_hash.get(i)) else { return 1 };
+    let agent_id = s.scan.agent_id as u32;
+    // Most names match no rule: look a name up only when the filter has
+    // its bit (filemaps.rs keeps every key's bit set).
+    let bit = file_name_filter_bit(agent_id, kind, hash);
+    if let Some(word) = FILE_NAME_FILTER.get(bit >> 6) {
+        if (*word >> (bit & 63)) & 1 == 0 {
+            return 0;
+        }
+    }
     let mut best = Best { rule_id: s.scan.best_rule as u32, decision: s.scan.best_decision as u32 };
-    by_name(s.scan.agent_id as u32, kind, hash, s.scan.ops as u32, &mut best);
+    by_name(agent_id, kind, hash, s.scan.ops as u32, &mut best);
     s.scan.best_rule = best.rule_id as u64;
     s.scan.best_decision = best.decision as u64;
     0
@@ -258,12 +330,14 @@ fn by_names(s: &mut FileScratch, b: Built, agent_id: u32, flags: u32, prefix_len
         best_decision: best.decision as u64,
         nkeys: 0,
         prev: 0,
-        has_prev: 0,
+        ncomps: 0,
         pair: 0,
         len: b.len as u64,
         prefix_lens: if flags & agent_flags::FILE_BASE_PREFIX != 0 { prefix_lens as u64 } else { 0 },
         h: FNV64_OFFSET,
         clen: 0,
+        comp_start: 0,
+        base_len: 0,
         t: [0; 3],
         tails: 0,
         p: [0; 4],
@@ -274,7 +348,20 @@ fn by_names(s: &mut FileScratch, b: Built, agent_id: u32, flags: u32, prefix_len
     unsafe { core::ptr::write_volatile(&mut s.scan, start) };
     // SAFETY: static callbacks; no context pointer (the state is in the map).
     unsafe {
-        bpf_loop((b.len + 1) as u32, scan_byte as *mut c_void, core::ptr::null_mut(), 0);
+        bpf_loop(((b.len + 8) / 8) as u32, scan_word as *mut c_void, core::ptr::null_mut(), 0);
+    }
+    if flags & (agent_flags::FILE_SUFFIX | agent_flags::FILE_BASE_PREFIX) != 0 {
+        // SAFETY: as above.
+        unsafe {
+            let base_len = core::ptr::read_volatile(&s.scan.base_len);
+            if base_len > 0 {
+                core::ptr::write_volatile(&mut s.scan.h, FNV64_OFFSET);
+                bpf_loop((base_len + 1) as u32, scan_base_byte as *mut c_void, core::ptr::null_mut(), 0);
+            }
+        }
+    }
+    // SAFETY: as above.
+    unsafe {
         bpf_loop(filepath::NAME_KEYS as u32, lookup_key as *mut c_void, core::ptr::null_mut(), 0);
     }
     // SAFETY: as above.

@@ -69,14 +69,19 @@ pub struct Scan {
     /// Name keys queued in `key_kind`/`key_hash`.
     pub nkeys: u64,
     /// The previous component's hash (the FNV state after its bytes), and
-    /// whether there is one: a pair's hash continues from it with `/`.
+    /// how many components have ended: a pair's hash continues from it
+    /// with `/`.
     pub prev: u64,
-    pub has_prev: u64,
+    pub ncomps: u64,
     pub pair: u64,
     pub len: u64,
     pub prefix_lens: u64,
     pub h: u64,
     pub clen: u64,
+    /// Where the current component starts; at the end of the first pass,
+    /// where the basename starts and its length (0: the path ends in `/`).
+    pub comp_start: u64,
+    pub base_len: u64,
     pub t: [u64; 3],
     pub tails: u64,
     pub p: [u64; 4],

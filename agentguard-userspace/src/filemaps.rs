@@ -16,7 +16,7 @@ use agentguard_common::{
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        HashMap, MapData,
+        Array, HashMap, MapData,
     },
     Ebpf,
 };
@@ -154,6 +154,37 @@ fn sync_hash<K: aya::Pod + Ord>(ebpf: &mut Ebpf, name: &'static str, desired: &B
     Ok(())
 }
 
+/// The filter words for `keys`.
+fn name_filter<'a>(keys: impl Iterator<Item = &'a FileNameKey>) -> Vec<u64> {
+    let mut words = vec![0u64; limits::FILE_NAME_FILTER_WORDS as usize];
+    for k in keys {
+        let bit = agentguard_common::file_name_filter_bit(k.agent_id, k.kind, k.hash);
+        words[(bit >> 6) as usize] |= 1 << (bit & 63);
+    }
+    words
+}
+
+/// Bring the names filter to cover `keys`: with `exact`, to exactly their
+/// bits (after the stale names are removed); without, to its bits and
+/// theirs (before the new names are inserted). So every name in the map has
+/// its bit set at every moment, whichever the kernel reads of a word being
+/// written: each word changes from bits that cover the map's names to other
+/// bits that do, and a torn read of it mixes bytes of the two.
+fn sync_name_filter<'a>(ebpf: &mut Ebpf, keys: impl Iterator<Item = &'a FileNameKey>, exact: bool) -> Result<(), CompileError> {
+    let name = maps::FILE_NAME_FILTER;
+    let map = ebpf.map_mut(name).ok_or(CompileError::MissingMap(name))?;
+    let mut filter: Array<&mut MapData, u64> = Array::try_from(map).map_err(map_err(name))?;
+    for (i, want) in name_filter(keys).into_iter().enumerate() {
+        let i = i as u32;
+        let have = filter.get(&i, 0).map_err(map_err(name))?;
+        let word = if exact { want } else { have | want };
+        if word != have {
+            filter.set(i, word, 0).map_err(map_err(name))?;
+        }
+    }
+    Ok(())
+}
+
 /// The agents' prefixes, names and protected inodes. Returns the
 /// [`agent_flags`] each agent gets (its compiled kinds, plus the inode bit
 /// when it has protected multi-link files).
@@ -169,7 +200,11 @@ pub fn apply_agents(
         .iter()
         .flat_map(|(id, f)| f.names.iter().map(move |((kind, hash), l)| (FileNameKey { agent_id: *id, kind: *kind, hash: *hash }, *l)))
         .collect();
+    // Every key the kernel may find gets its filter bit before it is
+    // inserted, and keeps it until it is removed (name_filter).
+    sync_name_filter(ebpf, names.keys(), false)?;
     sync_hash(ebpf, maps::FILE_NAMES, &names)?;
+    sync_name_filter(ebpf, names.keys(), true)?;
     let inode_lists: BTreeMap<FileInodeKey, FileRuleList> = inodes.iter().map(|(k, v)| (*k, to_list(v))).collect();
     sync_hash(ebpf, maps::FILE_INODES, &inode_lists)?;
     Ok(files

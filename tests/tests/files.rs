@@ -160,8 +160,9 @@ fn lsm_daemon(f: &Fixture) -> Option<Daemon> {
     let d = Daemon::start(&[("filer.toml", &policy(&f.protected, &f.held, ""))]);
     let mode = file_mode(&d);
     if mode != "veto" {
+        let detail = d.status()["file_enforcement"]["detail"].as_str().unwrap_or("").to_owned();
         agentguard_tests::skip_without_lsm(&format!(
-            "BPF-LSM cannot load on this kernel (file enforcement here: {mode}); the VM harness runs this test"
+            "BPF-LSM cannot load on this kernel (file enforcement here: {mode}: {detail}); the VM harness runs this test"
         ));
         return None;
     }
@@ -282,6 +283,115 @@ fn names_approvals_and_the_workspace_are_decided_per_rule() {
     assert_eq!((ev["decision"].as_str(), ev["rule"].as_str()), (Some("audit"), Some("workspace")));
     let held = d.wait_event(WAIT, "the held delete", |e| e["kind"] == "file" && e["decision"] == "approve");
     assert_eq!(held["rule"], "held");
+}
+
+/// A policy with one `audit` rule per name-pattern kind (the kernel's name
+/// scan: components, pairs, the basename, its last pair, suffix and prefix),
+/// so each match is logged without stopping the agent.
+fn name_kinds_policy(component: &str) -> String {
+    format!(
+        r#"[agent]
+name = "{AGENT}"
+
+[files]
+default = "allow"
+
+[[files.rule]]
+id = "comp"
+decision = "audit"
+paths = ["**/{component}/**"]
+
+[[files.rule]]
+id = "base"
+decision = "audit"
+paths = ["**/secrets.env"]
+
+[[files.rule]]
+id = "suffix"
+decision = "audit"
+paths = ["**/*.tar.gz"]
+
+[[files.rule]]
+id = "prefix"
+decision = "audit"
+paths = ["**/core.*"]
+
+[[files.rule]]
+id = "pair"
+decision = "audit"
+paths = ["**/build/cache/**"]
+
+[[files.rule]]
+id = "basepair"
+decision = "audit"
+paths = ["**/etc/hosts.txt"]
+"#
+    )
+}
+
+/// Every kind of name pattern is found by the kernel wherever the name
+/// falls in the path (the scan reads it 8 bytes at a time: a component
+/// boundary at each offset is covered), near misses are not matched, and
+/// after a reload that swaps a pattern the new name matches and the old one
+/// no longer does (the kernel's filter of names follows the names map).
+/// Run wherever file decisions are taken (BPF-LSM, or the fallback).
+#[test]
+fn every_name_pattern_kind_is_matched_in_the_kernel() {
+    let f = Fixture::new("names", 0);
+    let d = Daemon::start(&[("filer.toml", &name_kinds_policy("node_modules"))]);
+    let mode = file_mode(&d);
+    if mode != "veto" && mode != "observe_and_contain" {
+        agentguard_tests::skip(&format!("file actions are not judged on this kernel (file enforcement: {mode})"));
+        return;
+    }
+    let ws = &f.ws;
+    let mut expect: Vec<(PathBuf, Option<&str>)> = vec![
+        (ws.join("cfg/secrets.env"), Some("base")),
+        (ws.join("a.b.tar.gz"), Some("suffix")),
+        (ws.join("core.1234"), Some("prefix")),
+        (ws.join("build/cache/o.bin"), Some("pair")),
+        (ws.join("x/etc/hosts.txt"), Some("basepair")),
+        // Near misses: allowed by the default.
+        (ws.join("cache/build/o.bin"), None),
+        (ws.join("etc/x/hosts.txt"), None),
+        (ws.join("a.tar.gz.txt"), None),
+        (ws.join("xcore.1"), None),
+        (ws.join("node_modules.txt"), None),
+        (ws.join("plain.txt"), None),
+    ];
+    for n in 1..=9 {
+        expect.push((ws.join("d".repeat(n)).join("node_modules").join("f"), Some("comp")));
+    }
+    expect.push((ws.join("node_modules"), Some("comp")));
+    let judged = |d: &Daemon, expect: &[(PathBuf, Option<&str>)]| {
+        for (p, _) in expect {
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(p, b"x").expect("write");
+        }
+        let mut args = vec!["rm", "-f"];
+        args.extend(expect.iter().map(|(p, _)| s(p)));
+        let out = run(d, ws, &args);
+        assert!(out.status.success(), "every delete here is allowed: {out:?}");
+        for (p, rule) in expect {
+            assert!(!p.exists(), "{} was allowed and must be gone", p.display());
+            let ev = d.wait_event(WAIT, &format!("the delete of {}", p.display()), |e| {
+                e["kind"] == "file" && e["action"] == "unlink" && e["target"] == s(p)
+            });
+            // A near miss falls to the agent's default, logged as rule "default".
+            let want = match rule {
+                Some(r) => (Some("audit"), Some(*r)),
+                None => (Some("allow"), Some("default")),
+            };
+            assert_eq!((ev["decision"].as_str(), ev["rule"].as_str()), want, "{}: {ev}", p.display());
+        }
+    };
+    judged(&d, &expect);
+
+    // Swap the component pattern: the new name is found, the old is not.
+    std::fs::write(d.dir.join("policies").join("filer.toml"), name_kinds_policy("vendor")).expect("rewrite policy");
+    let out = d.cli(&["reload"]);
+    assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+    judged(&d, &[(ws.join("app/vendor/lib.js"), Some("comp")), (ws.join("app/node_modules/lib.js"), None)]);
 }
 
 // ---- no BPF-LSM: observed and contained, Landlock for run agents (the host) --
