@@ -63,6 +63,11 @@ pub mod maps {
     /// AgentGuard's own directories and files, which no tagged process may
     /// open for writing, create in, remove or rename (selfprotect.rs).
     pub const SELF_INODES: &str = "AG_SELF";
+    /// Array of [`crate::limits::SELF_FILTER_WORDS`] u64 words: one bit per
+    /// [`crate::self_filter_bit`] of every key of [`SELF_INODES`] (kept as
+    /// the names filter is, [`FILE_NAME_FILTER`]). The kernel's walk up a
+    /// file's directories looks an inode up only when its bit is set.
+    pub const SELF_FILTER: &str = "AG_SELF_FILTER";
     /// [`crate::FlowKey`] → [`crate::FlowCount`]: allowed network flows of
     /// tagged processes. The first connect or send of a flow is an event;
     /// its repeats are counted here by the kernel, and the daemon logs the
@@ -223,6 +228,9 @@ pub mod limits {
     pub const MAX_FILE_INODES: u32 = 16_384;
     /// AgentGuard's own protected directories and files (selfprotect.rs).
     pub const MAX_SELF_INODES: u32 = 64;
+    /// Words of [`crate::maps::SELF_FILTER`]: 2^12 bits for at most 64 inodes.
+    pub const SELF_FILTER_WORDS: u32 = 1 << (SELF_FILTER_BITS_LOG2 - 6);
+    pub const SELF_FILTER_BITS_LOG2: u32 = 12;
     /// How far above a file its protected directory is looked for: a file
     /// deeper than this below AgentGuard's directory is not recognised.
     pub const SELF_WALK_DEPTH: usize = 12;
@@ -647,6 +655,14 @@ pub struct FileNameKey {
     pub hash: u64,
 }
 const _: () = assert!(core::mem::size_of::<FileNameKey>() == 16);
+
+/// The bit of [`maps::SELF_FILTER`] that stands for the inode `ino` of the
+/// file system `dev` (the kernel's `dev_t`, as in [`FileInodeKey`]).
+#[inline(always)]
+pub const fn self_filter_bit(dev: u32, ino: u64) -> u32 {
+    let x = (ino ^ (dev as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (x >> (64 - limits::SELF_FILTER_BITS_LOG2)) as u32
+}
 
 /// The bit of [`maps::FILE_NAME_FILTER`] that stands for a
 /// [`FileNameKey`]: the key's fields mixed by two multiplications, top bits

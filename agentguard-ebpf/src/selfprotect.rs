@@ -18,14 +18,14 @@
 //! Every refusal is counted (`Counter::SelfProtectDenials`).
 use agentguard_common::{
     approval, limits::SELF_WALK_DEPTH, self_marks, Counter, Decision, Enforcement, FileInodeKey,
-    FileOp, HookFlag, RULE_SELF_PROTECT,
+    FileOp, HookFlag, RULE_SELF_PROTECT, self_filter_bit,
 };
 use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::{bpf_probe_read_kernel, generated::bpf_probe_read_kernel_str},
     macros::{lsm, map},
-    maps::HashMap,
+    maps::{Array, HashMap},
     programs::LsmContext,
     Global,
 };
@@ -33,13 +33,16 @@ use aya_ebpf::{
 use crate::{
     filejudge::record,
     filepath::{self, Built, FileScratch},
-    kstructs::{dentry_inode, inode_id, off, path_parts, read_ptr, read_u32},
+    kstructs::{dentry_inode, inode_id, off, path_parts, read_ptr, read_u32, read_u64},
     shared::{count, current_tag, HOOKS},
 };
 
 #[map(name = "AG_SELF")]
 pub static SELF_INODES: HashMap<FileInodeKey, u32> =
     HashMap::with_max_entries(agentguard_common::limits::MAX_SELF_INODES, 0);
+
+#[map(name = "AG_SELF_FILTER")]
+static SELF_FILTER: Array<u64> = Array::with_max_entries(agentguard_common::limits::SELF_FILTER_WORDS, 0);
 
 /// include/linux/fs.h.
 const FMODE_WRITE: u32 = 0x2;
@@ -118,6 +121,18 @@ fn refuse() -> i32 {
     -EPERM
 }
 
+/// Whether the filter has the bit of (dev, ino): only then can `AG_SELF`
+/// hold it. A walk meets mostly inodes that are not AgentGuard's.
+#[inline(always)]
+fn in_self_filter(dev: u32, ino: u64) -> bool {
+    let bit = self_filter_bit(dev, ino);
+    match SELF_FILTER.get(bit >> 6) {
+        Some(word) => (*word >> (bit & 63)) & 1 != 0,
+        // Cannot happen (the index is in range); look the inode up.
+        None => true,
+    }
+}
+
 /// The `AG_SELF` mark of the nearest of `dentry` and its ancestors that has
 /// one (up to [`SELF_WALK_DEPTH`] levels), or 0, and whether it is
 /// `dentry`'s own. The walk stays inside the dentry's file system, as every
@@ -126,12 +141,26 @@ fn refuse() -> i32 {
 #[inline(always)]
 fn self_mark_at(dentry: u64) -> (u32, bool) {
     let mut d = dentry;
+    // The file system's device, read from the first inode met (a new
+    // name's dentry has none yet): the walk stays inside one file system.
+    let mut dev: Option<u32> = None;
     for depth in 0..SELF_WALK_DEPTH {
-        if let Some((dev, ino)) = inode_id(dentry_inode(d)).filter(|(_, ino)| *ino != 0) {
-            let key = FileInodeKey { agent_id: 0, dev, ino };
-            // SAFETY: copied out at once.
-            if let Some(mark) = unsafe { SELF_INODES.get(&key) } {
-                return (*mark, depth == 0);
+        let inode = dentry_inode(d);
+        if inode != 0 {
+            let id = match dev {
+                None => inode_id(inode),
+                Some(dev) => read_u64(inode + off!(inode_ino)).ok().map(|ino| (dev, ino)),
+            };
+            if let Some((found, ino)) = id {
+                dev = Some(found);
+                if ino != 0 && in_self_filter(found, ino) {
+                    let dev = found;
+                    let key = FileInodeKey { agent_id: 0, dev, ino };
+                    // SAFETY: copied out at once.
+                    if let Some(mark) = unsafe { SELF_INODES.get(&key) } {
+                        return (*mark, depth == 0);
+                    }
+                }
             }
         }
         let Ok(up) = read_ptr(d + off!(dentry_parent)) else { return (0, false) };

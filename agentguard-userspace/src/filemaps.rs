@@ -154,27 +154,24 @@ fn sync_hash<K: aya::Pod + Ord>(ebpf: &mut Ebpf, name: &'static str, desired: &B
     Ok(())
 }
 
-/// The filter words for `keys`.
-fn name_filter<'a>(keys: impl Iterator<Item = &'a FileNameKey>) -> Vec<u64> {
-    let mut words = vec![0u64; limits::FILE_NAME_FILTER_WORDS as usize];
-    for k in keys {
-        let bit = agentguard_common::file_name_filter_bit(k.agent_id, k.kind, k.hash);
-        words[(bit >> 6) as usize] |= 1 << (bit & 63);
-    }
-    words
-}
-
-/// Bring the names filter to cover `keys`: with `exact`, to exactly their
-/// bits (after the stale names are removed); without, to its bits and
-/// theirs (before the new names are inserted). So every name in the map has
-/// its bit set at every moment, whichever the kernel reads of a word being
-/// written: each word changes from bits that cover the map's names to other
-/// bits that do, and a torn read of it mixes bytes of the two.
-fn sync_name_filter<'a>(ebpf: &mut Ebpf, keys: impl Iterator<Item = &'a FileNameKey>, exact: bool) -> Result<(), CompileError> {
-    let name = maps::FILE_NAME_FILTER;
+/// Bring the bit filter `name` (an array of `u64` words in front of a
+/// map, like [`maps::FILE_NAME_FILTER`]) to cover `bits`: with `exact`, to
+/// exactly those bits (call it after the map's stale keys are removed);
+/// without, to its bits and those (before the new keys are inserted). So
+/// every key in the map has its bit set at every moment, whichever the
+/// kernel reads of a word being written: each word changes from bits that
+/// cover the map's keys to other bits that do, and a torn read of it mixes
+/// bytes of the two.
+pub fn sync_bit_filter(ebpf: &mut Ebpf, name: &'static str, bits: impl Iterator<Item = u32>, exact: bool) -> Result<(), CompileError> {
     let map = ebpf.map_mut(name).ok_or(CompileError::MissingMap(name))?;
     let mut filter: Array<&mut MapData, u64> = Array::try_from(map).map_err(map_err(name))?;
-    for (i, want) in name_filter(keys).into_iter().enumerate() {
+    let mut words = vec![0u64; filter.len() as usize];
+    for bit in bits {
+        if let Some(w) = words.get_mut((bit >> 6) as usize) {
+            *w |= 1 << (bit & 63);
+        }
+    }
+    for (i, want) in words.into_iter().enumerate() {
         let i = i as u32;
         let have = filter.get(&i, 0).map_err(map_err(name))?;
         let word = if exact { want } else { have | want };
@@ -183,6 +180,10 @@ fn sync_name_filter<'a>(ebpf: &mut Ebpf, keys: impl Iterator<Item = &'a FileName
         }
     }
     Ok(())
+}
+
+fn name_bits<'a, I: Iterator<Item = &'a FileNameKey> + 'a>(keys: I) -> impl Iterator<Item = u32> + 'a {
+    keys.map(|k| agentguard_common::file_name_filter_bit(k.agent_id, k.kind, k.hash))
 }
 
 /// The agents' prefixes, names and protected inodes. Returns the
@@ -201,10 +202,10 @@ pub fn apply_agents(
         .flat_map(|(id, f)| f.names.iter().map(move |((kind, hash), l)| (FileNameKey { agent_id: *id, kind: *kind, hash: *hash }, *l)))
         .collect();
     // Every key the kernel may find gets its filter bit before it is
-    // inserted, and keeps it until it is removed (name_filter).
-    sync_name_filter(ebpf, names.keys(), false)?;
+    // inserted, and keeps it until it is removed (sync_bit_filter).
+    sync_bit_filter(ebpf, maps::FILE_NAME_FILTER, name_bits(names.keys()), false)?;
     sync_hash(ebpf, maps::FILE_NAMES, &names)?;
-    sync_name_filter(ebpf, names.keys(), true)?;
+    sync_bit_filter(ebpf, maps::FILE_NAME_FILTER, name_bits(names.keys()), true)?;
     let inode_lists: BTreeMap<FileInodeKey, FileRuleList> = inodes.iter().map(|(k, v)| (*k, to_list(v))).collect();
     sync_hash(ebpf, maps::FILE_INODES, &inode_lists)?;
     Ok(files

@@ -102,10 +102,6 @@ fn is_shared(dir: &Path) -> bool {
 /// longer wanted are removed after the new ones are in, so nothing is
 /// unguarded in between. Returns what was guarded and the problems.
 pub fn apply(ebpf: &mut Ebpf, guarded: &[Guarded]) -> anyhow::Result<(usize, Vec<String>)> {
-    let mut map: HashMap<_, FileInodeKey, u32> = HashMap::try_from(
-        ebpf.map_mut(maps::SELF_INODES)
-            .ok_or_else(|| anyhow::anyhow!("the eBPF object has no {} map", maps::SELF_INODES))?,
-    )?;
     let mut want: BTreeMap<FileInodeKey, u32> = BTreeMap::new();
     let mut problems = Vec::new();
     for g in guarded {
@@ -126,6 +122,14 @@ pub fn apply(ebpf: &mut Ebpf, guarded: &[Guarded]) -> anyhow::Result<(usize, Vec
     if want.len() > limit {
         anyhow::bail!("{} paths to guard, the kernel map holds {limit}", want.len());
     }
+    let bits = || want.keys().map(|k| agentguard_common::self_filter_bit(k.dev, k.ino));
+    // The kernel looks an inode up only when its filter bit is set: set the
+    // new ones first, clear the stale ones last (filemaps::sync_bit_filter).
+    crate::filemaps::sync_bit_filter(ebpf, maps::SELF_FILTER, bits(), false)?;
+    let mut map: HashMap<_, FileInodeKey, u32> = HashMap::try_from(
+        ebpf.map_mut(maps::SELF_INODES)
+            .ok_or_else(|| anyhow::anyhow!("the eBPF object has no {} map", maps::SELF_INODES))?,
+    )?;
     for (key, mark) in &want {
         map.insert(key, mark, 0)?;
     }
@@ -133,6 +137,7 @@ pub fn apply(ebpf: &mut Ebpf, guarded: &[Guarded]) -> anyhow::Result<(usize, Vec
     for key in stale {
         let _ = map.remove(&key);
     }
+    crate::filemaps::sync_bit_filter(ebpf, maps::SELF_FILTER, bits(), true)?;
     Ok((want.len(), problems))
 }
 
