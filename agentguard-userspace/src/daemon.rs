@@ -443,8 +443,13 @@ fn bind_socket(config: &Config) -> anyhow::Result<UnixListener> {
 // ---- events ----------------------------------------------------------------
 
 /// Records taken from the ring per turn: the control socket is served
-/// between batches, and each batch is written with one write(2).
+/// between batches.
 const RING_BATCH: usize = 8192;
+/// Within a turn, the lines are written (and their latency recorded) every
+/// this many records: a line waits for at most this many others to be
+/// formatted and hashed before its write(2), ~1 ms under a flood, instead
+/// of for the whole turn (~8 ms; bench B5).
+const WRITE_EVERY: usize = 1024;
 /// The longest the event reader holds the state lock in one go.
 const MAX_LOCK_HOLD: Duration = Duration::from_millis(20);
 
@@ -471,6 +476,10 @@ async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, state: Shared) -> anyh
                         }
                         let Some(item) = ring.next() else { break true };
                         taken += 1;
+                        if taken % WRITE_EVERY == 0 {
+                            // A failed write is reported and counted by the log.
+                            let _ = s.log.flush();
+                        }
                         match decode(&item) {
                             Ok(ev) => s.handle_event(&ev),
                             Err(e) => {
