@@ -22,7 +22,8 @@ pub struct Config {
     pub events_rotate_bytes: u64,
     /// Rotated event-log files to keep (0: all).
     pub events_rotate_keep: u32,
-    /// fdatasync the event log at most this often (0: after every batch).
+    /// fdatasync the event log this often while lines are written, and
+    /// whenever 4 MiB were written since the last sync (0: after every batch).
     pub events_fsync_interval_ms: u64,
     /// Deny agents' network and file actions while their events cannot be
     /// recorded (log unwritable, ring buffer overflowing).
