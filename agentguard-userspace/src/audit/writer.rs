@@ -4,10 +4,10 @@
 //! Lines are built in memory and written with one write(2) per batch. A
 //! write that fails (disk full) is cut back to the last whole line and the
 //! batch is dropped: the file never holds a torn line and the chain never
-//! skips a seq. Written data is fdatasync'ed every `fsync_interval`, and
-//! every 4 MiB under a flood, on a background thread, and the checkpoint is written only after the data
-//! it names is on disk, so after a crash the checkpoint is never ahead of the
-//! log.
+//! skips a seq. Written data is fdatasync'ed on a background thread every
+//! `fsync_interval`, and every 4 MiB under a flood; the checkpoint is
+//! written only after the data it names is on disk, so after a crash the
+//! checkpoint is never ahead of the log.
 use std::{
     fs::{File, OpenOptions},
     io::{self, Write as _},
