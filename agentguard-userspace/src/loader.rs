@@ -406,11 +406,11 @@ pub fn load_probe(ebpf: &mut Ebpf, spec: &ProbeSpec) -> Result<(), String> {
     match spec.kind {
         ProbeKind::CgroupSockAddr => {
             let prog: &mut CgroupSockAddr = program.try_into().map_err(|e| format!("{e}"))?;
-            prog.load().map_err(|e| describe(&e))
+            verified(spec.program, || prog.load()).map_err(|e| describe(&e))
         }
         ProbeKind::TracePoint { .. } => {
             let prog: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
-            prog.load().map_err(|e| describe(&e))
+            verified(spec.program, || prog.load()).map_err(|e| describe(&e))
         }
         ProbeKind::Lsm { .. } => Err(format!("{}: BPF-LSM probes are attached at start, not on demand", spec.program)),
     }
@@ -476,14 +476,14 @@ fn attach_probe_id(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup_root: &Path) -> Res
         ProbeKind::TracePoint { category, name } => {
             let tp: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
             if tp.fd().is_err() {
-                tp.load().map_err(|e| describe(&e))?;
+                verified(spec.program, || tp.load()).map_err(|e| describe(&e))?;
             }
             Ok(LinkId::TracePoint(tp.attach(category, name).map_err(|e| describe(&e))?))
         }
         ProbeKind::CgroupSockAddr => {
             let prog: &mut CgroupSockAddr = program.try_into().map_err(|e| format!("{e}"))?;
             if prog.fd().is_err() {
-                prog.load().map_err(|e| describe(&e))?;
+                verified(spec.program, || prog.load()).map_err(|e| describe(&e))?;
             }
             let cgroup = File::open(cgroup_root)
                 .map_err(|e| format!("cannot open cgroup {}: {e}", cgroup_root.display()))?;
@@ -499,11 +499,21 @@ fn attach_probe_id(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup_root: &Path) -> Res
             let lsm: &mut Lsm = program.try_into().map_err(|e| format!("{e}"))?;
             if lsm.fd().is_err() {
                 let btf = aya_kernel_btf()?;
-                lsm.load(hook, &btf).map_err(|e| describe(&e))?;
+                verified(spec.program, || lsm.load(hook, &btf)).map_err(|e| describe(&e))?;
             }
             Ok(LinkId::Lsm(lsm.attach().map_err(|e| describe(&e))?))
         }
     }
+}
+
+/// Load (the kernel verifies) and say how long it took: on a slow machine
+/// the verifier is most of a daemon's start (seconds per file program in
+/// an emulated VM), and this is where an operator sees which program.
+fn verified<T, E>(program: &str, load: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+    let start = std::time::Instant::now();
+    let r = load();
+    tracing::debug!(program, ms = start.elapsed().as_millis() as u64, ok = r.is_ok(), "loaded into the kernel");
+    r
 }
 
 /// An aya error with its whole source chain, on one line.

@@ -213,9 +213,11 @@ fn each_selector_kind_tags_at_exec_and_siblings_stay_untagged() {
 fn agents_running_before_the_daemon_are_tagged_with_their_descendants() {
     let bins = TempDir::new("preexisting");
     let agent = testbin_as(&bins, "agt-pre-sel");
-    // The agent and a child it spawned, both alive before the daemon starts.
+    // The agent and a child it spawned, both alive before the daemon starts,
+    // and still alive however long the daemon takes to verify its programs
+    // (over 30 s on a slow TCG VM): the test kills both when it is done.
     let mut parent = Command::new(&agent)
-        .args(["vfork", &tb(), "sleep", "30"])
+        .args(["vfork", &tb(), "sleep", "600"])
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn agent");
@@ -226,6 +228,7 @@ fn agents_running_before_the_daemon_are_tagged_with_their_descendants() {
     let c = wait_tagged(&d, child, "pre");
     assert_eq!(c["session"], ppid, "the descendant joins its ancestor's session");
     d.wait_event(WAIT, "tag event for the adopted agent", |e| e["kind"] == "tag" && e["pid"] == ppid);
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child as i32), nix::sys::signal::Signal::SIGKILL);
     let _ = parent.kill();
     let _ = parent.wait();
 }

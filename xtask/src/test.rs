@@ -26,9 +26,16 @@ pub struct TestArgs {
     /// Only the integration tests in the VMs.
     #[arg(long)]
     vm_only: bool,
-    /// Boot only this kernel (6.12 or 6.1); default: all, one after the other.
+    /// Boot only this kernel (6.12 or 6.1); default: all.
     #[arg(long, value_name = "LABEL")]
     kernel: Option<String>,
+    /// How many VMs run at once. Each VM's tests run one at a time and keep
+    /// about one host core busy with emulation (its verifier runs are most
+    /// of its time), so on this 2-core machine two VMs side by side take
+    /// about the time of one. Default: the host's cores, at most one per
+    /// kernel. 1: one after the other.
+    #[arg(long, value_name = "N")]
+    vm_jobs: Option<usize>,
     /// Kill a VM that runs longer than this and count it as a failure. The
     /// 6.1 VM took 1 475 s of emulation on a slow day here (the 6.12 VM
     /// 908 s); 2 400 s keeps a hang bounded and the whole of CI (build, host,
@@ -94,7 +101,11 @@ pub fn run(root: &Path, args: &TestArgs) -> Result<ExitCode> {
             })
             .collect();
         let timeout = Duration::from_secs(args.vm_timeout);
-        envs.extend(vm_envs(root, &labels, &integration, &programs, timeout));
+        let jobs = args
+            .vm_jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+            .max(1);
+        envs.extend(vm_envs(root, &labels, &integration, &programs, timeout, jobs));
     }
 
     println!();
@@ -113,6 +124,7 @@ fn vm_envs(
     integration: &[TestExe],
     programs: &[Executable],
     timeout: Duration,
+    jobs: usize,
 ) -> Vec<EnvResults> {
     if integration.is_empty() {
         println!(
@@ -145,12 +157,25 @@ fn vm_envs(
                 .collect();
         }
     };
-    labels
-        .iter()
-        .map(|label| {
-            vm::run(root, label, &prepared, timeout).unwrap_or_else(|e| failed_env(label, e))
-        })
-        .collect()
+    let run = |label: &str| vm::run(root, label, &prepared, timeout).unwrap_or_else(|e| failed_env(label, e));
+    // Each VM has its own directory, initramfs and console log, and its
+    // console lines carry its label, so VMs can run side by side; results
+    // are reported in label order whatever order they finish in.
+    let mut results = Vec::with_capacity(labels.len());
+    for batch in labels.chunks(jobs) {
+        if batch.len() == 1 {
+            results.push(run(batch[0]));
+            continue;
+        }
+        println!("xtask: vm: {} VMs at once: {}", batch.len(), batch.join(", "));
+        std::thread::scope(|scope| {
+            let running: Vec<_> = batch.iter().map(|label| scope.spawn(|| run(label))).collect();
+            for (label, handle) in batch.iter().zip(running) {
+                results.push(handle.join().unwrap_or_else(|_| failed_env(label, anyhow::anyhow!("the thread running this VM panicked"))));
+            }
+        });
+    }
+    results
 }
 
 /// A test executable given on the command line, treated as an integration test.
