@@ -16,7 +16,7 @@ use aya_ebpf::{
     maps::PerCpuArray,
 };
 
-use crate::kstructs::{off, read_ptr, read_u64};
+use crate::kstructs::{dentry_up, mount_up, off, read_ptr};
 
 /// Longest path the judge looks at (NUL excluded).
 pub const PATH_LIMIT: usize = FILE_PATH_MAX - 1;
@@ -51,6 +51,8 @@ pub struct Walk {
     pub len: u64,
     pub name_off: u64,
     pub err: u64,
+    /// The current mount's root dentry, read once per mount (0: not yet).
+    pub root: u64,
 }
 
 /// State of the name scan (filejudge.rs). It lives in the map value, not
@@ -180,7 +182,7 @@ pub fn from_path(s: &mut FileScratch, p: u64) -> Result<Built, ()> {
 /// state in the map value, so the verifier checks each body once.
 #[inline(always)]
 pub fn walk(s: &mut FileScratch, vfsmnt: u64, dentry: u64) -> Result<Built, ()> {
-    let start = Walk { vfsmnt, mnt: vfsmnt - off!(mount_mnt), d: dentry, n: 0, len: 0, name_off: 1, err: 0 };
+    let start = Walk { vfsmnt, mnt: vfsmnt - off!(mount_mnt), d: dentry, n: 0, len: 0, name_off: 1, err: 0, root: 0 };
     // The callbacks reach the state through their own map lookup, which
     // the compiler cannot see: hand it over and back with volatile
     // accesses, or it would keep the values it last wrote through `s`.
@@ -212,45 +214,63 @@ pub fn walk(s: &mut FileScratch, vfsmnt: u64, dentry: u64) -> Result<Built, ()> 
 }
 
 /// One step up: to the parent dentry, or across a mount to its mountpoint.
+/// A mount's root is read once per mount, a dentry's parent and name in
+/// one read, a mount's parent and mountpoint likewise (kstructs.rs): one
+/// probe read per level instead of three.
 unsafe extern "C" fn walk_up(_i: u64, _ctx: *mut c_void) -> i64 {
     let Some(s) = scratch() else { return 1 };
     let (vfsmnt, mnt, d, n) = (s.walk.vfsmnt, s.walk.mnt, s.walk.d, s.walk.n);
-    let step = || -> Result<Option<(u64, u64, u64, Option<u64>)>, ()> {
-        let root = read_ptr(vfsmnt + off!(vfsmount_root))?;
-        if d == root {
-            let parent = read_u64(mnt + off!(mount_parent))?;
-            if parent == 0 || parent == mnt {
-                return Ok(None);
+    let root = if s.walk.root != 0 {
+        s.walk.root
+    } else {
+        match read_ptr(vfsmnt + off!(vfsmount_root)) {
+            Ok(r) => r,
+            Err(()) => {
+                s.walk.err = 1;
+                return 1;
             }
-            let mountpoint = read_ptr(mnt + off!(mount_mountpoint))?;
-            return Ok(Some((parent + off!(mount_mnt), parent, mountpoint, None)));
         }
-        let up = read_ptr(d + off!(dentry_parent))?;
-        if up == d || n >= FILE_WALK_DEPTH as u64 {
-            return Ok(None);
-        }
-        let name = read_ptr(d + off!(dentry_name))?;
-        Ok(Some((vfsmnt, mnt, up, Some(name))))
     };
-    match step() {
-        Err(()) => {
+    if d == root {
+        let Ok((parent, mountpoint)) = mount_up(mnt) else {
             s.walk.err = 1;
-            1
+            return 1;
+        };
+        if parent == 0 || parent == mnt {
+            return 1;
         }
-        Ok(None) => 1,
-        Ok(Some((vfsmnt, mnt, d, name))) => {
-            s.walk.vfsmnt = vfsmnt;
-            s.walk.mnt = mnt;
-            s.walk.d = d;
-            if let Some(name) = name {
-                if let Some(slot) = s.comps.get_mut(n as usize & (FILE_WALK_DEPTH - 1)) {
-                    *slot = name;
-                }
-                s.walk.n = n + 1;
-            }
-            0
+        if mountpoint == 0 {
+            s.walk.err = 1;
+            return 1;
         }
+        s.walk.vfsmnt = parent + off!(mount_mnt);
+        s.walk.mnt = parent;
+        s.walk.d = mountpoint;
+        s.walk.root = 0;
+        return 0;
     }
+    s.walk.root = root;
+    let Ok((up, name)) = dentry_up(d) else {
+        s.walk.err = 1;
+        return 1;
+    };
+    if up == 0 {
+        s.walk.err = 1;
+        return 1;
+    }
+    if up == d || n >= FILE_WALK_DEPTH as u64 {
+        return 1;
+    }
+    if name == 0 {
+        s.walk.err = 1;
+        return 1;
+    }
+    if let Some(slot) = s.comps.get_mut(n as usize & (FILE_WALK_DEPTH - 1)) {
+        *slot = name;
+    }
+    s.walk.n = n + 1;
+    s.walk.d = up;
+    0
 }
 
 /// One component down, root first: `/` and its name.

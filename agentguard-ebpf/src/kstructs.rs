@@ -156,3 +156,38 @@ pub fn inode_id(inode: u64) -> Option<(u32, u64)> {
     let dev = read_u32(sb + off!(sb_dev)).ok()?;
     Some((dev, ino))
 }
+
+/// Three consecutive words at `addr`, in one read.
+#[inline(always)]
+fn read3(addr: u64) -> Result<[u64; 3], ()> {
+    // SAFETY: probe read of kernel memory; a bad address makes it fail.
+    unsafe { bpf_probe_read_kernel(addr as *const [u64; 3]) }.map_err(|_| ())
+}
+
+/// One step up from dentry `d`: `(d_parent, d_name.name)`. In every
+/// kernel's `struct dentry` the `qstr d_name` follows `d_parent` (its
+/// hash and length first, then the name pointer): one read when the
+/// offsets say so, two otherwise. One probe read costs about as much as
+/// three here (each is a helper call), and the walk makes one per level.
+#[inline(always)]
+pub fn dentry_up(d: u64) -> Result<(u64, u64), ()> {
+    let (parent, name) = (off!(dentry_parent), off!(dentry_name));
+    if name == parent + 16 {
+        let w = read3(d + parent)?;
+        return Ok((w[0], w[2]));
+    }
+    Ok((read_u64(d + parent)?, read_u64(d + name)?))
+}
+
+/// A mount's `(mnt_parent, mnt_mountpoint)` (`mnt` is the `struct mount
+/// *`), consecutive in every kernel's `struct mount`: one read when the
+/// offsets say so.
+#[inline(always)]
+pub fn mount_up(mnt: u64) -> Result<(u64, u64), ()> {
+    let (parent, mountpoint) = (off!(mount_parent), off!(mount_mountpoint));
+    if mountpoint == parent + 8 {
+        let w = read3(mnt + parent)?;
+        return Ok((w[0], w[1]));
+    }
+    Ok((read_u64(mnt + parent)?, read_u64(mnt + mountpoint)?))
+}
