@@ -167,8 +167,8 @@ fn read3(addr: u64) -> Result<[u64; 3], ()> {
 /// One step up from dentry `d`: `(d_parent, d_name.name)`. In every
 /// kernel's `struct dentry` the `qstr d_name` follows `d_parent` (its
 /// hash and length first, then the name pointer): one read when the
-/// offsets say so, two otherwise. One probe read costs about as much as
-/// three here (each is a helper call), and the walk makes one per level.
+/// offsets say so, two otherwise. Each read is a helper call, whose cost
+/// hardly depends on 8 or 24 bytes, and the walk makes one per level.
 #[inline(always)]
 pub fn dentry_up(d: u64) -> Result<(u64, u64), ()> {
     let (parent, name) = (off!(dentry_parent), off!(dentry_name));
