@@ -150,8 +150,14 @@ fn tag_follows_double_fork_setsid_threads_vfork_clone3_and_exec() {
         .spawn()
         .expect("spawn");
     let pid = read_fact(&mut c, "pid");
-    let p = wait_tagged(&d, pid, "tester");
-    assert!(p["argv"].as_array().is_some_and(|a| a.len() == 3 && a[1] == "sleep"), "{p}");
+    // The first program of the chain prints the pid and goes on exec'ing:
+    // wait for the last one (`ag-testbin sleep 30`) to show, tagged. The
+    // process is tagged from its start (a run session), so a snapshot
+    // taken mid-chain shows an earlier program.
+    let last = |p: &Value| p["argv"].as_array().is_some_and(|a| a.len() == 3 && a[1] == "sleep");
+    d.wait_ps(WAIT, &format!("pid {pid}'s exec chain ended in `sleep`, tagged as tester"), |ps| {
+        proc_of(ps, pid).is_some_and(|p| last(p) && p["agent"] == "tester")
+    });
     let _ = c.kill();
     let _ = threads.kill();
     let _ = threads.wait();
