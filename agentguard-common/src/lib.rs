@@ -64,7 +64,7 @@ pub mod maps {
     /// open for writing, create in, remove or rename (selfprotect.rs).
     pub const SELF_INODES: &str = "AG_SELF";
     /// Array of [`crate::limits::SELF_FILTER_WORDS`] u64 words: one bit per
-    /// [`crate::self_filter_bit`] of every key of [`SELF_INODES`] (kept as
+    /// [`crate::self_filter_bit`] of every key's inode number in [`SELF_INODES`] (kept as
     /// the names filter is, [`FILE_NAME_FILTER`]). The kernel's walk up a
     /// file's directories looks an inode up only when its bit is set.
     pub const SELF_FILTER: &str = "AG_SELF_FILTER";
@@ -656,11 +656,12 @@ pub struct FileNameKey {
 }
 const _: () = assert!(core::mem::size_of::<FileNameKey>() == 16);
 
-/// The bit of [`maps::SELF_FILTER`] that stands for the inode `ino` of the
-/// file system `dev` (the kernel's `dev_t`, as in [`FileInodeKey`]).
+/// The bit of [`maps::SELF_FILTER`] that stands for inode number `ino`, on
+/// any file system: the kernel's walk tests it before it reads the inode's
+/// device (an inode whose bit is clear is not AgentGuard's).
 #[inline(always)]
-pub const fn self_filter_bit(dev: u32, ino: u64) -> u32 {
-    let x = (ino ^ (dev as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+pub const fn self_filter_bit(ino: u64) -> u32 {
+    let x = (ino ^ 0x9E37_79B9_7F4A_7C15).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     (x >> (64 - limits::SELF_FILTER_BITS_LOG2)) as u32
 }
 

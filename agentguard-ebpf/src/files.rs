@@ -19,7 +19,7 @@
 //! An LSM program returns 0 to allow or a negative errno to refuse. When an
 //! earlier LSM already refused (the hook's last `ret` argument is non-zero),
 //! that verdict is passed through unchanged.
-use agentguard_common::{file_ops, grant_kind, Counter, Decision, Enforcement, FileOp, RULE_SELF_PROTECT};
+use agentguard_common::{file_ops, grant_kind, Counter, Decision, Enforcement, FileOp, Tag, RULE_SELF_PROTECT};
 use aya_ebpf::{macros::lsm, programs::LsmContext};
 
 use aya_ebpf::helpers::generated::bpf_send_signal;
@@ -28,7 +28,7 @@ use crate::{
     filejudge::{approval_of, judge, record},
     filepath::{self, Built, FileScratch},
     kstructs::{dentry_inode, off, path_parts},
-    selfprotect::{in_guarded_tree, self_guarded},
+    selfprotect::{in_guarded_tree, self_walk},
     shared::{count, current_tag, decide_unreadable, granted, notify_hold},
 };
 
@@ -47,11 +47,19 @@ fn verdict_errno(d: Decision) -> i32 {
 /// [`RULE_SELF_PROTECT`], and recorded by the same code as any other
 /// decision: `guards[0]` is the file acted on (in a guarded tree, or a
 /// directory above one), `guards[1]` a directory that would receive a new
-/// name (in a guarded tree); 0 for none (selfprotect.rs).
+/// name (in a guarded tree); 0 for none (selfprotect.rs). The file judged
+/// by its inode (hard links) is `guards[0]`'s, read by that walk.
+///
+/// The hooks look the tag up before they read anything: an untagged task
+/// (every process on the host but the agents) pays that lookup alone.
 #[inline(always)]
-fn decide(op: FileOp, ops: u32, split: bool, inode: u64, guards: [u64; 2], build: impl FnOnce(&mut FileScratch) -> Result<Built, ()>) -> i32 {
-    let Some(tag) = current_tag() else { return 0 };
-    let guarded = self_guarded(guards[0]) || in_guarded_tree(guards[1]);
+fn decide(tag: Tag, op: FileOp, ops: u32, split: bool, guards: [u64; 2], build: impl FnOnce(&mut FileScratch) -> Result<Built, ()>) -> i32 {
+    let first = self_walk(guards[0]);
+    let inode = first.inode;
+    // A rename within one directory: the walk up from the source has
+    // already been through the target's directory.
+    let guarded = first.guards_start()
+        || (guards[1] != 0 && first.parent_in_tree(guards[1]).unwrap_or_else(|| in_guarded_tree(guards[1])));
     if guarded {
         count(Counter::SelfProtectDenials);
     }
@@ -86,10 +94,10 @@ fn decide(op: FileOp, ops: u32, split: bool, inode: u64, guards: [u64; 2], build
 
 /// An action on `dentry` in directory `dir` (a `struct path *`).
 #[inline(always)]
-fn dir_entry(ctx: &LsmContext, op: FileOp, ops: u32, dir_arg: usize, dentry_arg: usize) -> i32 {
+fn dir_entry(ctx: &LsmContext, tag: Tag, op: FileOp, ops: u32, dir_arg: usize, dentry_arg: usize) -> i32 {
     let dir: u64 = ctx.arg(dir_arg);
     let dentry: u64 = ctx.arg(dentry_arg);
-    decide(op, ops, true, dentry_inode(dentry), [dentry, 0], |s| filepath::from_dir_and_dentry(s, dir, dentry))
+    decide(tag, op, ops, true, [dentry, 0], |s| filepath::from_dir_and_dentry(s, dir, dentry))
 }
 
 /// security_path_unlink(const struct path *dir, struct dentry *dentry)
@@ -100,7 +108,8 @@ pub fn path_unlink(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    dir_entry(&ctx, FileOp::Unlink, FileOp::Unlink.rule_ops(), 0, 1)
+    let Some(tag) = current_tag() else { return 0 };
+    dir_entry(&ctx, tag, FileOp::Unlink, FileOp::Unlink.rule_ops(), 0, 1)
 }
 
 /// security_path_rmdir(const struct path *dir, struct dentry *dentry)
@@ -111,7 +120,8 @@ pub fn path_rmdir(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    dir_entry(&ctx, FileOp::Rmdir, FileOp::Rmdir.rule_ops(), 0, 1)
+    let Some(tag) = current_tag() else { return 0 };
+    dir_entry(&ctx, tag, FileOp::Rmdir, FileOp::Rmdir.rule_ops(), 0, 1)
 }
 
 /// security_path_rename(old_dir, old_dentry, new_dir, new_dentry, flags):
@@ -126,13 +136,14 @@ pub fn path_rename(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
+    let Some(tag) = current_tag() else { return 0 };
     // Nothing may be moved into AgentGuard's directories either: the
     // target directory guards the source's rename.
     let new_dir: u64 = ctx.arg(2);
     let new_dentry: u64 = ctx.arg(3);
     let new_dir_dentry = path_parts(new_dir).map(|(_, d)| d).unwrap_or(0);
     let (dir, dentry): (u64, u64) = (ctx.arg(0), ctx.arg(1));
-    let source = decide(FileOp::Rename, FileOp::Rename.rule_ops(), true, dentry_inode(dentry), [dentry, new_dir_dentry], |s| {
+    let source = decide(tag, FileOp::Rename, FileOp::Rename.rule_ops(), true, [dentry, new_dir_dentry], |s| {
         filepath::from_dir_and_dentry(s, dir, dentry)
     });
     if source != 0 {
@@ -147,7 +158,7 @@ pub fn path_rename(ctx: LsmContext) -> i32 {
     } else {
         FileOp::RenameOver.rule_ops()
     };
-    dir_entry(&ctx, FileOp::RenameOver, ops, 2, 3)
+    dir_entry(&ctx, tag, FileOp::RenameOver, ops, 2, 3)
 }
 
 /// security_path_truncate(const struct path *path)
@@ -158,10 +169,10 @@ pub fn path_truncate(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
+    let Some(tag) = current_tag() else { return 0 };
     let p: u64 = ctx.arg(0);
     let dentry = path_parts(p).map(|(_, d)| d).unwrap_or(0);
-    let inode = dentry_inode(dentry);
-    decide(FileOp::Truncate, FileOp::Truncate.rule_ops(), false, inode, [dentry, 0], |s| filepath::from_path(s, p))
+    decide(tag, FileOp::Truncate, FileOp::Truncate.rule_ops(), false, [dentry, 0], |s| filepath::from_path(s, p))
 }
 
 /// security_file_truncate(struct file *file), 6.2+: ftruncate and O_TRUNC opens.
@@ -172,11 +183,11 @@ pub fn file_truncate(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
+    let Some(tag) = current_tag() else { return 0 };
     let file: u64 = ctx.arg(0);
     let parts = path_parts(file + off!(file_path));
     let dentry = parts.map(|(_, d)| d).unwrap_or(0);
-    let inode = dentry_inode(dentry);
-    decide(FileOp::Truncate, FileOp::Truncate.rule_ops(), false, inode, [dentry, 0], |s| {
+    decide(tag, FileOp::Truncate, FileOp::Truncate.rule_ops(), false, [dentry, 0], |s| {
         let (mnt, dentry) = parts?;
         filepath::walk(s, mnt, dentry)
     })
@@ -193,12 +204,13 @@ pub fn path_link(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
+    let Some(tag) = current_tag() else { return 0 };
     let old_dentry: u64 = ctx.arg(0);
     let new_dir: u64 = ctx.arg(1);
     // A second name would let an agent write a protected file from outside
     // AgentGuard's directories; a new name among them is a planted file.
     let new_dir_dentry = path_parts(new_dir).map(|(_, d)| d).unwrap_or(0);
-    decide(FileOp::Link, FileOp::Link.rule_ops(), false, dentry_inode(old_dentry), [old_dentry, new_dir_dentry], |s| {
+    decide(tag, FileOp::Link, FileOp::Link.rule_ops(), false, [old_dentry, new_dir_dentry], |s| {
         let (mnt, _) = path_parts(new_dir)?;
         filepath::walk(s, mnt, old_dentry)
     })

@@ -179,6 +179,22 @@ pub fn dentry_up(d: u64) -> Result<(u64, u64), ()> {
     Ok((read_u64(d + parent)?, read_u64(d + name)?))
 }
 
+/// One step up from dentry `d` for the self-protection walk:
+/// `(d_parent, d_inode)`. `d_inode` follows the `qstr d_name` in every
+/// kernel's `struct dentry` (so the name pointer's offset plus 8): one
+/// 32-byte read when the offsets say so, two reads otherwise. A negative
+/// dentry's inode is 0.
+#[inline(always)]
+pub fn dentry_parent_inode(d: u64) -> Result<(u64, u64), ()> {
+    let (parent, name, inode) = (off!(dentry_parent), off!(dentry_name), off!(dentry_inode));
+    if name == parent + 16 && inode == name + 8 {
+        // SAFETY: probe read of kernel memory; a bad address makes it fail.
+        let w = unsafe { bpf_probe_read_kernel((d + parent) as *const [u64; 4]) }.map_err(|_| ())?;
+        return Ok((w[0], w[3]));
+    }
+    Ok((read_u64(d + parent)?, read_u64(d + inode).unwrap_or(0)))
+}
+
 /// A mount's `(mnt_parent, mnt_mountpoint)` (`mnt` is the `struct mount
 /// *`), consecutive in every kernel's `struct mount`: one read when the
 /// offsets say so.

@@ -9,7 +9,7 @@
 //! state, pins and cgroup subtree. Below a [`self_marks::TREE`] entry a
 //! tagged process may not open a file for writing, create a file,
 //! directory, device or symlink, nor remove, rename, link or truncate
-//! anything (files.rs asks [`self_guarded`] in its decision). Below the cgroup2
+//! anything (files.rs asks [`self_walk`] in its decision). Below the cgroup2
 //! root ([`self_marks::CGROUP_ROOT`]) it may not write `cgroup.procs` or
 //! `cgroup.threads`: moving itself out of its agent's cgroup.
 //!
@@ -18,7 +18,7 @@
 //! Every refusal is counted (`Counter::SelfProtectDenials`).
 use agentguard_common::{
     approval, limits::SELF_WALK_DEPTH, self_marks, Counter, Decision, Enforcement, FileInodeKey,
-    FileOp, HookFlag, RULE_SELF_PROTECT, self_filter_bit,
+    FileOp, HookFlag, Tag, RULE_SELF_PROTECT, self_filter_bit,
 };
 use core::ffi::c_void;
 
@@ -33,7 +33,7 @@ use aya_ebpf::{
 use crate::{
     filejudge::record,
     filepath::{self, Built, FileScratch},
-    kstructs::{dentry_inode, inode_id, off, path_parts, read_ptr, read_u32, read_u64},
+    kstructs::{dentry_parent_inode, inode_id, off, path_parts, read_ptr, read_u32, read_u64},
     shared::{count, current_tag, HOOKS},
 };
 
@@ -121,11 +121,12 @@ fn refuse() -> i32 {
     -EPERM
 }
 
-/// Whether the filter has the bit of (dev, ino): only then can `AG_SELF`
-/// hold it. A walk meets mostly inodes that are not AgentGuard's.
+/// Whether the filter has the bit of inode number `ino`: only then can
+/// `AG_SELF` hold it (under some device). A walk meets mostly inodes that
+/// are not AgentGuard's, and learns that without reading their device.
 #[inline(always)]
-fn in_self_filter(dev: u32, ino: u64) -> bool {
-    let bit = self_filter_bit(dev, ino);
+fn in_self_filter(ino: u64) -> bool {
+    let bit = self_filter_bit(ino);
     match SELF_FILTER.get(bit >> 6) {
         Some(word) => (*word >> (bit & 63)) & 1 != 0,
         // Cannot happen (the index is in range); look the inode up.
@@ -133,48 +134,90 @@ fn in_self_filter(dev: u32, ino: u64) -> bool {
     }
 }
 
-/// The `AG_SELF` mark of the nearest of `dentry` and its ancestors that has
-/// one (up to [`SELF_WALK_DEPTH`] levels), or 0, and whether it is
-/// `dentry`'s own. The walk stays inside the dentry's file system, as every
-/// protected file lies in the same file system as the directory that
-/// protects it.
+/// What the walk up from a dentry found: the nearest `AG_SELF` mark (0:
+/// none) and how far up it was, whether the walk reached a conclusion (a
+/// mark, or the file system's root, within its depth), and the start's
+/// parent dentry and inode (read on the way; 0 when unknown, or for a
+/// negative dentry).
+#[derive(Clone, Copy)]
+pub struct SelfWalk {
+    pub mark: u32,
+    pub depth: u32,
+    pub conclusive: bool,
+    pub parent: u64,
+    pub inode: u64,
+}
+
+impl SelfWalk {
+    const UNKNOWN: Self = Self { mark: 0, depth: 0, conclusive: false, parent: 0, inode: 0 };
+
+    /// Whether removing, renaming, truncating or linking the start touches
+    /// AgentGuard: it lies in a guarded tree, or is a directory above one.
+    #[inline(always)]
+    pub fn guards_start(&self) -> bool {
+        self.mark == self_marks::TREE || (self.mark == self_marks::ANCESTOR && self.depth == 0)
+    }
+
+    /// Whether `dir` lies in (or is) a guarded tree, when this walk already
+    /// answers it: `dir` is the start's parent and the walk's nearest mark
+    /// was above the start (or it found none, conclusively). None: walk
+    /// from `dir` to know.
+    #[inline(always)]
+    pub fn parent_in_tree(&self, dir: u64) -> Option<bool> {
+        if dir == 0 || dir != self.parent || !self.conclusive || (self.mark != 0 && self.depth == 0) {
+            return None;
+        }
+        Some(self.mark == self_marks::TREE)
+    }
+}
+
+/// Walk up from `dentry` (up to [`SELF_WALK_DEPTH`] levels) to the nearest
+/// of it and its ancestors that has an `AG_SELF` mark. The walk stays inside
+/// the dentry's file system, as every protected file lies in the same file
+/// system as the directory that protects it. Per level: the parent and the
+/// inode in one read, the inode number in another; the device only for an
+/// inode whose filter bit is set.
 #[inline(always)]
-fn self_mark_at(dentry: u64) -> (u32, bool) {
+pub fn self_walk(dentry: u64) -> SelfWalk {
+    if dentry == 0 {
+        return SelfWalk::UNKNOWN;
+    }
     let mut d = dentry;
-    // The file system's device, read from the first inode met (a new
-    // name's dentry has none yet): the walk stays inside one file system.
-    let mut dev: Option<u32> = None;
-    for depth in 0..SELF_WALK_DEPTH {
-        let inode = dentry_inode(d);
+    let (mut parent, mut start_inode) = (0, 0);
+    for depth in 0..SELF_WALK_DEPTH as u32 {
+        let Ok((up, inode)) = dentry_parent_inode(d) else {
+            return SelfWalk { parent, inode: start_inode, ..SelfWalk::UNKNOWN };
+        };
+        if depth == 0 {
+            (parent, start_inode) = (up, inode);
+        }
         if inode != 0 {
-            let id = match dev {
-                None => inode_id(inode),
-                Some(dev) => read_u64(inode + off!(inode_ino)).ok().map(|ino| (dev, ino)),
-            };
-            if let Some((found, ino)) = id {
-                dev = Some(found);
-                if ino != 0 && in_self_filter(found, ino) {
-                    let dev = found;
-                    let key = FileInodeKey { agent_id: 0, dev, ino };
-                    // SAFETY: copied out at once.
-                    if let Some(mark) = unsafe { SELF_INODES.get(&key) } {
-                        return (*mark, depth == 0);
+            if let Ok(ino) = read_u64(inode + off!(inode_ino)) {
+                if ino != 0 && in_self_filter(ino) {
+                    if let Some((dev, ino)) = inode_id(inode) {
+                        let key = FileInodeKey { agent_id: 0, dev, ino };
+                        // SAFETY: copied out at once.
+                        if let Some(mark) = unsafe { SELF_INODES.get(&key) } {
+                            return SelfWalk { mark: *mark, depth, conclusive: true, parent, inode: start_inode };
+                        }
                     }
                 }
             }
         }
-        let Ok(up) = read_ptr(d + off!(dentry_parent)) else { return (0, false) };
+        if up == 0 {
+            return SelfWalk { parent, inode: start_inode, ..SelfWalk::UNKNOWN };
+        }
         if up == d {
-            return (0, false);
+            return SelfWalk { mark: 0, depth, conclusive: true, parent, inode: start_inode };
         }
         d = up;
     }
-    (0, false)
+    SelfWalk { parent, inode: start_inode, ..SelfWalk::UNKNOWN }
 }
 
 #[inline(always)]
 fn self_mark(dentry: u64) -> u32 {
-    self_mark_at(dentry).0
+    self_walk(dentry).mark
 }
 
 /// Whether `dentry` lies in (or is) one of AgentGuard's guarded trees.
@@ -183,30 +226,15 @@ pub fn in_guarded_tree(dentry: u64) -> bool {
     dentry != 0 && self_mark(dentry) == self_marks::TREE
 }
 
-/// Whether removing, renaming, truncating or linking `dentry` touches
-/// AgentGuard: it lies in a guarded tree, or is a directory above one (the
-/// caller has checked the task is tagged).
-#[inline(always)]
-pub fn self_guarded(dentry: u64) -> bool {
-    if dentry == 0 {
-        return false;
-    }
-    match self_mark_at(dentry) {
-        (self_marks::TREE, _) | (self_marks::ANCESTOR, true) => true,
-        _ => false,
-    }
-}
-
 /// Whether the current task is tagged and `dentry` lies in (or is) one of
 /// AgentGuard's protected trees. A refusal is counted and recorded as a
 /// file event (`op` on the path `build` assembles, decision deny, rule
 /// [`RULE_SELF_PROTECT`]).
 #[inline(always)]
-fn tree_write_denied(op: FileOp, dentry: u64, build: impl FnOnce(&mut FileScratch) -> Result<Built, ()>) -> bool {
+fn tree_write_denied(tag: Tag, op: FileOp, dentry: u64, build: impl FnOnce(&mut FileScratch) -> Result<Built, ()>) -> bool {
     if dentry == 0 {
         return false;
     }
-    let Some(tag) = current_tag() else { return false };
     if !in_guarded_tree(dentry) {
         return false;
     }
@@ -216,7 +244,7 @@ fn tree_write_denied(op: FileOp, dentry: u64, build: impl FnOnce(&mut FileScratc
 
 /// Count and record a refusal (the event carries the path when it can be built).
 #[inline(always)]
-fn record_refusal(tag: agentguard_common::Tag, op: FileOp, build: impl FnOnce(&mut FileScratch) -> Result<Built, ()>) {
+fn record_refusal(tag: Tag, op: FileOp, build: impl FnOnce(&mut FileScratch) -> Result<Built, ()>) {
     count(Counter::SelfProtectDenials);
     let Some(s) = filepath::scratch() else { return };
     let built = build(s).ok();
@@ -273,8 +301,11 @@ pub fn protect_file_open(ctx: LsmContext) -> i32 {
 /// A new entry `dentry` in directory `dir` (a `struct path *`).
 #[inline(always)]
 fn create_in(dir: u64, dentry: u64) -> i32 {
+    // The tag first: an untagged task (nearly every create on the host)
+    // pays the lookup alone.
+    let Some(tag) = current_tag() else { return 0 };
     let Ok((_, dir_dentry)) = path_parts(dir) else { return 0 };
-    if tree_write_denied(FileOp::Create, dir_dentry, |s| filepath::from_dir_and_dentry(s, dir, dentry)) { -EPERM } else { 0 }
+    if tree_write_denied(tag, FileOp::Create, dir_dentry, |s| filepath::from_dir_and_dentry(s, dir, dentry)) { -EPERM } else { 0 }
 }
 
 /// security_path_mknod(dir, dentry, mode, dev): regular files created by

@@ -122,7 +122,7 @@ pub fn apply(ebpf: &mut Ebpf, guarded: &[Guarded]) -> anyhow::Result<(usize, Vec
     if want.len() > limit {
         anyhow::bail!("{} paths to guard, the kernel map holds {limit}", want.len());
     }
-    let bits = || want.keys().map(|k| agentguard_common::self_filter_bit(k.dev, k.ino));
+    let bits = || want.keys().map(|k| agentguard_common::self_filter_bit(k.ino));
     // The kernel looks an inode up only when its filter bit is set: set the
     // new ones first, clear the stale ones last (filemaps::sync_bit_filter).
     crate::filemaps::sync_bit_filter(ebpf, maps::SELF_FILTER, bits(), false)?;
