@@ -16,7 +16,7 @@ use aya_ebpf::{
     maps::PerCpuArray,
 };
 
-use crate::kstructs::{dentry_up, mount_up, off, read_ptr};
+use crate::kstructs::{dentry_up, mount_frame, off, read_ptr};
 
 /// Longest path the judge looks at (NUL excluded).
 pub const PATH_LIMIT: usize = FILE_PATH_MAX - 1;
@@ -44,15 +44,17 @@ pub struct FileScratch {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Walk {
-    pub vfsmnt: u64,
     pub mnt: u64,
     pub d: u64,
     pub n: u64,
     pub len: u64,
     pub name_off: u64,
     pub err: u64,
-    /// The current mount's root dentry, read once per mount (0: not yet).
+    /// The current mount's root dentry, parent mount and mountpoint, read
+    /// together once per mount (root 0: not yet).
     pub root: u64,
+    pub mparent: u64,
+    pub mpoint: u64,
 }
 
 /// State of the name scan (filejudge.rs). It lives in the map value, not
@@ -182,7 +184,7 @@ pub fn from_path(s: &mut FileScratch, p: u64) -> Result<Built, ()> {
 /// state in the map value, so the verifier checks each body once.
 #[inline(always)]
 pub fn walk(s: &mut FileScratch, vfsmnt: u64, dentry: u64) -> Result<Built, ()> {
-    let start = Walk { vfsmnt, mnt: vfsmnt - off!(mount_mnt), d: dentry, n: 0, len: 0, name_off: 1, err: 0, root: 0 };
+    let start = Walk { mnt: vfsmnt - off!(mount_mnt), d: dentry, n: 0, len: 0, name_off: 1, err: 0, root: 0, mparent: 0, mpoint: 0 };
     // The callbacks reach the state through their own map lookup, which
     // the compiler cannot see: hand it over and back with volatile
     // accesses, or it would keep the values it last wrote through `s`.
@@ -214,28 +216,21 @@ pub fn walk(s: &mut FileScratch, vfsmnt: u64, dentry: u64) -> Result<Built, ()> 
 }
 
 /// One step up: to the parent dentry, or across a mount to its mountpoint.
-/// A mount's root is read once per mount, a dentry's parent and name in
-/// one read, a mount's parent and mountpoint likewise (kstructs.rs): one
-/// probe read per level instead of three.
+/// A mount's root, parent and mountpoint are read together once per mount,
+/// a dentry's parent and name in one read (kstructs.rs): one probe read per
+/// level and one per mount.
 unsafe extern "C" fn walk_up(_i: u64, _ctx: *mut c_void) -> i64 {
     let Some(s) = scratch() else { return 1 };
-    let (vfsmnt, mnt, d, n) = (s.walk.vfsmnt, s.walk.mnt, s.walk.d, s.walk.n);
-    let root = if s.walk.root != 0 {
-        s.walk.root
-    } else {
-        match read_ptr(vfsmnt + off!(vfsmount_root)) {
-            Ok(r) => r,
-            Err(()) => {
-                s.walk.err = 1;
-                return 1;
-            }
-        }
-    };
-    if d == root {
-        let Ok((parent, mountpoint)) = mount_up(mnt) else {
+    let (mnt, d, n) = (s.walk.mnt, s.walk.d, s.walk.n);
+    if s.walk.root == 0 {
+        let Ok((root, parent, mountpoint)) = mount_frame(mnt) else {
             s.walk.err = 1;
             return 1;
         };
+        (s.walk.root, s.walk.mparent, s.walk.mpoint) = (root, parent, mountpoint);
+    }
+    let (root, parent, mountpoint) = (s.walk.root, s.walk.mparent, s.walk.mpoint);
+    if d == root {
         if parent == 0 || parent == mnt {
             return 1;
         }
@@ -243,13 +238,11 @@ unsafe extern "C" fn walk_up(_i: u64, _ctx: *mut c_void) -> i64 {
             s.walk.err = 1;
             return 1;
         }
-        s.walk.vfsmnt = parent + off!(mount_mnt);
         s.walk.mnt = parent;
         s.walk.d = mountpoint;
         s.walk.root = 0;
         return 0;
     }
-    s.walk.root = root;
     let Ok((up, name)) = dentry_up(d) else {
         s.walk.err = 1;
         return 1;

@@ -91,10 +91,19 @@ pub fn read_ptr(addr: u64) -> Result<u64, ()> {
     }
 }
 
-/// (vfsmount, dentry) of a `struct path` at `path`.
+/// (vfsmount, dentry) of a `struct path` at `path`: one read when the
+/// dentry follows the mount, as in every kernel's `struct path`.
 #[inline(always)]
 pub fn path_parts(path: u64) -> Result<(u64, u64), ()> {
-    Ok((read_ptr(path + off!(path_mnt))?, read_ptr(path + off!(path_dentry))?))
+    let (mnt, dentry) = (off!(path_mnt), off!(path_dentry));
+    if dentry == mnt + 8 {
+        let [m, d] = read_words::<2>(path + mnt)?;
+        if m == 0 || d == 0 {
+            return Err(());
+        }
+        return Ok((m, d));
+    }
+    Ok((read_ptr(path + mnt)?, read_ptr(path + dentry)?))
 }
 
 /// The current task's working directory (`current->fs->pwd`).
@@ -157,11 +166,11 @@ pub fn inode_id(inode: u64) -> Option<(u32, u64)> {
     Some((dev, ino))
 }
 
-/// Three consecutive words at `addr`, in one read.
+/// `N` consecutive words at `addr`, in one read.
 #[inline(always)]
-fn read3(addr: u64) -> Result<[u64; 3], ()> {
+fn read_words<const N: usize>(addr: u64) -> Result<[u64; N], ()> {
     // SAFETY: probe read of kernel memory; a bad address makes it fail.
-    unsafe { bpf_probe_read_kernel(addr as *const [u64; 3]) }.map_err(|_| ())
+    unsafe { bpf_probe_read_kernel(addr as *const [u64; N]) }.map_err(|_| ())
 }
 
 /// One step up from dentry `d`: `(d_parent, d_name.name)`. In every
@@ -173,37 +182,41 @@ fn read3(addr: u64) -> Result<[u64; 3], ()> {
 pub fn dentry_up(d: u64) -> Result<(u64, u64), ()> {
     let (parent, name) = (off!(dentry_parent), off!(dentry_name));
     if name == parent + 16 {
-        let w = read3(d + parent)?;
+        let w = read_words::<3>(d + parent)?;
         return Ok((w[0], w[2]));
     }
     Ok((read_u64(d + parent)?, read_u64(d + name)?))
 }
 
 /// One step up from dentry `d` for the self-protection walk:
-/// `(d_parent, d_inode)`. `d_inode` follows the `qstr d_name` in every
-/// kernel's `struct dentry` (so the name pointer's offset plus 8): one
-/// 32-byte read when the offsets say so, two reads otherwise. A negative
-/// dentry's inode is 0.
+/// `(d_parent, d_name.name, d_inode)`. `d_inode` follows the `qstr d_name`
+/// in every kernel's `struct dentry` (so the name pointer's offset plus 8):
+/// one 32-byte read when the offsets say so, two reads otherwise (and the
+/// name 0: not read). A negative dentry's inode is 0.
 #[inline(always)]
-pub fn dentry_parent_inode(d: u64) -> Result<(u64, u64), ()> {
+pub fn dentry_parent_inode(d: u64) -> Result<(u64, u64, u64), ()> {
     let (parent, name, inode) = (off!(dentry_parent), off!(dentry_name), off!(dentry_inode));
     if name == parent + 16 && inode == name + 8 {
-        // SAFETY: probe read of kernel memory; a bad address makes it fail.
-        let w = unsafe { bpf_probe_read_kernel((d + parent) as *const [u64; 4]) }.map_err(|_| ())?;
-        return Ok((w[0], w[3]));
+        let w = read_words::<4>(d + parent)?;
+        return Ok((w[0], w[2], w[3]));
     }
-    Ok((read_u64(d + parent)?, read_u64(d + inode).unwrap_or(0)))
+    Ok((read_u64(d + parent)?, 0, read_u64(d + inode).unwrap_or(0)))
 }
 
-/// A mount's `(mnt_parent, mnt_mountpoint)` (`mnt` is the `struct mount
-/// *`), consecutive in every kernel's `struct mount`: one read when the
-/// offsets say so.
+/// A mount's root dentry, parent and mountpoint: `(mnt.mnt_root,
+/// mnt_parent, mnt_mountpoint)` (`mnt` is the `struct mount *`). In every
+/// kernel's `struct mount` the parent, the mountpoint and the embedded
+/// `struct vfsmount` (whose first member is the root) follow each other:
+/// one read when the offsets say so, three otherwise. The root is not 0.
 #[inline(always)]
-pub fn mount_up(mnt: u64) -> Result<(u64, u64), ()> {
-    let (parent, mountpoint) = (off!(mount_parent), off!(mount_mountpoint));
-    if mountpoint == parent + 8 {
-        let w = read3(mnt + parent)?;
-        return Ok((w[0], w[1]));
+pub fn mount_frame(mnt: u64) -> Result<(u64, u64, u64), ()> {
+    let (parent, mountpoint, root) = (off!(mount_parent), off!(mount_mountpoint), off!(mount_mnt) + off!(vfsmount_root));
+    if mountpoint == parent + 8 && root == parent + 16 {
+        let [p, m, r] = read_words::<3>(mnt + parent)?;
+        if r == 0 {
+            return Err(());
+        }
+        return Ok((r, p, m));
     }
-    Ok((read_u64(mnt + parent)?, read_u64(mnt + mountpoint)?))
+    Ok((read_ptr(mnt + root)?, read_u64(mnt + parent)?, read_u64(mnt + mountpoint)?))
 }

@@ -137,8 +137,8 @@ fn in_self_filter(ino: u64) -> bool {
 /// What the walk up from a dentry found: the nearest `AG_SELF` mark (0:
 /// none) and how far up it was, whether the walk reached a conclusion (a
 /// mark, or the file system's root, within its depth), and the start's
-/// parent dentry and inode (read on the way; 0 when unknown, or for a
-/// negative dentry).
+/// parent dentry and inode (read on the way; 0 when unknown, and the
+/// inode for a negative dentry).
 #[derive(Clone, Copy)]
 pub struct SelfWalk {
     pub mark: u32,
@@ -183,13 +183,11 @@ pub fn self_walk(dentry: u64) -> SelfWalk {
         return SelfWalk::UNKNOWN;
     }
     let mut d = dentry;
-    let (mut parent, mut start_inode) = (0, 0);
+    let mut start = SelfWalk::UNKNOWN;
     for depth in 0..SELF_WALK_DEPTH as u32 {
-        let Ok((up, inode)) = dentry_parent_inode(d) else {
-            return SelfWalk { parent, inode: start_inode, ..SelfWalk::UNKNOWN };
-        };
+        let Ok((up, _, inode)) = dentry_parent_inode(d) else { return start };
         if depth == 0 {
-            (parent, start_inode) = (up, inode);
+            (start.parent, start.inode) = (up, inode);
         }
         if inode != 0 {
             if let Ok(ino) = read_u64(inode + off!(inode_ino)) {
@@ -198,21 +196,21 @@ pub fn self_walk(dentry: u64) -> SelfWalk {
                         let key = FileInodeKey { agent_id: 0, dev, ino };
                         // SAFETY: copied out at once.
                         if let Some(mark) = unsafe { SELF_INODES.get(&key) } {
-                            return SelfWalk { mark: *mark, depth, conclusive: true, parent, inode: start_inode };
+                            return SelfWalk { mark: *mark, depth, conclusive: true, ..start };
                         }
                     }
                 }
             }
         }
         if up == 0 {
-            return SelfWalk { parent, inode: start_inode, ..SelfWalk::UNKNOWN };
+            return start;
         }
         if up == d {
-            return SelfWalk { mark: 0, depth, conclusive: true, parent, inode: start_inode };
+            return SelfWalk { depth, conclusive: true, ..start };
         }
         d = up;
     }
-    SelfWalk { parent, inode: start_inode, ..SelfWalk::UNKNOWN }
+    start
 }
 
 #[inline(always)]
