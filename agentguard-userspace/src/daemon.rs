@@ -249,6 +249,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // keeps the size it was created with.
     let pins = Pins::open(&config.pin_dir).context("cannot use the pin directory (pin_dir)")?;
     let mut ebpf = loader::load_object_with(Some(&pins))?;
+    if pins.adopted {
+        let (plan, _) = crate::selfprotect::plan(&config, &tree.root, &tree.base);
+        if let Err(e) = crate::selfprotect::preset_filter(&mut ebpf, &plan) {
+            tracing::warn!(error = %e, "cannot prepare the self-protection filter before attaching");
+        }
+    }
     let probes = loader::attach_all_with(&mut ebpf, &cgroup_root, Some(&pins))?;
     report_probes(&probes);
     // Tags the daemon writes itself need their hint bit set first (taghint.rs).

@@ -97,6 +97,22 @@ fn is_shared(dir: &Path) -> bool {
     SHARED_DIRS.iter().any(|s| dir == Path::new(s))
 }
 
+/// Before the programs attach over maps a previous daemon pinned: add the
+/// filter bits of the plan's existing paths to the bits already there
+/// ([`apply`] then makes the filter exact). A daemon of an earlier build may
+/// have left bits computed differently (earlier builds mixed the device
+/// into each bit); with both sets, programs of either build find
+/// AgentGuard's inodes in the moment between attach and [`apply`].
+pub fn preset_filter(ebpf: &mut Ebpf, guarded: &[Guarded]) -> anyhow::Result<()> {
+    let bits: Vec<u32> = guarded
+        .iter()
+        .filter_map(|g| std::fs::metadata(&g.path).ok())
+        .map(|m| agentguard_common::self_filter_bit(m.ino()))
+        .collect();
+    crate::filemaps::sync_bit_filter(ebpf, maps::SELF_FILTER, bits.into_iter(), false)?;
+    Ok(())
+}
+
 /// Write `guarded` into the kernel's `AG_SELF` map: every path that exists
 /// is keyed by its (device, inode); entries of a previous plan that are no
 /// longer wanted are removed after the new ones are in, so nothing is
