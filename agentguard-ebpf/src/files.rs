@@ -209,9 +209,10 @@ pub fn path_link(ctx: LsmContext) -> i32 {
     let new_dir: u64 = ctx.arg(1);
     // A second name would let an agent write a protected file from outside
     // AgentGuard's directories; a new name among them is a planted file.
-    let new_dir_dentry = path_parts(new_dir).map(|(_, d)| d).unwrap_or(0);
+    let new_parts = path_parts(new_dir);
+    let new_dir_dentry = new_parts.map(|(_, d)| d).unwrap_or(0);
     decide(tag, FileOp::Link, FileOp::Link.rule_ops(), false, [old_dentry, new_dir_dentry], |s| {
-        let (mnt, _) = path_parts(new_dir)?;
+        let (mnt, _) = new_parts?;
         filepath::walk(s, mnt, old_dentry)
     })
 }

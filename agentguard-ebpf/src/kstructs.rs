@@ -189,18 +189,18 @@ pub fn dentry_up(d: u64) -> Result<(u64, u64), ()> {
 }
 
 /// One step up from dentry `d` for the self-protection walk:
-/// `(d_parent, d_name.name, d_inode)`. `d_inode` follows the `qstr d_name`
-/// in every kernel's `struct dentry` (so the name pointer's offset plus 8):
-/// one 32-byte read when the offsets say so, two reads otherwise (and the
-/// name 0: not read). A negative dentry's inode is 0.
+/// `(d_parent, d_inode)`. `d_inode` follows the `qstr d_name` in every
+/// kernel's `struct dentry` (so the name pointer's offset plus 8): one
+/// 32-byte read when the offsets say so, two reads otherwise. A negative
+/// dentry's inode is 0.
 #[inline(always)]
-pub fn dentry_parent_inode(d: u64) -> Result<(u64, u64, u64), ()> {
+pub fn dentry_parent_inode(d: u64) -> Result<(u64, u64), ()> {
     let (parent, name, inode) = (off!(dentry_parent), off!(dentry_name), off!(dentry_inode));
     if name == parent + 16 && inode == name + 8 {
         let w = read_words::<4>(d + parent)?;
-        return Ok((w[0], w[2], w[3]));
+        return Ok((w[0], w[3]));
     }
-    Ok((read_u64(d + parent)?, 0, read_u64(d + inode).unwrap_or(0)))
+    Ok((read_u64(d + parent)?, read_u64(d + inode).unwrap_or(0)))
 }
 
 /// A mount's root dentry, parent and mountpoint: `(mnt.mnt_root,

@@ -185,7 +185,7 @@ pub fn self_walk(dentry: u64) -> SelfWalk {
     let mut d = dentry;
     let mut start = SelfWalk::UNKNOWN;
     for depth in 0..SELF_WALK_DEPTH as u32 {
-        let Ok((up, _, inode)) = dentry_parent_inode(d) else { return start };
+        let Ok((up, inode)) = dentry_parent_inode(d) else { return start };
         if depth == 0 {
             (start.parent, start.inode) = (up, inode);
         }

@@ -104,20 +104,15 @@ fn is_shared(dir: &Path) -> bool {
 /// into each bit); with both sets, programs of either build find
 /// AgentGuard's inodes in the moment between attach and [`apply`].
 pub fn preset_filter(ebpf: &mut Ebpf, guarded: &[Guarded]) -> anyhow::Result<()> {
-    let bits: Vec<u32> = guarded
-        .iter()
-        .filter_map(|g| std::fs::metadata(&g.path).ok())
-        .map(|m| agentguard_common::self_filter_bit(m.ino()))
-        .collect();
-    crate::filemaps::sync_bit_filter(ebpf, maps::SELF_FILTER, bits.into_iter(), false)?;
+    let (want, _) = inode_marks(guarded);
+    let bits = want.keys().map(|k| agentguard_common::self_filter_bit(k.ino));
+    crate::filemaps::sync_bit_filter(ebpf, maps::SELF_FILTER, bits, false)?;
     Ok(())
 }
 
-/// Write `guarded` into the kernel's `AG_SELF` map: every path that exists
-/// is keyed by its (device, inode); entries of a previous plan that are no
-/// longer wanted are removed after the new ones are in, so nothing is
-/// unguarded in between. Returns what was guarded and the problems.
-pub fn apply(ebpf: &mut Ebpf, guarded: &[Guarded]) -> anyhow::Result<(usize, Vec<String>)> {
+/// The (device, inode) of every path of `guarded` that exists, with its
+/// mark, and a problem for each that does not.
+fn inode_marks(guarded: &[Guarded]) -> (BTreeMap<FileInodeKey, u32>, Vec<String>) {
     let mut want: BTreeMap<FileInodeKey, u32> = BTreeMap::new();
     let mut problems = Vec::new();
     for g in guarded {
@@ -134,6 +129,15 @@ pub fn apply(ebpf: &mut Ebpf, guarded: &[Guarded]) -> anyhow::Result<(usize, Vec
             Err(e) => problems.push(format!("cannot guard {}: {e}", g.path.display())),
         }
     }
+    (want, problems)
+}
+
+/// Write `guarded` into the kernel's `AG_SELF` map: every path that exists
+/// is keyed by its (device, inode); entries of a previous plan that are no
+/// longer wanted are removed after the new ones are in, so nothing is
+/// unguarded in between. Returns what was guarded and the problems.
+pub fn apply(ebpf: &mut Ebpf, guarded: &[Guarded]) -> anyhow::Result<(usize, Vec<String>)> {
+    let (want, problems) = inode_marks(guarded);
     let limit = agentguard_common::limits::MAX_SELF_INODES as usize;
     if want.len() > limit {
         anyhow::bail!("{} paths to guard, the kernel map holds {limit}", want.len());
