@@ -51,6 +51,11 @@ pub struct TestArgs {
     /// for exercising the harness.
     #[arg(long, value_name = "PATH")]
     extra_test_bin: Vec<PathBuf>,
+    /// Run the --extra-test-bin executables alone, none of the project's
+    /// integration tests (for example, a script that starts the daemon in
+    /// the VM once and prints what the verifier said).
+    #[arg(long, requires = "extra_test_bin", conflicts_with = "only")]
+    only_extra: bool,
 }
 
 pub fn run(root: &Path, args: &TestArgs) -> Result<ExitCode> {
@@ -72,6 +77,9 @@ pub fn run(root: &Path, args: &TestArgs) -> Result<ExitCode> {
             anyhow::bail!("--only {bad}: no such integration test; there are: {}", known.join(", "));
         }
         integration.retain(|t| args.only.contains(&t.target));
+    }
+    if args.only_extra {
+        integration.clear();
     }
     for path in &args.extra_test_bin {
         integration.push(extra(path)?);
