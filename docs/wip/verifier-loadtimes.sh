@@ -5,8 +5,9 @@
 # stack depth). Run it in the VM as the only test:
 #   cargo xtask test --vm-only --kernel 6.12 --only-extra \
 #       --vm-timeout 2600 --extra-test-bin docs/wip/verifier-loadtimes.sh
-# (allow 10 minutes when the file hooks take minutes to verify). It prints a
-# passing test line so the harness reads its output.
+# (allow 10 minutes when the file hooks take minutes to verify). It ends
+# with a test-result line for the harness: passed once the daemon was
+# ready, failed if it never was.
 D=/tmp/loadtimes.$$
 mkdir -p $D/policies
 cat > $D/policies/a.toml <<'P'
@@ -42,4 +43,11 @@ wait $pid 2>/dev/null
 echo "LOADTIMES ready after $((end-start)) s"
 grep "loaded into the kernel" $D/err | sed 's/.*program="\{0,1\}\([^" ]*\)"\{0,1\} ms=\([0-9]*\) ok=\([a-z]*\).*/LOADTIMES \2 ms \1 ok=\3/'
 awk '/unavailable program="path_unlink"/{on=1} on && /unavailable program="path_rmdir"/{exit} on{buf[n++ % 60]=$0} END{for(i=n-60;i<n;i++) if(i>=0) print "WHY " substr(buf[i % 60],1,400)}' $D/err
-echo "test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s"
+# The harness reads the test line: a daemon that never became ready is a
+# failure, not a measurement.
+if grep -q ready $D/out 2>/dev/null; then
+    echo "test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s"
+else
+    echo "LOADTIMES the daemon was not ready after $i s"
+    echo "test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s"
+fi
