@@ -39,6 +39,10 @@ pub struct FileScratch {
     pub scan: Scan,
     /// The dentry walk, likewise.
     pub walk: Walk,
+    /// A file hook's kernel pointers for `files::ag_file_decide`: as numbers
+    /// read back from the map, they are scalars to the verifier, which a
+    /// global function's arguments must be.
+    pub call: [u64; 3],
 }
 
 #[repr(C)]
@@ -168,13 +172,6 @@ fn append_name(s: &mut FileScratch, dir_len: usize, dentry: u64) -> Result<Built
     let name = read_ptr(dentry + off!(dentry_name))?;
     let len = append_kernel_str(s, name_off, name)?;
     Ok(Built { len, name_off })
-}
-
-/// A whole `struct path *` (path_truncate).
-#[inline(always)]
-pub fn from_path(s: &mut FileScratch, p: u64) -> Result<Built, ()> {
-    let (mnt, d) = crate::kstructs::path_parts(p)?;
-    walk(s, mnt, d)
 }
 
 /// Walk from `dentry` up to the root of the mount namespace, crossing

@@ -14,7 +14,9 @@
 //!
 //! Every program body is `#[inline(always)]` into the entry point aya's
 //! macro generates: 6.1's verifier refuses a separate subprogram that takes
-//! the context ("reg type unsupported for arg#0").
+//! the context ("reg type unsupported for arg#0"). The decision itself,
+//! which is most of the code, is one global function, `ag_file_decide`,
+//! that takes two numbers.
 //!
 //! An LSM program returns 0 to allow or a negative errno to refuse. When an
 //! earlier LSM already refused (the hook's last `ret` argument is non-zero),
@@ -26,7 +28,7 @@ use aya_ebpf::helpers::generated::bpf_send_signal;
 
 use crate::{
     filejudge::{approval_of, judge, record},
-    filepath::{self, Built, FileScratch},
+    filepath,
     kstructs::{dentry_inode, off, path_parts},
     selfprotect::{in_guarded_tree, self_walk},
     shared::{count, current_tag, decide_unreadable, granted, notify_hold},
@@ -42,31 +44,88 @@ fn verdict_errno(d: Decision) -> i32 {
     if d.blocks() { -EPERM } else { 0 }
 }
 
-/// Judge and record one action on an assembled path. An action on
-/// AgentGuard's own files is denied whatever the policy says, with rule
-/// [`RULE_SELF_PROTECT`], and recorded by the same code as any other
-/// decision: `guards[0]` is the file acted on (in a guarded tree, or a
-/// directory above one), `guards[1]` a directory that would receive a new
-/// name (in a guarded tree); 0 for none (selfprotect.rs). The file judged
-/// by its inode (hard links) is `guards[0]`'s, read by that walk.
+/// How [`ag_file_decide`] assembles the path from [`FileScratch::call`]'s
+/// `a` and `b`.
+mod build {
+    /// `a` a directory (`struct path *`), `b` the entry's dentry.
+    pub const DIR_AND_DENTRY: u64 = 0;
+    /// `a` a whole `struct path *`.
+    pub const PATH: u64 = 1;
+    /// `a` a `struct vfsmount *` (0: unreadable), `b` the dentry on it.
+    pub const WALK: u64 = 2;
+}
+
+/// Judge and record one action: the hook's side. The kernel pointers go to
+/// [`ag_file_decide`] through the scratch map, which turns them into plain
+/// numbers (a global function takes only scalars); everything after that
+/// reads through probe reads, as before.
 ///
 /// The hooks look the tag up before they read anything: an untagged task
 /// (every process on the host but the agents) pays that lookup alone.
 #[inline(always)]
-fn decide(tag: Tag, op: FileOp, ops: u32, split: bool, guards: [u64; 2], build: impl FnOnce(&mut FileScratch) -> Result<Built, ()>) -> i32 {
-    let first = self_walk(guards[0]);
+fn decide(tag: Tag, op: FileOp, ops: u32, split: bool, how: u64, a: u64, b: u64, guard1: u64) -> i32 {
+    let Some(s) = filepath::scratch() else {
+        // The fail-closed choice of shared.rs (a path it cannot read).
+        return verdict_errno(decide_unreadable());
+    };
+    s.call = [a, b, guard1];
+    let call = op as u64 | (ops as u64) << 8 | (split as u64) << 16 | how << 24;
+    // The kernel checks an LSM program's return value, and a global
+    // function's is any number to it.
+    if ag_file_decide(tag.agent_id as u64 | (tag.session_id as u64) << 32, call) == 0 { 0 } else { -EPERM }
+}
+
+/// Judge and record one action on an assembled path. An action on
+/// AgentGuard's own files is denied whatever the policy says, with rule
+/// [`RULE_SELF_PROTECT`], and recorded by the same code as any other
+/// decision: the file acted on (`b`, or `a`'s dentry for [`build::PATH`];
+/// in a guarded tree, or a directory above one), and `guard1`, a directory
+/// that would receive a new name (in a guarded tree; 0 for none;
+/// selfprotect.rs). The file judged by its inode (hard links) is the first
+/// one's, read by that walk.
+///
+/// A global function (exported, never inlined): the kernel verifies it
+/// once per program, on its own, whatever the state of its callers, where
+/// an inlined or static copy is verified again in every state it is called
+/// in. `path_rename` calls it twice (the source, then the target).
+/// `tag` is the [`Tag`] (agent id in the low half), `call` the operation,
+/// its rule ops, `split` and `how` (bytes 0, 1, 2, 3).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn ag_file_decide(tag: u64, call: u64) -> i32 {
+    let tag = Tag { agent_id: tag as u32, session_id: (tag >> 32) as u32 };
+    let Some(op) = FileOp::from_u32(call as u32 & 0xff) else {
+        return verdict_errno(decide_unreadable());
+    };
+    let ops = (call >> 8) as u32 & 0xff;
+    let split = (call >> 16) & 1 != 0;
+    let how = (call >> 24) & 0xff;
+    let Some(s) = filepath::scratch() else {
+        return verdict_errno(decide_unreadable());
+    };
+    let [a, b, guard1] = s.call;
+    let (mnt, dentry) = match how {
+        build::PATH => path_parts(a).unwrap_or((0, 0)),
+        build::WALK => (a, b),
+        _ => (0, b),
+    };
+    let first = self_walk(dentry);
     let inode = first.inode;
     // A rename within one directory: the walk up from the source has
     // already been through the target's directory.
-    let guarded = first.guards_start()
-        || (guards[1] != 0 && first.parent_in_tree(guards[1]).unwrap_or_else(|| in_guarded_tree(guards[1])));
+    let guarded =
+        first.guards_start() || (guard1 != 0 && first.parent_in_tree(guard1).unwrap_or_else(|| in_guarded_tree(guard1)));
     if guarded {
         count(Counter::SelfProtectDenials);
     }
-    let Some(s) = filepath::scratch() else {
-        return if guarded { -EPERM } else { verdict_errno(decide_unreadable()) };
+    let built = if how == build::DIR_AND_DENTRY {
+        filepath::from_dir_and_dentry(s, a, b)
+    } else if mnt == 0 || dentry == 0 {
+        Err(())
+    } else {
+        filepath::walk(s, mnt, dentry)
     };
-    let (verdict, built) = match build(s) {
+    let (verdict, built) = match built {
         Ok(b) if guarded => ((Decision::Deny, RULE_SELF_PROTECT), Some(b)),
         Ok(b) => (judge(tag, s, b, ops, inode), Some(b)),
         Err(()) if guarded => ((Decision::Deny, RULE_SELF_PROTECT), None),
@@ -97,7 +156,7 @@ fn decide(tag: Tag, op: FileOp, ops: u32, split: bool, guards: [u64; 2], build: 
 fn dir_entry(ctx: &LsmContext, tag: Tag, op: FileOp, ops: u32, dir_arg: usize, dentry_arg: usize) -> i32 {
     let dir: u64 = ctx.arg(dir_arg);
     let dentry: u64 = ctx.arg(dentry_arg);
-    decide(tag, op, ops, true, [dentry, 0], |s| filepath::from_dir_and_dentry(s, dir, dentry))
+    decide(tag, op, ops, true, build::DIR_AND_DENTRY, dir, dentry, 0)
 }
 
 /// security_path_unlink(const struct path *dir, struct dentry *dentry)
@@ -143,9 +202,8 @@ pub fn path_rename(ctx: LsmContext) -> i32 {
     let new_dentry: u64 = ctx.arg(3);
     let new_dir_dentry = path_parts(new_dir).map(|(_, d)| d).unwrap_or(0);
     let (dir, dentry): (u64, u64) = (ctx.arg(0), ctx.arg(1));
-    let source = decide(tag, FileOp::Rename, FileOp::Rename.rule_ops(), true, [dentry, new_dir_dentry], |s| {
-        filepath::from_dir_and_dentry(s, dir, dentry)
-    });
+    let source =
+        decide(tag, FileOp::Rename, FileOp::Rename.rule_ops(), true, build::DIR_AND_DENTRY, dir, dentry, new_dir_dentry);
     if source != 0 {
         return source;
     }
@@ -171,8 +229,7 @@ pub fn path_truncate(ctx: LsmContext) -> i32 {
     }
     let Some(tag) = current_tag() else { return 0 };
     let p: u64 = ctx.arg(0);
-    let dentry = path_parts(p).map(|(_, d)| d).unwrap_or(0);
-    decide(tag, FileOp::Truncate, FileOp::Truncate.rule_ops(), false, [dentry, 0], |s| filepath::from_path(s, p))
+    decide(tag, FileOp::Truncate, FileOp::Truncate.rule_ops(), false, build::PATH, p, 0, 0)
 }
 
 /// security_file_truncate(struct file *file), 6.2+: ftruncate and O_TRUNC opens.
@@ -185,12 +242,8 @@ pub fn file_truncate(ctx: LsmContext) -> i32 {
     }
     let Some(tag) = current_tag() else { return 0 };
     let file: u64 = ctx.arg(0);
-    let parts = path_parts(file + off!(file_path));
-    let dentry = parts.map(|(_, d)| d).unwrap_or(0);
-    decide(tag, FileOp::Truncate, FileOp::Truncate.rule_ops(), false, [dentry, 0], |s| {
-        let (mnt, dentry) = parts?;
-        filepath::walk(s, mnt, dentry)
-    })
+    let (mnt, dentry) = path_parts(file + off!(file_path)).unwrap_or((0, 0));
+    decide(tag, FileOp::Truncate, FileOp::Truncate.rule_ops(), false, build::WALK, mnt, dentry, 0)
 }
 
 /// security_path_link(struct dentry *old_dentry, const struct path *new_dir,
@@ -209,12 +262,8 @@ pub fn path_link(ctx: LsmContext) -> i32 {
     let new_dir: u64 = ctx.arg(1);
     // A second name would let an agent write a protected file from outside
     // AgentGuard's directories; a new name among them is a planted file.
-    let new_parts = path_parts(new_dir);
-    let new_dir_dentry = new_parts.map(|(_, d)| d).unwrap_or(0);
-    decide(tag, FileOp::Link, FileOp::Link.rule_ops(), false, [old_dentry, new_dir_dentry], |s| {
-        let (mnt, _) = new_parts?;
-        filepath::walk(s, mnt, old_dentry)
-    })
+    let (mnt, new_dir_dentry) = path_parts(new_dir).unwrap_or((0, 0));
+    decide(tag, FileOp::Link, FileOp::Link.rule_ops(), false, build::WALK, mnt, old_dentry, new_dir_dentry)
 }
 
 /// Does nothing; `doctor` loads it to prove BPF-LSM programs load and attach here.
