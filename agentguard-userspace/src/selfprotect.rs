@@ -71,14 +71,20 @@ pub fn plan(config: &Config, cgroup_root: &Path, cgroup_base: &Path) -> (Vec<Gua
         }
     }
     // The directories above each tree may not be renamed: that would move
-    // the tree away and let another take its path.
+    // the tree away and let another take its path. A directory inside
+    // another tree is guarded whole by it and gets no mark of its own: the
+    // kernel's walk stops at the nearest mark, and "above a tree" there
+    // would hide the tree further up (a tree nested in another with a
+    // directory between them).
     let marked: Vec<PathBuf> = out.iter().map(|g| g.path.clone()).collect();
+    let trees: Vec<PathBuf> = out.iter().filter(|g| g.mark == self_marks::TREE).map(|g| g.path.clone()).collect();
     for g in out.clone() {
         if g.mark != self_marks::TREE {
             continue;
         }
         for up in g.path.ancestors().skip(1).filter(|p| p.parent().is_some()) {
-            if !marked.iter().any(|m| m == up) {
+            let in_tree = trees.iter().any(|t| up.starts_with(t) && up != t);
+            if !in_tree && !marked.iter().any(|m| m == up) {
                 out.push(Guarded { path: up.to_owned(), mark: self_marks::ANCESTOR });
             }
         }
@@ -164,6 +170,24 @@ pub fn apply(ebpf: &mut Ebpf, guarded: &[Guarded]) -> anyhow::Result<(usize, Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_between_two_nested_trees_is_left_to_the_outer_tree() {
+        let config = Config {
+            chain_head: "/var/lib/agentguard/chain-head".into(),
+            incident_dir: "/var/lib/agentguard/a/b/incidents".into(),
+            ..Config::default()
+        };
+        let (plan, _) = plan(&config, Path::new("/sys/fs/cgroup"), Path::new("/sys/fs/cgroup/agentguard"));
+        let mark = |p: &str| plan.iter().find(|g| g.path == Path::new(p)).map(|g| g.mark);
+        assert_eq!(mark("/var/lib/agentguard"), Some(self_marks::TREE), "{plan:?}");
+        assert_eq!(mark("/var/lib/agentguard/a/b/incidents"), Some(self_marks::TREE), "{plan:?}");
+        // Marked "above a tree", these would stop the kernel's walk before
+        // it reached /var/lib/agentguard: a file in them would be unguarded.
+        assert_eq!(mark("/var/lib/agentguard/a"), None, "{plan:?}");
+        assert_eq!(mark("/var/lib/agentguard/a/b"), None, "{plan:?}");
+        assert_eq!(mark("/var/lib"), Some(self_marks::ANCESTOR), "{plan:?}");
+    }
 
     #[test]
     fn agentguards_own_directories_are_trees_and_shared_ones_guard_the_file_alone() {
