@@ -92,7 +92,21 @@ pub fn run(root: &Path, label: &str, prepared: &Prepared, timeout: Duration) -> 
         kernel.display(),
         timeout.as_secs()
     );
-    let boot = qemu::boot(&kernel, &initrd, &log_path, timeout, &format!("[{env}] "))?;
+    let mut boot = qemu::boot(&kernel, &initrd, &log_path, timeout, &format!("[{env}] "))?;
+    let mut retried = None;
+    if let Some(panic) = panic_before_any_test(&boot) {
+        // Seen under TCG (int3 in sched_clock while the kernel patches its
+        // own text at boot): nothing was tested, so the boot is not a
+        // result. Once, and said in the notes; a second panic counts.
+        println!("xtask: {env}: the kernel panicked while booting, before any test began ({panic}); booting again");
+        let first = dir.join("console-panic.log");
+        let _ = fs::copy(&log_path, &first);
+        retried = Some(format!(
+            "the first boot panicked before any test began ({panic}; console log {}); booted again",
+            first.display()
+        ));
+        boot = qemu::boot(&kernel, &initrd, &log_path, timeout, &format!("[{env}] "))?;
+    }
     let console = console::parse(&boot.log);
     let stopped = match (&boot.status, boot.timed_out) {
         (_, true) => format!(
@@ -138,6 +152,7 @@ pub fn run(root: &Path, label: &str, prepared: &Prepared, timeout: Duration) -> 
     {
         notes.push("BPF-LSM is NOT active in this VM".to_owned());
     }
+    notes.extend(retried);
     notes.extend(console.warnings.iter().map(|w| format!("init: {w}")));
     if !console.kmsg.is_empty() {
         notes.push(format!(
@@ -150,6 +165,16 @@ pub fn run(root: &Path, label: &str, prepared: &Prepared, timeout: Duration) -> 
         outcomes,
         notes,
     })
+}
+
+/// The kernel's panic line when the VM died of a kernel panic before any
+/// test binary began (no `@@AG BEGIN` marker), and not for its time limit.
+fn panic_before_any_test(boot: &qemu::Boot) -> Option<String> {
+    if boot.timed_out || !boot.marks.is_empty() || boot.log.contains("@@AG BEGIN") {
+        return None;
+    }
+    let line = boot.log.lines().find(|l| l.contains("Kernel panic - not syncing"))?;
+    Some(line.split_once("] ").map_or(line, |(_, rest)| rest).trim().to_owned())
 }
 
 /// `boot 3.2 s, files 15.0 s, net 40.1 s` from the BEGIN/END arrival times.
@@ -250,6 +275,32 @@ mod tests {
             .as_deref()
             .is_some_and(|n| n.contains("it was running c")));
         assert_eq!(o[3].name(), "exec");
+    }
+
+    fn boot_of(log: &str, marks: &[&str], timed_out: bool) -> qemu::Boot {
+        qemu::Boot {
+            log: log.to_owned(),
+            timed_out,
+            status: None,
+            qemu_stderr: String::new(),
+            elapsed: Duration::from_secs(7),
+            marks: marks.iter().map(|m| (Duration::from_secs(3), (*m).to_owned())).collect(),
+        }
+    }
+
+    #[test]
+    fn only_a_panic_before_any_test_is_booted_again() {
+        let panic = "[    2.83] Oops: int3: 0000 [#2] PREEMPT SMP NOPTI\n[    2.833146] Kernel panic - not syncing: Fatal exception in interrupt\n";
+        assert_eq!(
+            panic_before_any_test(&boot_of(panic, &[], false)).as_deref(),
+            Some("Kernel panic - not syncing: Fatal exception in interrupt")
+        );
+        // A panic once tests ran is a result: the tests that were running fail.
+        let during = format!("@@AG BEGIN files\n{panic}");
+        assert_eq!(panic_before_any_test(&boot_of(&during, &["@@AG BEGIN files"], false)), None);
+        // So is a VM that ran out of time, and one that stopped without a panic.
+        assert_eq!(panic_before_any_test(&boot_of(panic, &[], true)), None);
+        assert_eq!(panic_before_any_test(&boot_of("[    1.0] reboot: Power down\n", &[], false)), None);
     }
 
     #[test]
