@@ -83,8 +83,8 @@ pub fn plan(config: &Config, cgroup_root: &Path, cgroup_base: &Path) -> (Vec<Gua
             continue;
         }
         for up in g.path.ancestors().skip(1).filter(|p| p.parent().is_some()) {
-            let in_tree = trees.iter().any(|t| up.starts_with(t) && up != t);
-            if !in_tree && !marked.iter().any(|m| m == up) {
+            // `marked` has the trees themselves; `trees` whatever lies in one.
+            if !trees.iter().any(|t| up.starts_with(t)) && !marked.iter().any(|m| m == up) {
                 out.push(Guarded { path: up.to_owned(), mark: self_marks::ANCESTOR });
             }
         }
