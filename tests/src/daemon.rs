@@ -58,10 +58,22 @@ impl Daemon {
         d
     }
 
+    /// Like [`Self::start`], with the daemon's directory (its policies,
+    /// socket, event log: AgentGuard's own files) made under `parent`.
+    pub fn start_in(parent: &Path, policies: &[(&str, &str)]) -> Self {
+        let mut d = Self::prepare_in(parent, policies, "");
+        d.spawn();
+        d
+    }
+
     /// The directory and configuration, without starting the process.
     fn prepare(policies: &[(&str, &str)], extra: &str) -> Self {
+        Self::prepare_in(&std::env::temp_dir(), policies, extra)
+    }
+
+    fn prepare_in(parent: &Path, policies: &[(&str, &str)], extra: &str) -> Self {
         crate::kernel::assert_root();
-        let dir = TempDir::new("daemon");
+        let dir = TempDir::new_in(parent, "daemon");
         let policy_dir = dir.join("policies");
         std::fs::create_dir_all(&policy_dir).expect("mkdir policies");
         for (name, text) in policies {
@@ -201,6 +213,31 @@ impl Daemon {
     /// The daemon's pid, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Wait (at most `limit`) until the daemon used no CPU time for half a
+    /// second: a benchmark measured while it still settles after its start
+    /// measures the daemon too. Returns whether it became idle.
+    pub fn wait_idle(&self, limit: std::time::Duration) -> bool {
+        let Some(pid) = self.pid() else { return false };
+        // utime + stime, in clock ticks (proc(5), fields 14 and 15).
+        let ticks = || -> Option<u64> {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let after_comm = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<&str> = after_comm.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        };
+        let start = std::time::Instant::now();
+        let mut last = ticks();
+        while start.elapsed() < limit {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let now = ticks();
+            if now.is_some() && now == last {
+                return true;
+            }
+            last = now;
+        }
+        false
     }
 
     /// Everything pinned under this daemon's pin directory (relative paths).

@@ -58,7 +58,12 @@ pub struct TempDir {
 
 impl TempDir {
     pub fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
+        Self::new_in(&std::env::temp_dir(), name)
+    }
+
+    /// A fresh directory under `parent`, removed on drop.
+    pub fn new_in(parent: &Path, name: &str) -> Self {
+        let path = parent.join(format!(
             "agentguard-test-{name}-{}-{}",
             std::process::id(),
             std::time::SystemTime::now()

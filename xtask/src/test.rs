@@ -166,7 +166,7 @@ fn vm_envs(
                 .collect();
         }
     };
-    let run = |label: &str| vm::run(root, label, &prepared, timeout).unwrap_or_else(|e| failed_env(label, e));
+    let run = |label: &str| vm::run(root, label, &prepared, timeout, vm::TEST_CPUS).unwrap_or_else(|e| failed_env(label, e));
     // Each VM has its own directory, initramfs and console log, and its
     // console lines carry its label, so VMs can run side by side; results
     // are reported in label order whatever order they finish in.

@@ -190,15 +190,26 @@ fn enter(setup: Setup) -> Env {
         }
         Setup::DaemonIdle => {
             let d = Daemon::start(&[("bench.toml", POLICY)]);
-            std::thread::sleep(std::time::Duration::from_millis(800));
+            settle(&d);
             Env::Daemon(d, None)
         }
         Setup::Untagged | Setup::Tagged => {
             let d = Daemon::start(&[("bench.toml", POLICY)]);
             let keeper = d.run_cmd("bench", &["sleep", "3600"]).stdout(Stdio::null()).spawn().expect("start a live agent");
             std::thread::sleep(std::time::Duration::from_millis(300));
+            settle(&d);
             Env::Daemon(d, Some(keeper))
         }
+    }
+}
+
+/// Wait until the daemon is idle: under TCG it settles for seconds after
+/// it says it is ready, and a loop measured meanwhile measures it too (the
+/// VM's vCPU runs it beside the loop, and the programs' run time grew
+/// threefold in the first loop after a start: session 18).
+fn settle(d: &Daemon) {
+    if !d.wait_idle(std::time::Duration::from_secs(30)) {
+        eprintln!("note: the daemon was still busy 30 s after its start; measuring anyway");
     }
 }
 
@@ -219,8 +230,17 @@ fn programs_account(id: Option<u32>) -> ((u64, u64), (u64, u64)) {
     })
 }
 
+/// Run time (ns) and runs of each loaded program, by program id (with
+/// its name).
+fn programs_each() -> std::collections::BTreeMap<u32, (String, u64, u64)> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| (p.id(), (p.name_as_str().unwrap_or("?").to_owned(), p.run_time().as_nanos() as u64, p.run_count())))
+        .collect()
+}
+
 /// The programs' account over one timed loop, per operation.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Account {
     ns: f64,
     runs: f64,
@@ -229,6 +249,12 @@ struct Account {
     /// same tracepoints, in a second loop (paired operation by operation;
     /// see `measure`).
     paired: Option<f64>,
+    /// Where a daemon judges the loop: the share of its operations the
+    /// kernel answered from the directory cache (its counter).
+    cached: Option<f64>,
+    /// Each program that ran in the loop: (name, ns per operation, runs
+    /// per operation), the costliest first.
+    each: Vec<(String, f64, f64)>,
 }
 
 /// The floor's empty program (already loaded) also at getppid's tracepoint.
@@ -282,8 +308,26 @@ fn measure(setup: Setup, env: &Env, op: Op, n: usize, dir: &Path) -> (f64, Optio
         return (timed(setup, env, op, n, dir, || ()).0, None);
     }
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS (run time)");
-    let (ns, (before, _), (after, _)) = timed(setup, env, op, n, dir, || programs_account(None));
-    let mut account = Account { ns: (after.0 - before.0) as f64 / n as f64, runs: (after.1 - before.1) as f64 / n as f64, paired: None };
+    // Read before the child starts and after it ended: it creates its
+    // files before the timed loop, which the cache does not count.
+    let repeats = || match env {
+        Env::Daemon(d, _) => d.status()["kernel_counters"]["file_allowed_repeats"].as_u64(),
+        _ => None,
+    };
+    let cached_before = repeats();
+    let (ns, ((before, _), each_before), ((after, _), each_after)) =
+        timed(setup, env, op, n, dir, || (programs_account(None), programs_each()));
+    let cached = cached_before.zip(repeats()).map(|(b, a)| a.saturating_sub(b) as f64 / n as f64);
+    let mut each: Vec<(String, f64, f64)> = each_after
+        .iter()
+        .filter_map(|(id, (name, t, c))| {
+            let (t0, c0) = each_before.get(id).map_or((0, 0), |(_, t, c)| (*t, *c));
+            (*c > c0).then(|| (name.clone(), t.saturating_sub(t0) as f64 / n as f64, (c - c0) as f64 / n as f64))
+        })
+        .collect();
+    each.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut account =
+        Account { ns: (after.0 - before.0) as f64 / n as f64, runs: (after.1 - before.1) as f64 / n as f64, paired: None, cached, each };
     if agentguard_tests::bench::file_fallback() {
         let mut ebpf = agentguard::loader::load_object().expect("load the object");
         agentguard_tests::bench::attach_fallback_floor(&mut ebpf);
@@ -471,6 +515,21 @@ fn summary(op: Op, mode: &str, samples: &[Vec<f64>]) -> Vec<Row> {
 /// meets (under TCG in the VM, spreads of ±100 %); this is the programs
 /// alone. It leaves out the daemon's work on the events the actions send
 /// (bench B4's subject).
+/// The three programs that cost most per operation, over all rounds.
+fn by_program(rounds: &[Account]) -> String {
+    let mut sum: std::collections::BTreeMap<&str, (f64, f64)> = std::collections::BTreeMap::new();
+    for a in rounds {
+        for (name, ns, runs) in &a.each {
+            let e = sum.entry(name.as_str()).or_default();
+            e.0 += ns / rounds.len() as f64;
+            e.1 += runs / rounds.len() as f64;
+        }
+    }
+    let mut v: Vec<_> = sum.into_iter().collect();
+    v.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    v.iter().take(3).map(|(n, (ns, runs))| format!("{n} {ns:.0} ns ({runs:.2} runs)")).collect::<Vec<_>>().join(", ")
+}
+
 fn program_rows(op: Op, mode: &str, samples: &[Vec<f64>], programs: &[Vec<Account>], floor_cost: &[f64]) -> Vec<Row> {
     let at = |s: Setup| Setup::ALL.iter().position(|x| *x == s).expect("setup measured");
     let base = &samples[at(Setup::Baseline)];
@@ -514,6 +573,14 @@ fn program_rows(op: Op, mode: &str, samples: &[Vec<f64>], programs: &[Vec<Accoun
                 bench::median(base)
             )
         };
+        let cached: Vec<f64> = p.iter().filter_map(|a| a.cached).collect();
+        let note = match setup {
+            Setup::Tagged if !cached.is_empty() => {
+                format!("{note}; {:.1} % of operations answered from the directory cache", bench::median(&cached) * 100.0)
+            }
+            _ => note,
+        };
+        let note = format!("{note}; by program (accounting included): {}", by_program(p));
         let row = Row::new(id, what.clone(), format!("{}, program run time", setup.name())).figure(m, "%", bench::range(&pct));
         rows.push(match (mode, setup) {
             ("veto", Setup::Untagged) => row.target("<= 1 % (programs' run time, kernel's account)", Some(m <= 1.0)).note(note),

@@ -74,7 +74,7 @@ pub fn b1(
     }
     println!("\n== ag-bench-files in the {KERNEL} VM (TCG) ==");
     let prepared = vm::prepare(&vroot, &tests, &programs)?;
-    let env = vm::run(&vroot, KERNEL, &prepared, Duration::from_secs(timeout))?;
+    let env = vm::run(&vroot, KERNEL, &prepared, Duration::from_secs(timeout), vm::BENCH_CPUS)?;
     let log_path = repo::build_dir(&vroot)
         .join("vm")
         .join(KERNEL)

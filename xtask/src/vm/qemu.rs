@@ -33,6 +33,7 @@ pub fn boot(
     log_path: &Path,
     timeout: Duration,
     prefix: &str,
+    cpus: u32,
 ) -> Result<Boot> {
     let mut qemu = Command::new("qemu-system-x86_64");
     // One host thread runs both vCPUs in turn. With a thread per vCPU the
@@ -41,7 +42,8 @@ pub fn boot(
     // NULL call in rcu_tasks during the network tests (6.12). A VM kept
     // about one core busy either way, so the time hardly changes (6.12:
     // network 197 s, doctor 66 s).
-    qemu.args(["-accel", "tcg,thread=single", "-cpu", "max", "-m", "1024", "-smp", "2"])
+    qemu.args(["-accel", "tcg,thread=single", "-cpu", "max", "-m", "1024", "-smp"])
+        .arg(cpus.to_string())
         .args(["-nographic", "-no-reboot", "-kernel"])
         .arg(kernel)
         .arg("-initrd")
