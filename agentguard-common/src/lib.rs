@@ -93,6 +93,22 @@ pub mod maps {
     /// CPU counted, so its next repeat costs no hash lookup. Its pending
     /// count is part of the flow's count (the daemon adds it).
     pub const FLOW_SLOTS: &str = "AG_FLOW_SLOTS";
+    /// LRU hash [`crate::DirCacheKey`] → [`crate::DirCacheEntry`]: the
+    /// directories in which a tagged agent's file action was allowed, so
+    /// its next action there is judged without walking the directory's
+    /// path (files.rs, dircache.rs; docs/architecture.md, "The directory
+    /// cache").
+    pub const FILE_DIRCACHE: &str = "AG_FILE_DIRCACHE";
+    /// LPM trie: ([`crate::FilePrefixKey`]: agent or session id, a
+    /// directory with `/`) → its length in bytes: every directory that has
+    /// a key of [`FILE_PREFIX`] strictly below it. The kernel never caches
+    /// such a directory: its entries may match keys of their own.
+    pub const FILE_DIRMARK: &str = "AG_FILE_DIRMARK";
+    /// Hash agent id → [`crate::FileQuickFilter`]: which names could match
+    /// one of the agent's name keys, by their last two bytes and first
+    /// byte. The directory cache copies it into each entry, so a hit
+    /// checks an entry's name with two bit reads instead of hashing it.
+    pub const FILE_QUICK: &str = "AG_FILE_QUICK";
 }
 
 /// Values of [`maps::SELF_INODES`].
@@ -122,6 +138,14 @@ pub mod programs {
     pub const SENDMSG4: &str = "sendmsg4";
     pub const SENDMSG6: &str = "sendmsg6";
     pub const LSM_PATH_UNLINK: &str = "path_unlink";
+    /// The directory cache's epoch (dircache.rs): fexit programs after a
+    /// rename and after every change of the mount tree.
+    pub const DIRCACHE_RENAME: &str = "dircache_rename";
+    pub const DIRCACHE_MOUNT: &str = "dircache_mount";
+    pub const DIRCACHE_UMOUNT: &str = "dircache_umount";
+    pub const DIRCACHE_MOVE_MOUNT: &str = "dircache_move_mount";
+    pub const DIRCACHE_PIVOT_ROOT: &str = "dircache_pivot_root";
+    pub const DIRCACHE_NEW_NS: &str = "dircache_new_ns";
     /// A program that does nothing, loaded by `doctor` to prove BPF-LSM is loadable.
     pub const LSM_PROBE: &str = "lsm_probe";
     /// Empty cgroup_sock_addr programs: benchmark floors, never attached by the daemon.
@@ -234,6 +258,12 @@ pub mod limits {
     /// How far above a file its protected directory is looked for: a file
     /// deeper than this below AgentGuard's directory is not recognised.
     pub const SELF_WALK_DEPTH: usize = 12;
+    /// Directories in the kernel's directory cache at once (LRU), and how
+    /// many levels up to its mount's root a cached directory may be.
+    pub const MAX_DIRCACHE: u32 = 8_192;
+    pub const DIRCACHE_DEPTH: usize = 8;
+    /// Directories with a file prefix key below them ([`crate::maps::FILE_DIRMARK`]).
+    pub const MAX_FILE_DIRMARKS: u32 = 65_536;
     /// Rules that can apply to one prefix, name or inode of one agent.
     pub const FILE_RULES_PER_KEY: usize = 12;
     /// Longest path the kernel assembles for a file decision, NUL included.
@@ -338,6 +368,14 @@ pub enum HookFlag {
     /// agents' defaults. A counted flow ([`FlowCount::generation`]) decided
     /// under the current value is allowed again without deciding anew.
     NetGeneration = 5,
+    /// Bumped by the daemon after every change to the file rules, the
+    /// agents' defaults, the workspaces or AgentGuard's own marks: a
+    /// [`DirCacheEntry`] stamped with another value is not used.
+    FileGeneration = 6,
+    /// Bumped by the kernel after every rename of a directory and every
+    /// change of the mount tree (dircache.rs): a [`DirCacheEntry`] stamped
+    /// with another value is not used.
+    FileEpoch = 7,
 }
 
 pub const HOOK_SLOTS: u32 = 8;
@@ -362,6 +400,10 @@ pub enum Counter {
     /// before it walks the tags and walks again only when it changed
     /// (reconciliation of an idle agent costs no walk: bench B8).
     TagChanges = 5,
+    /// A tagged agent's file action allowed from the directory cache
+    /// (dircache.rs): counted, not logged (docs/events.md, "Allowed file
+    /// actions").
+    FileAllowedRepeats = 6,
 }
 
 pub const COUNTER_SLOTS: u32 = 8;
@@ -772,8 +814,116 @@ pub struct KernelOffsets {
     /// record (the others follow, 8 bytes each), and of `ret` in sys_exit_*.
     pub syscall_args: u32,
     pub syscall_ret: u32,
+    /// `dentry.d_iname` (the inline name) and its length in bytes; 0 when
+    /// this kernel's BTF has none (the directory cache is then off).
+    pub dentry_iname: u32,
+    pub dentry_iname_len: u32,
+    pub inode_generation: u32,
+    /// `renamedata.old_dentry` and `.new_dentry` (the directory cache's
+    /// rename epoch, dircache.rs).
+    pub renamedata_old: u32,
+    pub renamedata_new: u32,
+    pub pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 24 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 30 * 4);
+
+/// Key of [`maps::FILE_DIRCACHE`]: an agent's session, the rule
+/// operations of the action ([`FileOp::rule_ops`]), and the directory as
+/// the kernel holds it (its `struct dentry *` and `struct vfsmount *`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirCacheKey {
+    pub agent_id: u32,
+    pub session_id: u32,
+    pub ops: u32,
+    pub pad: u32,
+    pub dentry: u64,
+    pub mnt: u64,
+}
+const _: () = assert!(core::mem::size_of::<DirCacheKey>() == 32);
+
+/// Value of [`maps::FILE_DIRCACHE`]: what was true of the directory when
+/// an allowed action in it was judged the long way. Used only while the
+/// generation and epoch ([`HookFlag::FileGeneration`],
+/// [`HookFlag::FileEpoch`]) are unchanged and the directory is still the
+/// same one: the same inode (pointer, number, generation), and the same
+/// parents and names up to its mount's root (`chain`: each level's
+/// `d_parent` and `d_name.hash_len`, `depth` of them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirCacheEntry {
+    pub generation: u32,
+    pub epoch: u32,
+    pub inode: u64,
+    pub ino: u64,
+    pub igen: u32,
+    /// The agent's [`agent_flags`] and `file_prefix_lens` then.
+    pub flags: u32,
+    pub prefix_lens: u32,
+    pub rule_id: u32,
+    /// The directory's own name's hash (FNV, as the name scan computes
+    /// it): a pair with the entry's name continues from it.
+    pub name_hash: u64,
+    pub depth: u64,
+    pub chain: [[u64; 2]; limits::DIRCACHE_DEPTH],
+    /// The agent's [`FileQuickFilter`] then.
+    pub quick: FileQuickFilter,
+}
+
+/// Value of [`maps::FILE_QUICK`]: a filter over an entry's own name that
+/// is clear for every name none of the agent's name keys
+/// ([`FileNameKey`]) can match. `last2` has bit [`file_quick_bit`] of the
+/// last two bytes of every component, basename, suffix and pair key (a
+/// name that equals such a key, or ends with it, ends with the same two
+/// bytes); `first` has bit `b` for every basename-prefix key that starts
+/// with byte `b`. A key shorter than two bytes (other than a prefix) sets
+/// every bit of `last2`. A name shorter than two bytes is never clear.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileQuickFilter {
+    pub last2: [u64; 4],
+    pub first: [u64; 4],
+}
+const _: () = assert!(core::mem::size_of::<FileQuickFilter>() == 64);
+
+impl FileQuickFilter {
+    /// Every name goes the long way.
+    pub const ALL: Self = Self { last2: [u64::MAX; 4], first: [u64::MAX; 4] };
+
+    /// Add a name key of the kind whose flag ([`agent_flags`]) is `flag`.
+    pub fn add(&mut self, flag: u32, name: &[u8]) {
+        if flag == agent_flags::FILE_BASE_PREFIX {
+            match name.first() {
+                Some(&b) => self.first[b as usize >> 6] |= 1 << (b & 63),
+                None => self.first = [u64::MAX; 4],
+            }
+            return;
+        }
+        match name {
+            [.., a, b] => {
+                let bit = file_quick_bit(*a, *b) as usize;
+                self.last2[bit >> 6] |= 1 << (bit & 63);
+            }
+            _ => self.last2 = [u64::MAX; 4],
+        }
+    }
+
+    /// Whether a name of `len` bytes, first byte `first` and last two
+    /// `prev`, `last`, is clear (the kernel's test, dircache.rs).
+    #[inline(always)]
+    pub fn clear(&self, len: usize, first: u8, prev: u8, last: u8) -> bool {
+        let bit = file_quick_bit(prev, last) as usize;
+        let f = first as usize;
+        len >= 2 && (self.last2[bit >> 6] >> (bit & 63)) & 1 == 0 && (self.first[f >> 6] >> (f & 63)) & 1 == 0
+    }
+}
+
+/// The bit of [`FileQuickFilter::last2`] for a name ending in the bytes
+/// `prev`, `last`: the two bytes mixed by a multiplication, top 8 bits.
+#[inline(always)]
+pub const fn file_quick_bit(prev: u8, last: u8) -> u32 {
+    ((prev as u32) << 8 | last as u32).wrapping_mul(0x9E37_79B1) >> 24
+}
 
 /// A NUL-padded path used as a map key.
 #[repr(C)]
@@ -1091,6 +1241,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowCount {}
     unsafe impl aya::Pod for super::FlowSlot {}
+    unsafe impl aya::Pod for super::FileQuickFilter {}
 }
 
 #[cfg(test)]
@@ -1109,5 +1260,45 @@ mod tests {
         assert_eq!(FileOp::Link.rule_ops(), file_ops::TRUNCATE);
         assert_eq!(FileOp::RenameOver.rule_ops(), file_ops::TRUNCATE);
         assert_eq!(FileOp::Rename.rule_ops(), file_ops::RENAME);
+    }
+
+    /// The quick filter's test, as the kernel makes it from a name.
+    fn quick_clear(q: &FileQuickFilter, name: &[u8]) -> bool {
+        match name {
+            [first, .., prev, last] => q.clear(name.len(), *first, *prev, *last),
+            _ => false,
+        }
+    }
+
+    /// Every name a key could match is not clear; short keys and names
+    /// always go the long way; most other names are clear.
+    #[test]
+    fn the_quick_filter_never_clears_a_name_a_key_could_match() {
+        let mut q = FileQuickFilter::default();
+        q.add(agent_flags::FILE_COMPONENT, b".git");
+        q.add(agent_flags::FILE_SUFFIX, b".bak");
+        q.add(agent_flags::FILE_BASENAME, b"id_rsa");
+        q.add(agent_flags::FILE_PAIR, b".ssh/config");
+        q.add(agent_flags::FILE_BASE_PREFIX, b"backup-");
+        for name in [&b".git"[..], b"db.bak", b".bak", b"x.tar.bak", b"id_rsa", b"config", b"backup-1", b"b9"] {
+            assert!(!quick_clear(&q, name), "{:?}", core::str::from_utf8(name));
+        }
+        assert!(!quick_clear(&q, b"x"), "a one-byte name");
+        // f0 .. f999
+        let clear = (0..1000u32)
+            .filter(|i| {
+                let d = [b'f', b'0' + (i / 100) as u8, b'0' + (i / 10 % 10) as u8, b'0' + (i % 10) as u8];
+                let skip = if *i < 10 { 2 } else if *i < 100 { 1 } else { 0 };
+                let mut name = [0u8; 4];
+                name[0] = b'f';
+                name[1..4 - skip].copy_from_slice(&d[1 + skip..]);
+                quick_clear(&q, &name[..4 - skip])
+            })
+            .count();
+        assert!(clear > 900, "{clear} of 1000 plain names clear");
+        let mut short = FileQuickFilter::default();
+        short.add(agent_flags::FILE_BASENAME, b"a");
+        assert!(!quick_clear(&short, b"f1") && !quick_clear(&short, b"zz"), "a one-byte key clears nothing");
+        assert!(!quick_clear(&FileQuickFilter::ALL, b"f1"));
     }
 }

@@ -293,6 +293,24 @@ unsafe extern "C" fn scan_base_byte(j: u64, _ctx: *mut c_void) -> i64 {
     0
 }
 
+/// Whether the names filter has the bit of this key: only then can
+/// `AG_FILE_NAMES` hold it.
+#[inline(always)]
+pub fn name_filtered(agent_id: u32, kind: u32, hash: u64) -> bool {
+    name_filter_bit(agent_id, kind, hash) != 0
+}
+
+/// The names filter's bit of this key, 0 or 1.
+#[inline(always)]
+pub fn name_filter_bit(agent_id: u32, kind: u32, hash: u64) -> u64 {
+    let bit = file_name_filter_bit(agent_id, kind, hash);
+    match FILE_NAME_FILTER.get(bit >> 6) {
+        Some(word) => (*word >> (bit & 63)) & 1,
+        // Cannot happen (the index is in range): look the name up.
+        None => 1,
+    }
+}
+
 /// Look one queued name key up (a `bpf_loop` callback): the single place
 /// that calls `by_name`, so the verifier checks a lookup once.
 unsafe extern "C" fn lookup_key(k: u64, _ctx: *mut c_void) -> i64 {
@@ -305,11 +323,8 @@ unsafe extern "C" fn lookup_key(k: u64, _ctx: *mut c_void) -> i64 {
     let agent_id = s.scan.agent_id as u32;
     // Most names match no rule: look a name up only when the filter has
     // its bit (filemaps.rs keeps every key's bit set).
-    let bit = file_name_filter_bit(agent_id, kind, hash);
-    if let Some(word) = FILE_NAME_FILTER.get(bit >> 6) {
-        if (*word >> (bit & 63)) & 1 == 0 {
-            return 0;
-        }
+    if !name_filtered(agent_id, kind, hash) {
+        return 0;
     }
     let mut best = Best { rule_id: s.scan.best_rule as u32, decision: s.scan.best_decision as u32 };
     by_name(agent_id, kind, hash, s.scan.ops as u32, &mut best);

@@ -43,6 +43,32 @@ pub struct FileScratch {
     /// read back from the map, they are scalars to the verifier, which a
     /// global function's arguments must be.
     pub call: [u64; 3],
+    /// A directory cache entry being filled (dircache.rs): too large for
+    /// the stack.
+    pub dir_entry: agentguard_common::DirCacheEntry,
+    /// 1 when `dir_entry` holds the directory of the action being judged.
+    pub dir_ok: u64,
+    /// The directory cache's key, and what its lookup carries from the
+    /// entry (or the agent) to the name check (dircache.rs `lookup`).
+    pub dc_key: agentguard_common::DirCacheKey,
+    pub dc_cached: u64,
+    pub dc_dir_hash: u64,
+    pub dc_flags: u32,
+    pub dc_prefix_lens: u32,
+    pub dc_generation: u32,
+    pub dc_epoch: u32,
+    /// The entry's name's hashes (dircache.rs `scan`): basename, pair,
+    /// three tails, four basename prefixes.
+    pub dc_hashes: [u64; 9],
+    pub dc_variant: u32,
+    /// What `files::ag_file_decide` leaves for the directory cache's `fill`:
+    /// the allowing rule (high half) and the directory's length with its
+    /// `/`; 0: nothing to record.
+    pub dc_fill: u64,
+    /// What `files::ag_file_decide`'s walk up for self-protection found:
+    /// its mark (byte 0), depth (byte 1), whether it was conclusive (bit
+    /// 16), and whether the action touched AgentGuard's files (bit 24).
+    pub dc_walk: u64,
 }
 
 #[repr(C)]

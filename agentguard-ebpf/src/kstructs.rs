@@ -44,6 +44,12 @@ pub static KERNEL_OFFSETS: RoGlobal<KernelOffsets> = RoGlobal(MaybeUninit::new(K
     fdt_fd: 0,
     syscall_args: 0,
     syscall_ret: 0,
+    dentry_iname: 0,
+    dentry_iname_len: 0,
+    inode_generation: 0,
+    renamedata_old: 0,
+    renamedata_new: 0,
+    pad: 0,
 }));
 
 /// One offset, read volatile so the compiler cannot fold the zeros above.

@@ -5,6 +5,8 @@
 //! - `files`: BPF-LSM file-action decisions for tagged processes;
 //! - `fileobs`: the same actions observed through syscall tracepoints and
 //!   contained, where BPF-LSM cannot load;
+//! - `dircache`: the directory cache that lets a tagged agent's repeated
+//!   allowed file actions in one directory skip the walk;
 //! - `selfprotect`: agents may not signal or ptrace the daemon, nor call bpf();
 //! - `filejudge`, `filepath`, `kstructs`: the file decision they share, path
 //!   assembly, and reading kernel structs at offsets taken from BTF.
@@ -18,6 +20,7 @@
 #![expect(internal_features, reason = "core_intrinsics is how the BPF target gets an atomic add")]
 #![feature(core_intrinsics)]
 
+mod dircache;
 mod filejudge;
 mod fileobs;
 mod filepath;

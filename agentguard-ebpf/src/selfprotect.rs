@@ -125,7 +125,7 @@ fn refuse() -> i32 {
 /// `AG_SELF` hold it (under some device). A walk meets mostly inodes that
 /// are not AgentGuard's, and learns that without reading their device.
 #[inline(always)]
-fn in_self_filter(ino: u64) -> bool {
+pub fn in_self_filter(ino: u64) -> bool {
     let bit = self_filter_bit(ino);
     match SELF_FILTER.get(bit >> 6) {
         Some(word) => (*word >> (bit & 63)) & 1 != 0,

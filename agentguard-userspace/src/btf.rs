@@ -140,8 +140,14 @@ impl Btf {
                 0..=19 => 0,
                 other => return Err(BtfError::Format(format!("unknown BTF kind {other}"))),
             };
+            // An array keeps its element type and its length instead.
+            let (type_id, vlen) = if kind == KIND_ARRAY {
+                (u32_at(types_bytes, at)?, u32_at(types_bytes, at + 8)?)
+            } else {
+                (size_or_type, vlen as u32)
+            };
             at += extra;
-            types.push(Type { name_off, kind, kind_flag, type_id: size_or_type, vlen: vlen as u32, members });
+            types.push(Type { name_off, kind, kind_flag, type_id, vlen, members });
         }
         let mut btf = Self { types, strings, by_name: HashMap::new() };
         for (id, t) in btf.types.iter().enumerate().skip(1) {
@@ -265,6 +271,19 @@ impl Btf {
         None
     }
 
+    /// The length of the array `member` of `struct strukt`.
+    pub fn member_array_len(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
+        let no = || BtfError::NoMember { strukt: strukt.to_owned(), member: member.to_owned() };
+        let ids = self.by_name.get(&(KIND_STRUCT, strukt.to_owned())).ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
+        for &id in ids {
+            if let Some(type_id) = self.find_member_type(id, member) {
+                let t = self.types.get(self.resolve(type_id) as usize).ok_or_else(no)?;
+                return if t.kind == KIND_ARRAY { Ok(t.vlen) } else { Err(no()) };
+            }
+        }
+        Err(no())
+    }
+
     /// Every offset the file programs need. `syscall_args`/`syscall_ret`
     /// come from tracefs and are filled in by the loader.
     pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
@@ -297,6 +316,15 @@ impl Btf {
             fdt_fd: o("fdtable", "fd")?,
             syscall_args: 0,
             syscall_ret: 0,
+            // The directory cache's (dircache.rs): without them it stays
+            // off, and everything else works as before. 6.14 renamed the
+            // inline name (a union in `d_shortname`).
+            dentry_iname: o("dentry", "d_iname").unwrap_or(0),
+            dentry_iname_len: self.member_array_len("dentry", "d_iname").unwrap_or(0),
+            inode_generation: o("inode", "i_generation").unwrap_or(0),
+            renamedata_old: o("renamedata", "old_dentry").unwrap_or(0),
+            renamedata_new: o("renamedata", "new_dentry").unwrap_or(0),
+            pad: 0,
         })
     }
 }

@@ -161,6 +161,8 @@ pub fn apply(
     sync::<u32, AgentConfig>(ebpf, maps::AGENTS, &agents)?;
     // The agents' network defaults may have changed: flows decide again.
     bump_net_generation(ebpf)?;
+    // And the file rules: the directory cache's entries decide again.
+    bump_file_generation(ebpf)?;
     sync::<u64, Tag>(ebpf, maps::SEL_CGROUP, &cgroups_sel)?;
     sync_path(ebpf, &exe)?;
     sync::<[u8; limits::COMM_LEN], Tag>(ebpf, maps::SEL_COMM, &comm)?;
@@ -199,13 +201,43 @@ pub fn apply_network(ebpf: &mut Ebpf, written: &mut Written, set: &PolicySet, re
 /// (net.rs). Written after the rules, so a flow stamped with the new value
 /// was decided by the new rules.
 fn bump_net_generation(ebpf: &mut Ebpf) -> Result<(), CompileError> {
-    use agentguard_common::HookFlag;
+    bump_hook(ebpf, agentguard_common::HookFlag::NetGeneration, true)
+}
+
+/// Whether the kernel's directory cache may be used: set once every
+/// program that keeps its epoch (dircache.rs) is attached, never before.
+static DIRCACHE_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turn the directory cache on or off (the daemon, after attaching the
+/// programs), and bump its generation: nothing recorded before is used.
+pub fn set_dircache(ebpf: &mut Ebpf, on: bool) -> Result<(), CompileError> {
+    DIRCACHE_ON.store(on, std::sync::atomic::Ordering::SeqCst);
+    bump_file_generation(ebpf)
+}
+
+/// After every write of the file rules, the agents' defaults, the
+/// workspaces or AgentGuard's marks: the directory cache's entries
+/// (dircache.rs) were stamped with the previous value and are not used
+/// again. Written after the maps, so an entry stamped with the new value
+/// was decided by them. 0 keeps the cache off.
+pub fn bump_file_generation(ebpf: &mut Ebpf) -> Result<(), CompileError> {
+    let on = DIRCACHE_ON.load(std::sync::atomic::Ordering::SeqCst);
+    bump_hook(ebpf, agentguard_common::HookFlag::FileGeneration, on)
+}
+
+/// Bump a generation slot of `AG_HOOKS` (skipping 0), or with `on` false
+/// write 0.
+fn bump_hook(ebpf: &mut Ebpf, flag: agentguard_common::HookFlag, on: bool) -> Result<(), CompileError> {
     let map = ebpf.map_mut(maps::HOOKS).ok_or(CompileError::MissingMap(maps::HOOKS))?;
     let mut hooks: aya::maps::Array<&mut aya::maps::MapData, u32> =
         aya::maps::Array::try_from(map).map_err(|source| CompileError::Map { map: maps::HOOKS, source })?;
-    let slot = HookFlag::NetGeneration as u32;
+    let slot = flag as u32;
     let current = hooks.get(&slot, 0).map_err(|source| CompileError::Map { map: maps::HOOKS, source })?;
-    hooks.set(slot, current.wrapping_add(1), 0).map_err(|source| CompileError::Map { map: maps::HOOKS, source })
+    let next = match (on, flag) {
+        (false, agentguard_common::HookFlag::FileGeneration) => 0,
+        _ => current.wrapping_add(1).max(1),
+    };
+    hooks.set(slot, next, 0).map_err(|source| CompileError::Map { map: maps::HOOKS, source })
 }
 
 /// (prefix length, agent, address padded to 16 bytes): a trie key's order
@@ -373,7 +405,7 @@ impl Ord for PathKeyOrd {
 unsafe impl Pod for PathKeyOrd {}
 
 /// Bring a hash map to exactly `desired`: insert/update first, then delete.
-fn sync<K, V>(ebpf: &mut Ebpf, name: &'static str, desired: &BTreeMap<K, V>) -> Result<(), CompileError>
+pub(crate) fn sync<K, V>(ebpf: &mut Ebpf, name: &'static str, desired: &BTreeMap<K, V>) -> Result<(), CompileError>
 where
     K: Pod + Ord,
     V: Pod + PartialEq,

@@ -143,6 +143,10 @@ fn guard_own_files(ebpf: &mut Ebpf, config: &Config, tree: &CgroupTree) {
             for p in problems {
                 tracing::warn!("{p}");
             }
+            // Marks changed: the directory cache decides again.
+            if let Err(e) = compile::bump_file_generation(ebpf) {
+                tracing::warn!(error = %e, "cannot renew the kernel's directory cache");
+            }
             tracing::info!(paths = n, "AgentGuard's own files guarded from agents (where BPF-LSM loads)");
         }
         Err(e) => tracing::warn!(error = %e, "cannot guard AgentGuard's own files from agents"),
@@ -254,9 +258,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         if let Err(e) = crate::selfprotect::preset_filter(&mut ebpf, &plan) {
             tracing::warn!(error = %e, "cannot prepare the self-protection filter before attaching");
         }
+        // Off until this daemon's programs are attached (set_dircache below).
+        if let Err(e) = compile::set_dircache(&mut ebpf, false) {
+            tracing::warn!(error = %e, "cannot switch the kernel's directory cache off");
+        }
     }
     let probes = loader::attach_all_with(&mut ebpf, &cgroup_root, Some(&pins))?;
     report_probes(&probes);
+    let dircache = loader::dircache_ready(&probes);
+    if let Err(e) = compile::set_dircache(&mut ebpf, dircache) {
+        tracing::warn!(error = %e, "cannot switch the kernel's directory cache");
+    }
     // Tags the daemon writes itself need their hint bit set first (taghint.rs).
     crate::taghint::load(&mut ebpf).map_err(|e| anyhow::anyhow!("{e}: the daemon could not tag agents that are already running"))?;
     // Self-protection (selfprotect.rs) guards this process from agents.
@@ -1226,6 +1238,7 @@ fn read_counters(ebpf: &Ebpf) -> serde_json::Value {
         "self_protect_denials": sum(Counter::SelfProtectDenials),
         "flows_full": sum(Counter::FlowsFull),
         "tag_changes": sum(Counter::TagChanges),
+        "file_allowed_repeats": sum(Counter::FileAllowedRepeats),
     })
 }
 
@@ -1453,6 +1466,9 @@ impl State {
             "mode": mode,
             "enforced": mode == loader::FileEnforcement::Veto,
             "observation_attached": self.live.observing(),
+            // Repeated allowed actions in one directory answered without a
+            // walk (docs/architecture.md, "The directory cache").
+            "directory_cache": loader::dircache_ready(&self.probes),
             "detail": match mode {
                 loader::FileEnforcement::Veto => "BPF-LSM: file actions of agents are vetoed in the kernel",
                 loader::FileEnforcement::ObserveAndContain => "no BPF-LSM: file actions are observed (syscall tracepoints, while an agent is live) and contained, not vetoed: the agent is stopped at its first violating action and frozen; agents started with `agentguard run` also get Landlock rules",

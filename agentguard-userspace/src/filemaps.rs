@@ -10,7 +10,7 @@ use std::{
 };
 
 use agentguard_common::{
-    agent_flags, limits, maps, FileInodeKey, FileNameKey, FilePrefixKey, FileRuleEntry,
+    agent_flags, limits, maps, FileInodeKey, FileNameKey, FilePrefixKey, FileQuickFilter, FileRuleEntry,
     FileRuleList, RUN_SESSION_BIT,
 };
 use aya::{
@@ -110,15 +110,58 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> CompileError {
     move |source| CompileError::Map { map, source }
 }
 
+/// Every directory (with its `/`) that has a prefix key strictly below it,
+/// and its length: what `AG_FILE_DIRMARK` holds for one id's keys. The
+/// kernel's directory cache never records such a directory (dircache.rs).
+fn dir_marks(nodes: &BTreeMap<Node, FileRuleList>) -> BTreeMap<Node, u32> {
+    let mut marks = BTreeMap::new();
+    for node in nodes.keys() {
+        let n = node.len().min(limits::FILE_KEY_PATH);
+        for (i, &b) in node[..n].iter().enumerate() {
+            if b == b'/' && i + 1 < n {
+                marks.insert(node[..=i].to_vec(), (i + 1) as u32);
+            }
+        }
+    }
+    marks
+}
+
 /// Bring the ids of one namespace (agents: top bit clear; run sessions:
-/// set) in the prefix trie to exactly `desired`.
+/// set) in the prefix trie to exactly `desired`, and the directory marks
+/// with them (marks first in, last out: a directory with a key below it
+/// is marked whenever the key is there).
 fn sync_prefixes(ebpf: &mut Ebpf, sessions: bool, desired: &BTreeMap<u32, BTreeMap<Node, FileRuleList>>) -> Result<(), CompileError> {
-    let name = maps::FILE_PREFIX;
+    let marks: BTreeMap<u32, BTreeMap<Node, u32>> = desired.iter().map(|(id, nodes)| (*id, dir_marks(nodes))).collect();
+    let old_marks = sync_trie_of(ebpf, maps::FILE_DIRMARK, sessions, &marks, false)?;
+    sync_trie_of(ebpf, maps::FILE_PREFIX, sessions, desired, true)?;
+    for k in old_marks {
+        remove_key(ebpf, maps::FILE_DIRMARK, &k)?;
+    }
+    Ok(())
+}
+
+fn remove_key(ebpf: &mut Ebpf, name: &'static str, k: &Key<FilePrefixKey>) -> Result<(), CompileError> {
     let map = ebpf.map_mut(name).ok_or(CompileError::MissingMap(name))?;
-    let mut trie: LpmTrie<&mut MapData, FilePrefixKey, FileRuleList> = LpmTrie::try_from(map).map_err(map_err(name))?;
+    let mut trie: LpmTrie<&mut MapData, FilePrefixKey, u32> = LpmTrie::try_from(map).map_err(map_err(name))?;
+    let _ = trie.remove(k);
+    Ok(())
+}
+
+/// Bring one namespace's ids in the LPM trie `name` to `desired`. With
+/// `remove`, its stale keys go at once; otherwise they are returned, for
+/// the caller to remove later.
+fn sync_trie_of<V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    sessions: bool,
+    desired: &BTreeMap<u32, BTreeMap<Node, V>>,
+    remove: bool,
+) -> Result<Vec<Key<FilePrefixKey>>, CompileError> {
+    let map = ebpf.map_mut(name).ok_or(CompileError::MissingMap(name))?;
+    let mut trie: LpmTrie<&mut MapData, FilePrefixKey, V> = LpmTrie::try_from(map).map_err(map_err(name))?;
     // Longest prefix first in, shortest first out: see compile::sync_trie.
     let mut want = BTreeSet::new();
-    let mut keys: Vec<(Key<FilePrefixKey>, FileRuleList)> =
+    let mut keys: Vec<(Key<FilePrefixKey>, V)> =
         desired.iter().flat_map(|(id, nodes)| nodes.iter().map(|(node, list)| (prefix_key(*id, node), *list))).collect();
     keys.sort_by_key(|(k, _)| std::cmp::Reverse(k.prefix_len()));
     for (key, list) in keys {
@@ -135,10 +178,13 @@ fn sync_prefixes(ebpf: &mut Ebpf, sessions: bool, desired: &BTreeMap<u32, BTreeM
         })
         .collect();
     stale.sort_by_key(Key::prefix_len);
+    if !remove {
+        return Ok(stale);
+    }
     for k in stale {
         let _ = trie.remove(&k);
     }
-    Ok(())
+    Ok(Vec::new())
 }
 
 fn sync_hash<K: aya::Pod + Ord>(ebpf: &mut Ebpf, name: &'static str, desired: &BTreeMap<K, FileRuleList>) -> Result<(), CompileError> {
@@ -206,6 +252,12 @@ pub fn apply_agents(
     sync_bit_filter(ebpf, maps::FILE_NAME_FILTER, name_bits(names.keys()), false)?;
     sync_hash(ebpf, maps::FILE_NAMES, &names)?;
     sync_bit_filter(ebpf, maps::FILE_NAME_FILTER, name_bits(names.keys()), true)?;
+    // The directory cache copies an agent's quick filter into each entry
+    // it fills; an entry lives only until the generation bump that follows
+    // this write (compile.rs), so the filter needs no write order of its
+    // own.
+    let quick: BTreeMap<u32, FileQuickFilter> = files.iter().map(|(id, f)| (*id, f.quick)).collect();
+    crate::compile::sync(ebpf, maps::FILE_QUICK, &quick)?;
     let inode_lists: BTreeMap<FileInodeKey, FileRuleList> = inodes.iter().map(|(k, v)| (*k, to_list(v))).collect();
     sync_hash(ebpf, maps::FILE_INODES, &inode_lists)?;
     Ok(files
@@ -227,5 +279,6 @@ pub fn apply_workspaces(ebpf: &mut Ebpf, set: &PolicySet, sessions: &BTreeMap<u3
         let Some(agent) = set.by_id(*agent_id) else { continue };
         desired.insert(*session, filerules::compile_session(agent, Path::new(workspace))?);
     }
-    sync_prefixes(ebpf, true, &desired)
+    sync_prefixes(ebpf, true, &desired)?;
+    crate::compile::bump_file_generation(ebpf)
 }

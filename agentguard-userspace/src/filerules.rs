@@ -27,7 +27,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 use agentguard_common::{
-    agent_flags, file_ops, fnv1a64, limits, name_kind, Decision, FileRuleEntry, FileRuleList,
+    agent_flags, file_ops, fnv1a64, limits, name_kind, Decision, FileQuickFilter, FileRuleEntry, FileRuleList,
 };
 use thiserror::Error;
 
@@ -306,6 +306,9 @@ pub struct AgentFiles {
     pub prefixes: BTreeMap<Node, FileRuleList>,
     /// (kind, hash) → rules.
     pub names: BTreeMap<(u32, u64), FileRuleList>,
+    /// Which entry names could match a name key (the directory cache's
+    /// test, dircache.rs).
+    pub quick: FileQuickFilter,
 }
 
 pub fn compile_agent(agent: &AgentPolicy) -> Result<AgentFiles, FileCompileError> {
@@ -313,6 +316,7 @@ pub fn compile_agent(agent: &AgentPolicy) -> Result<AgentFiles, FileCompileError
     let mut flags = if prefixes.is_empty() { 0 } else { agent_flags::FILE_PREFIX };
     let mut prefix_lens = 0u32;
     let mut names: BTreeMap<(u32, u64), Vec<FileRuleEntry>> = BTreeMap::new();
+    let mut quick = FileQuickFilter::default();
     for (i, rule) in agent.file_rules.iter().enumerate() {
         let entry = FileRuleEntry {
             ops: ops_bits(&rule.ops),
@@ -342,6 +346,7 @@ pub fn compile_agent(agent: &AgentPolicy) -> Result<AgentFiles, FileCompileError
                 }
             };
             flags |= flag;
+            quick.add(flag, name.as_bytes());
             let v = names.entry((kind, fnv1a64(name.as_bytes()))).or_default();
             if v.last().is_none_or(|e| e.rule_id != entry.rule_id) {
                 v.push(entry);
@@ -355,7 +360,7 @@ pub fn compile_agent(agent: &AgentPolicy) -> Result<AgentFiles, FileCompileError
         .into_iter()
         .map(|((kind, hash), entries)| Ok(((kind, hash), list(agent, &format!("name #{hash:x}"), &entries)?)))
         .collect::<Result<_, FileCompileError>>()?;
-    Ok(AgentFiles { flags, prefix_lens, prefixes, names })
+    Ok(AgentFiles { flags, prefix_lens, prefixes, names, quick })
 }
 
 /// The LPM nodes of one session: the agent's `{workspace}` rules with the

@@ -9,8 +9,8 @@ use std::{
 use agentguard_common::{globals, maps, programs, HookFlag, KernelOffsets};
 use aya::{
     programs::{
-        cgroup_sock_addr::CgroupSockAddrLinkId, links::{FdLink, PinnedLink}, lsm::LsmLinkId,
-        trace_point::TracePointLinkId, CgroupAttachMode, CgroupSockAddr, Lsm, TracePoint,
+        cgroup_sock_addr::CgroupSockAddrLinkId, fexit::FExitLinkId, links::{FdLink, PinnedLink}, lsm::LsmLinkId,
+        trace_point::TracePointLinkId, CgroupAttachMode, CgroupSockAddr, FExit, Lsm, TracePoint,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -47,6 +47,10 @@ pub enum ActionClass {
     File,
     /// Agents may not signal, ptrace or bpf() their way around AgentGuard.
     SelfProtection,
+    /// The kernel's directory cache for file decisions (dircache.rs): the
+    /// programs that see renames and mount changes. Without them the cache
+    /// is off and every file action takes the long way.
+    FileCache,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +67,8 @@ pub enum ProbeKind {
         /// right after them); checked against this kernel's BTF.
         args: usize,
     },
+    /// After a kernel function returns (BTF, trampoline).
+    FExit { function: &'static str },
 }
 
 #[derive(Debug)]
@@ -160,6 +166,12 @@ pub const PROBES: &[ProbeSpec] = &[
     // 6.2+ only: ftruncate and O_TRUNC opens (6.1 sends them to path_truncate).
     lsm(programs::LSM_FILE_TRUNCATE, "file_truncate", 1),
     lsm(programs::LSM_PATH_LINK, "path_link", 3),
+    cache(programs::DIRCACHE_RENAME, "vfs_rename"),
+    cache(programs::DIRCACHE_MOUNT, "__x64_sys_mount"),
+    cache(programs::DIRCACHE_UMOUNT, "__x64_sys_umount"),
+    cache(programs::DIRCACHE_MOVE_MOUNT, "__x64_sys_move_mount"),
+    cache(programs::DIRCACHE_PIVOT_ROOT, "__x64_sys_pivot_root"),
+    cache(programs::DIRCACHE_NEW_NS, "copy_mnt_ns"),
     protect(programs::PROTECT_TASK_KILL, "task_kill", 4),
     protect(programs::PROTECT_PTRACE, "ptrace_access_check", 2),
     // The bpf hook has 3 or 4 parameters depending on the kernel: one
@@ -199,6 +211,32 @@ const fn lsm(program: &'static str, hook: &'static str, args: usize) -> ProbeSpe
         required: false,
         lifetime: Lifetime::Always,
     }
+}
+
+/// A directory-cache probe (fexit): optional, always attached; the cache
+/// is on only when every one of them is ([`dircache_ready`]).
+const fn cache(program: &'static str, function: &'static str) -> ProbeSpec {
+    ProbeSpec {
+        program,
+        kind: ProbeKind::FExit { function },
+        class: ActionClass::FileCache,
+        required: false,
+        lifetime: Lifetime::Always,
+    }
+}
+
+/// Whether the kernel's directory cache may be used: file actions are
+/// vetoed by BPF-LSM, every program that keeps the cache's epoch is
+/// attached, and this kernel's BTF gave the offsets it reads.
+pub fn dircache_ready(statuses: &[ProbeStatus]) -> bool {
+    let offsets = kernel_offsets().as_ref().is_ok_and(|o| {
+        o.dentry_iname != 0 && o.dentry_iname_len >= 32 && o.inode_generation != 0 && o.renamedata_old != 0 && o.renamedata_new != 0
+    });
+    let cache: Vec<&ProbeStatus> = statuses.iter().filter(|s| s.class == ActionClass::FileCache).collect();
+    offsets
+        && file_enforcement(statuses) == FileEnforcement::Veto
+        && !cache.is_empty()
+        && cache.iter().all(|s| matches!(s.state, ProbeState::Attached))
 }
 
 /// A self-protection probe (BPF-LSM): optional, always attached.
@@ -412,7 +450,9 @@ pub fn load_probe(ebpf: &mut Ebpf, spec: &ProbeSpec) -> Result<(), String> {
             let prog: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
             verified(spec.program, || prog.load()).map_err(|e| describe(&e))
         }
-        ProbeKind::Lsm { .. } => Err(format!("{}: BPF-LSM probes are attached at start, not on demand", spec.program)),
+        ProbeKind::Lsm { .. } | ProbeKind::FExit { .. } => {
+            Err(format!("{}: BPF-LSM and fexit probes are attached at start, not on demand", spec.program))
+        }
     }
 }
 
@@ -422,6 +462,7 @@ enum LinkId {
     TracePoint(TracePointLinkId),
     Cgroup(CgroupSockAddrLinkId),
     Lsm(LsmLinkId),
+    FExit(FExitLinkId),
 }
 
 /// Load and attach one probe. Returns a human reason on failure.
@@ -447,6 +488,10 @@ fn pin_link(ebpf: &mut Ebpf, program: &'static str, id: LinkId, path: &Path) -> 
         }
         LinkId::Lsm(id) => {
             let p: &mut Lsm = prog.try_into().map_err(|e| describe(&e))?;
+            Ok(p.take_link(id).map_err(|e| describe(&e))?.into())
+        }
+        LinkId::FExit(id) => {
+            let p: &mut FExit = prog.try_into().map_err(|e| describe(&e))?;
             Ok(p.take_link(id).map_err(|e| describe(&e))?.into())
         }
     };
@@ -502,6 +547,17 @@ fn attach_probe_id(ebpf: &mut Ebpf, spec: &ProbeSpec, cgroup_root: &Path) -> Res
                 verified(spec.program, || lsm.load(hook, &btf)).map_err(|e| describe(&e))?;
             }
             Ok(LinkId::Lsm(lsm.attach().map_err(|e| describe(&e))?))
+        }
+        ProbeKind::FExit { function } => {
+            if let Err(e) = kernel_offsets() {
+                return Err(format!("cannot compute the kernel struct offsets the directory cache reads: {e}"));
+            }
+            let prog: &mut FExit = program.try_into().map_err(|e| format!("{e}"))?;
+            if prog.fd().is_err() {
+                let btf = aya_kernel_btf()?;
+                verified(spec.program, || prog.load(function, &btf)).map_err(|e| describe(&e))?;
+            }
+            Ok(LinkId::FExit(prog.attach().map_err(|e| describe(&e))?))
         }
     }
 }
@@ -578,6 +634,16 @@ pub fn attach_all_with(ebpf: &mut Ebpf, cgroup_root: &Path, pins: Option<&Pins>)
                 }
                 Ok(()) => attach(ebpf, spec),
             },
+            // The directory cache serves only BPF-LSM's decisions: without
+            // them its programs would only tax every rename and mount.
+            (_, ProbeKind::FExit { .. }) if spec.class == ActionClass::FileCache && !class_attached(&statuses, ActionClass::File) => {
+                statuses.push(ProbeStatus {
+                    program: spec.program,
+                    class: spec.class,
+                    state: ProbeState::Skipped { reason: "BPF-LSM does not veto file actions here: no directory cache to keep".into() },
+                });
+                continue;
+            }
             // A program that would ignore every move is not attached.
             _ if spec.program == programs::CGROUP_ATTACH_TASK && cgroup_attach_layout().is_err() => Err(format!(
                 "cannot read the cgroup_attach_task record layout: {}; reconciliation alone finds cgroup moves",
@@ -748,7 +814,7 @@ impl LiveHooks {
         match id {
             LinkId::Cgroup(id) => self.links.push((spec.program, id)),
             LinkId::TracePoint(id) => self.tracepoints.push((spec.program, id)),
-            LinkId::Lsm(_) => {}
+            LinkId::Lsm(_) | LinkId::FExit(_) => {}
         }
         Ok(())
     }

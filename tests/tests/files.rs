@@ -157,7 +157,11 @@ impl Fixture {
 // ---- BPF-LSM: vetoed in the kernel (the VM) ---------------------------------
 
 fn lsm_daemon(f: &Fixture) -> Option<Daemon> {
-    let d = Daemon::start(&[("filer.toml", &policy(&f.protected, &f.held, ""))]);
+    lsm_only(Daemon::start(&[("filer.toml", &policy(&f.protected, &f.held, ""))]))
+}
+
+/// `d`, if it vetoes with BPF-LSM; otherwise the test is skipped.
+fn lsm_only(d: Daemon) -> Option<Daemon> {
     let mode = file_mode(&d);
     if mode != "veto" {
         let detail = d.status()["file_enforcement"]["detail"].as_str().unwrap_or("").to_owned();
@@ -285,6 +289,204 @@ fn names_approvals_and_the_workspace_are_decided_per_rule() {
     assert_eq!(held["rule"], "held");
 }
 
+/// The kernel's directory cache (agentguard-ebpf dircache.rs): an agent's
+/// second allowed action in a directory is answered without walking its
+/// path, counted and not logged. Everything that could make that answer
+/// wrong sends the action the long way, and this test makes each happen
+/// between one action and the next of the same agent (one session): the
+/// entry's own name matches a rule, the entry is another name of a
+/// protected file, an ancestor of the directory is renamed into the
+/// protected tree, the directory's mount is moved into it, and a reload
+/// adds a rule for the directory. Then the agent tries to use a cached
+/// directory above AgentGuard's own (the one the daemon's directory is
+/// made in) to rename and remove the daemon's directory. Last, a mount's
+/// root is cached like any directory.
+#[test]
+fn the_directory_cache_never_outlives_what_it_decided() {
+    let f = Fixture::new("lsm-dircache", 3);
+    let base = f.dir.join("c");
+    let dir = base.join("a/b");
+    let dir2 = f.dir.join("c2");
+    let mnt = f.dir.join("m");
+    for d in [&dir, &dir2, &mnt] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    for n in ["f0", "f1", "f2", "f3", "f4", "f5", "f6", "x.bak"] {
+        std::fs::write(dir.join(n), n).expect("write");
+    }
+    std::fs::write(dir2.join("p0"), b"p0").expect("write");
+    // In the directory above the daemon's own: a file to rename twice, two
+    // directories to remove. Not the temporary directory, which has the
+    // fixture's protected tree below it: a directory with a rule's prefix
+    // below it is never cached (its entries may be on the way to the rule).
+    // (A short name: the daemon's socket is made in it, and a socket's
+    // path has at most 107 bytes.)
+    let above = TempDir { path: std::env::temp_dir().join(format!("agdc{}", std::process::id())) };
+    std::fs::create_dir_all(&above.path).expect("mkdir");
+    let (r1, r2, stolen) = (above.join("r1"), above.join("r2"), above.join("stolen"));
+    let (d1, d2) = (above.join("d1"), above.join("d2"));
+    std::fs::write(&r1, b"r").expect("write");
+    for d in [&d1, &d2] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    // Another name for a protected file, made before the policy loads.
+    std::fs::hard_link(f.protected.join("f001"), dir2.join("alias")).expect("hard link");
+    let Some(d) = lsm_only(Daemon::start_in(&above.path, &[("filer.toml", &policy(&f.protected, &f.held, ""))])) else {
+        return;
+    };
+    if d.status()["file_enforcement"]["directory_cache"] != true {
+        panic!("BPF-LSM vetoes here, so the directory cache must be on: {}", d.status()["file_enforcement"]);
+    }
+    let tmpfs = Tmpfs::mount(mnt.clone());
+    let sub = mnt.join("sub");
+    std::fs::create_dir_all(&sub).expect("mkdir");
+    for n in ["m0", "m1", "m2"] {
+        std::fs::write(sub.join(n), n).expect("write");
+    }
+    for n in ["r0", "r1"] {
+        std::fs::write(mnt.join(n), n).expect("write");
+    }
+    let repeats = || d.status()["kernel_counters"]["file_allowed_repeats"].as_u64().expect("file_allowed_repeats");
+    let before = repeats();
+
+    let go: Vec<PathBuf> = (1..=3).map(|i| f.dir.join(format!("go{i}"))).collect();
+    let moved = f.protected.join("a/b");
+    let moved_mnt = f.protected.join("mp");
+    let p = |d: &Path, n: &str| format!("{}", d.join(n).display());
+    let steps: Vec<String> = vec![
+        format!("unlink={}", p(&dir, "f0")),                       // s1: the long way, logged
+        format!("unlink={}", p(&dir, "f1")),                       // s2: from the cache
+        format!("unlink={}", p(&dir, "f2")),                       // s3: from the cache
+        format!("unlink={}", p(&dir, "x.bak")),                    // s4: its own name's rule
+        format!("rename={}:{}", p(&dir, "f3"), p(&dir, "g3")),     // s5: the long way
+        format!("rename={}:{}", p(&dir, "g3"), p(&dir, "f3")),     // s6: from the cache
+        format!("unlink={}", p(&dir2, "p0")),                      // s7: the long way
+        format!("unlink={}", p(&dir2, "alias")),                   // s8: a protected file's other name
+        format!("unlink={}", p(&sub, "m0")),                       // s9: the long way
+        format!("unlink={}", p(&sub, "m1")),                       // s10: from the cache
+        format!("wait={}", go[0].display()),
+        format!("unlink={}", p(&moved, "f4")),                     // s11: an ancestor renamed
+        format!("unlink={}", p(&moved_mnt.join("sub"), "m2")),     // s12: the mount moved
+        format!("wait={}", go[1].display()),
+        format!("unlink={}", p(&dir, "f4")),                       // s13: back, the long way
+        format!("unlink={}", p(&dir, "f5")),                       // s14: from the cache
+        format!("wait={}", go[2].display()),
+        format!("unlink={}", p(&dir, "f6")),                       // s15: a rule added since
+        format!("rename={}:{}", r1.display(), r2.display()),       // s16: the long way
+        format!("rename={}:{}", r2.display(), r1.display()),       // s17: from the cache
+        format!("rename={}:{}", d.dir.path.display(), stolen.display()), // s18: the daemon's directory
+        format!("rmdir={}", d1.display()),                         // s19: the long way
+        format!("rmdir={}", d2.display()),                         // s20: from the cache
+        format!("rmdir={}", d.dir.path.display()),                 // s21: the daemon's directory
+        format!("unlink={}", p(&mnt, "r0")),                       // s22: a mount's root, the long way
+        format!("unlink={}", p(&mnt, "r1")),                       // s23: from the cache
+    ];
+    let bin = testbin();
+    let mut agent = Command::new(agentguard_bin())
+        .arg("--config")
+        .arg(&d.config)
+        .args(["run", "--agent", AGENT, "--workspace", s(&f.ws), "--", s(&bin), "steps"])
+        .args(&steps)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn agent");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(agent.stdout.take().expect("stdout")));
+    let mut results: Vec<String> = Vec::new();
+    let mut upto = |n: usize, results: &mut Vec<String>| {
+        while results.len() < n {
+            let line = lines.next().expect("the agent ended early").expect("read the agent's output");
+            // `s<n>=<result>` per step (ag-testbin prints `pid=` first).
+            if let Some((k, r)) = line.split_once('=') {
+                if k.starts_with('s') {
+                    results.push(r.to_owned());
+                }
+            }
+        }
+    };
+    upto(10, &mut results);
+    let want = ["ok", "ok", "ok", "EPERM", "ok", "ok", "ok", "EPERM", "ok", "ok"];
+    assert_eq!(results, want, "the first ten steps");
+    assert_eq!(repeats() - before, 4, "steps 2, 3, 6 and 10 came from the cache");
+    // The long way logged; the cache counted.
+    d.wait_event(WAIT, "the first delete, logged", |e| e["kind"] == "file" && e["target"] == p(&dir, "f0") && e["decision"] == "allow");
+    d.wait_event(WAIT, "the hard link, denied", |e| e["kind"] == "file" && e["target"] == p(&dir2, "alias") && e["decision"] == "deny");
+    assert!(
+        !file_events(&d).iter().any(|e| e["target"] == p(&dir, "f1") || e["target"] == p(&dir, "f2")),
+        "answers from the cache are counted, not logged"
+    );
+
+    // Root moves the cached directory's grandparent, and the mount, into
+    // the protected tree: the same directories, now under its rule.
+    std::fs::rename(base.join("a"), f.protected.join("a")).expect("rename into the protected tree");
+    std::fs::create_dir_all(&moved_mnt).expect("mkdir");
+    nix::mount::mount(Some(&mnt), &moved_mnt, None::<&str>, nix::mount::MsFlags::MS_MOVE, None::<&str>).expect("mount --move");
+    std::fs::write(&go[0], b"").expect("go");
+    upto(12, &mut results);
+    assert_eq!(&results[10..], ["EPERM", "EPERM"], "after the rename and the move");
+    assert!(moved.join("f4").exists() && moved_mnt.join("sub/m2").exists());
+    for (what, target) in [("rename", p(&moved, "f4")), ("mount move", p(&moved_mnt.join("sub"), "m2"))] {
+        d.wait_event(WAIT, what, |e| e["kind"] == "file" && e["target"] == target && e["rule"] == "protected-tree");
+    }
+    nix::mount::mount(Some(&moved_mnt), &mnt, None::<&str>, nix::mount::MsFlags::MS_MOVE, None::<&str>).expect("mount --move back");
+
+    // Back where it was: decided again, then cached again.
+    std::fs::rename(f.protected.join("a"), base.join("a")).expect("rename back");
+    std::fs::write(&go[1], b"").expect("go");
+    upto(14, &mut results);
+    assert_eq!(&results[12..], ["ok", "ok"]);
+    assert_eq!(repeats() - before, 5, "step 14 came from the cache");
+
+    // A reload that adds a rule for the directory.
+    let late = format!(
+        "{}\n[[files.rule]]\nid = \"late\"\ndecision = \"deny\"\npaths = [\"{}/**\"]\n",
+        policy(&f.protected, &f.held, ""),
+        s(&base)
+    );
+    std::fs::write(d.dir.join("policies").join("filer.toml"), late).expect("rewrite policy");
+    let out = d.cli(&["reload"]);
+    assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&go[2], b"").expect("go");
+    upto(15, &mut results);
+    assert_eq!(results[14], "EPERM", "the rule added by the reload");
+    assert!(dir.join("f6").exists());
+    d.wait_event(WAIT, "the late rule", |e| e["kind"] == "file" && e["target"] == p(&dir, "f6") && e["rule"] == "late");
+
+    // The directory above the daemon's is cached for renames and removals
+    // (its mark says only that it lies above a guarded tree), but the
+    // daemon's directory in it has a mark of its own, which a hit checks.
+    upto(23, &mut results);
+    assert_eq!(&results[15..], ["ok", "ok", "EPERM", "ok", "ok", "EPERM", "ok", "ok"], "above the daemon's directory, and in a mount's root");
+    assert_eq!(repeats() - before, 8, "steps 17, 20 and 23 came from the cache");
+    assert!(d.dir.path.join("policies").is_dir() && !stolen.exists(), "the daemon's directory stayed where it was");
+    d.wait_event(WAIT, "the daemon's directory, not renamed", |e| {
+        e["kind"] == "file" && e["action"] == "rename" && e["target"] == s(&d.dir.path) && e["decision"] == "deny"
+    });
+    d.wait_event(WAIT, "the daemon's directory, not removed", |e| {
+        e["kind"] == "file" && e["action"] == "rmdir" && e["target"] == s(&d.dir.path) && e["decision"] == "deny"
+    });
+    assert!(agent.wait().expect("wait").success());
+    assert!(dir.join("x.bak").exists() && dir2.join("alias").exists());
+    drop(tmpfs);
+}
+
+/// A tmpfs mounted for a test, detached on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: PathBuf) -> Self {
+        nix::mount::mount(Some("tmpfs"), &dir, Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=1m"))
+            .unwrap_or_else(|e| panic!("mount tmpfs on {}: {e}", dir.display()));
+        Self(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// A policy with one `audit` rule per name-pattern kind (the kernel's name
 /// scan: components, pairs, the basename, its last pair, suffix and prefix),
 /// so each match is logged without stopping the agent.
@@ -294,7 +496,7 @@ fn name_kinds_policy(component: &str) -> String {
 name = "{AGENT}"
 
 [files]
-default = "allow"
+default = "audit"
 
 [[files.rule]]
 id = "comp"
@@ -351,7 +553,7 @@ fn every_name_pattern_kind_is_matched_in_the_kernel() {
         (ws.join("core.1234"), Some("prefix")),
         (ws.join("build/cache/o.bin"), Some("pair")),
         (ws.join("x/etc/hosts.txt"), Some("basepair")),
-        // Near misses: allowed by the default.
+        // Near misses: audited by the default.
         (ws.join("cache/build/o.bin"), None),
         (ws.join("etc/x/hosts.txt"), None),
         (ws.join("a.tar.gz.txt"), None),
@@ -377,10 +579,11 @@ fn every_name_pattern_kind_is_matched_in_the_kernel() {
             let ev = d.wait_event(WAIT, &format!("the delete of {}", p.display()), |e| {
                 e["kind"] == "file" && e["action"] == "unlink" && e["target"] == s(p)
             });
-            // A near miss falls to the agent's default, logged as rule "default".
+            // A near miss falls to the agent's default (`audit`, so every
+            // action is logged), as rule "default".
             let want = match rule {
                 Some(r) => (Some("audit"), Some(*r)),
-                None => (Some("allow"), Some("default")),
+                None => (Some("audit"), Some("default")),
             };
             assert_eq!((ev["decision"].as_str(), ev["rule"].as_str()), want, "{}: {ev}", p.display());
         }

@@ -18,7 +18,7 @@ fn usage() -> ! {
         "usage: ag-testbin connect tcp|udp ADDR:PORT | sendto ADDR:PORT | sleep SECS | threads N SECS | \
          vfork CMD... | clone3 CMD... | daemonize CMD... | unlink PATH | rmdir PATH | rename FROM TO | \
          truncate PATH | open-trunc PATH | ftruncate PATH | unlinkat DIR NAME | link FROM TO | append PATH TEXT | write PATH TEXT | create PATH | mkdir PATH | symlink TARGET PATH | exec CMD... | connects ADDR:PORT N RATE now|stdin [THREADS] | connects-until ADDR:PORT STOPFILE | signal PID SIG | ptrace PID | bpf-obj-get PINPATH | counter DIR|- MS | tree N DIR|- MS | forkstorm DEPTH FANOUT SECS | \
-         steps STEP... (tcp=ADDR:PORT, udp=ADDR:PORT, unlink=PATH, wait=PATH, sock=SOCKET:JSON) | \
+         steps STEP... (tcp=ADDR:PORT, udp=ADDR:PORT, unlink=PATH, rmdir=PATH, rename=FROM:TO, wait=PATH, sock=SOCKET:JSON) | \
          hold-loop tcp|unlink ADDR|PATH"
     );
     exit(2)
@@ -586,6 +586,11 @@ fn run_steps(steps: &[String]) -> ! {
                 UdpSocket::bind(if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).and_then(|s| s.connect(a))
             }
             "unlink" => std::fs::remove_file(arg),
+            "rmdir" => std::fs::remove_dir(arg),
+            "rename" => {
+                let Some((from, to)) = arg.split_once(':') else { usage() };
+                std::fs::rename(from, to)
+            }
             "sock" => {
                 let Some((path, line)) = arg.split_once(':') else { usage() };
                 match sock_request(path, line) {
