@@ -42,7 +42,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    filejudge::name_filter_bit,
+    filejudge::{name_filter_bit, NAME_KINDS},
     filepath::{self, FileScratch},
     kstructs::off,
     selfprotect::in_self_filter,
@@ -57,13 +57,6 @@ static DIRMARK: LpmTrie<FilePrefixKey, u32> = LpmTrie::with_max_entries(limits::
 
 #[map(name = "AG_FILE_QUICK")]
 static QUICK: HashMap<u32, FileQuickFilter> = HashMap::with_max_entries(limits::MAX_AGENTS, 0);
-
-const NAME_KINDS: u32 = agent_flags::FILE_COMPONENT
-    | agent_flags::FILE_BASENAME
-    | agent_flags::FILE_SUFFIX
-    | agent_flags::FILE_BASE_PREFIX
-    | agent_flags::FILE_PAIR
-    | agent_flags::FILE_BASE_PAIR;
 
 const S_IFMT: u16 = 0o170_000;
 const S_IFDIR: u16 = 0o040_000;

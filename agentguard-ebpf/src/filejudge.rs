@@ -50,7 +50,7 @@ static FILE_NAME_FILTER: Array<u64> = Array::with_max_entries(limits::FILE_NAME_
 static FILE_INODES: HashMap<FileInodeKey, FileRuleList> =
     HashMap::with_max_entries(limits::MAX_FILE_INODES, 0);
 
-const NAME_KINDS: u32 = agent_flags::FILE_COMPONENT
+pub const NAME_KINDS: u32 = agent_flags::FILE_COMPONENT
     | agent_flags::FILE_BASENAME
     | agent_flags::FILE_SUFFIX
     | agent_flags::FILE_BASE_PREFIX
