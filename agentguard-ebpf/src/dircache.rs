@@ -412,6 +412,35 @@ pub fn same_path(a: u64, b: u64) -> bool {
     am == bm && ad == bd
 }
 
+/// Whether entry `v` holds for directory `d` on `mnt` at stamp `st`.
+#[inline(always)]
+fn holds(v: &DirCacheEntry, st: Stamp, mnt: u64, d: u64) -> bool {
+    v.generation == st.generation && v.epoch == st.epoch && same_dir(v, mnt, d)
+}
+
+/// Whether two keys are the same, field by field (a derived comparison of
+/// the whole struct could become a `bcmp` call, which BPF has not).
+#[inline(always)]
+fn same_key(a: &DirCacheKey, b: &DirCacheKey) -> bool {
+    a.dentry == b.dentry && a.mnt == b.mnt && a.agent_id == b.agent_id && a.session_id == b.session_id && a.ops == b.ops
+}
+
+/// `*dst = *src`, a word at a time (the BPF target has no `memcpy` for a
+/// copy this size).
+#[inline(always)]
+fn copy_entry(dst: &mut DirCacheEntry, src: &DirCacheEntry) {
+    const WORDS: usize = core::mem::size_of::<DirCacheEntry>() / 8;
+    const _: () = assert!(core::mem::size_of::<DirCacheEntry>() % 8 == 0);
+    let (d, s) = ((dst as *mut DirCacheEntry).cast::<u64>(), (src as *const DirCacheEntry).cast::<u64>());
+    let mut i = 0;
+    while i < WORDS {
+        // SAFETY: both are whole entries, 8-byte aligned (their first
+        // members are 8-byte words after two u32s).
+        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+        i += 1;
+    }
+}
+
 /// Step 1 of a lookup: a tagged task's `ops` action in directory `dir` (a
 /// `struct path *`); `tag` is the task's [`Tag`] as [`pack`] makes it.
 /// Takes the stamp, finds the directory's entry if it still holds, and
@@ -449,20 +478,33 @@ pub fn begin<const V: u32>(tag: u64, ops: u64, dir: u64, e: u64) -> u64 {
     let mnt: u64 = ld(dir, off!(path_mnt));
     let d: u64 = ld(dir, off!(path_dentry));
     s.dc_key = DirCacheKey { agent_id, session_id: (tag >> 32) as u32, ops: ops as u32, pad: 0, dentry: d, mnt };
-    // SAFETY: read while this program runs.
-    if let Some(v) = unsafe { DIRCACHE.get(&s.dc_key) } {
-        if v.generation == st.generation && v.epoch == st.epoch && same_dir(v, mnt, d) {
-            // Most names are clear by the quick filter: no hashing, and
-            // the answer here.
-            if v.flags & NAME_KINDS == 0 || quick_clear(&v.quick, e) {
-                return if entry_clear(e, v.flags) { ALLOWED } else { 0 };
+    // This CPU's last entry first (no hash lookup), then the cache's; an
+    // entry that holds is copied to the last one, and judged from there.
+    let held = if same_key(&s.dc_last_key, &s.dc_key) && holds(&s.dc_last, st, mnt, d) {
+        true
+    } else {
+        // SAFETY: read while this program runs.
+        match unsafe { DIRCACHE.get(&s.dc_key) } {
+            Some(v) if holds(v, st, mnt, d) => {
+                copy_entry(&mut s.dc_last, v);
+                s.dc_last_key = s.dc_key;
+                true
             }
-            s.dc_flags = v.flags;
-            s.dc_prefix_lens = v.prefix_lens;
-            s.dc_dir_hash = v.name_hash;
-            unsafe { core::ptr::write_volatile(&mut s.dc_cached, 1) };
-            return 1;
+            _ => false,
         }
+    };
+    if held {
+        let v = &s.dc_last;
+        // Most names are clear by the quick filter: no hashing, and the
+        // answer here.
+        if v.flags & NAME_KINDS == 0 || quick_clear(&v.quick, e) {
+            return if entry_clear(e, v.flags) { ALLOWED } else { 0 };
+        }
+        s.dc_flags = v.flags;
+        s.dc_prefix_lens = v.prefix_lens;
+        s.dc_dir_hash = v.name_hash;
+        unsafe { core::ptr::write_volatile(&mut s.dc_cached, 1) };
+        return 1;
     }
     let cfg = agent_config(agent_id);
     let pairs = cfg.flags & (agent_flags::FILE_PAIR | agent_flags::FILE_BASE_PAIR) != 0;

@@ -9,14 +9,23 @@
 //! they always stay inside the buffer, which the verifier checks.
 use core::ffi::c_void;
 
-use agentguard_common::limits::{FILE_PATH_MAX, FILE_WALK_DEPTH};
+use agentguard_common::{
+    limits::{FILE_PATH_MAX, FILE_WALK_DEPTH},
+    Tag,
+};
 use aya_ebpf::{
-    helpers::generated::{bpf_loop, bpf_probe_read_kernel_str, bpf_probe_read_user_str},
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{bpf_loop, bpf_probe_read_kernel_str, bpf_probe_read_user_str},
+    },
     macros::map,
     maps::PerCpuArray,
 };
 
-use crate::kstructs::{dentry_up, mount_frame, off, read_ptr};
+use crate::{
+    kstructs::{dentry_up, mount_frame, off, read_ptr},
+    shared::{hinted, tag_epoch, tag_of},
+};
 
 /// Longest path the judge looks at (NUL excluded).
 pub const PATH_LIMIT: usize = FILE_PATH_MAX - 1;
@@ -69,6 +78,19 @@ pub struct FileScratch {
     /// its mark (byte 0), depth (byte 1), whether it was conclusive (bit
     /// 16), and whether the action touched AgentGuard's files (bit 24).
     pub dc_walk: u64,
+    /// The last directory cache entry that held on this CPU, and its key
+    /// (dircache.rs `begin`): the next action in the same directory is
+    /// answered from here, without the cache's hash lookup. A copy, held
+    /// to the same checks as the cache's own entry each time.
+    pub dc_last_key: agentguard_common::DirCacheKey,
+    pub dc_last: agentguard_common::DirCacheEntry,
+    /// The last tag a file hook looked up on this CPU ([`file_tag`]): the
+    /// task id, the tag epoch it was read at, and the tag (agent id in the
+    /// low half). `memo_ok` 0: none.
+    pub memo_tid: u32,
+    pub memo_ok: u32,
+    pub memo_epoch: u64,
+    pub memo_tag: u64,
 }
 
 #[repr(C)]
@@ -141,6 +163,42 @@ pub struct Built {
 pub fn scratch() -> Option<&'static mut FileScratch> {
     // SAFETY: per-CPU and the program runs to completion on this CPU.
     FILE_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// The calling task's tag, as [`current_tag`](crate::shared::current_tag)
+/// gives it, for the file hooks: remembered in this CPU's scratch with the
+/// task id and the tag epoch it was read at, so an agent's run of file
+/// actions looks its tag up once. The epoch changes after every tag
+/// written or removed, by the kernel or the daemon (shared.rs
+/// `tag_changed`, taghint.rs), and it is read before the tag: a tag
+/// changed after the read is never remembered as current.
+#[inline(always)]
+pub fn file_tag() -> Option<Tag> {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if !hinted(tid) {
+        return None;
+    }
+    let Some(s) = scratch() else { return tag_of(tid) };
+    let epoch = tag_epoch();
+    // SAFETY (volatile accesses): fields of the map value `s` points to,
+    // this CPU's alone while the program runs.
+    unsafe {
+        if core::ptr::read_volatile(&s.memo_ok) == 1
+            && core::ptr::read_volatile(&s.memo_tid) == tid
+            && core::ptr::read_volatile(&s.memo_epoch) == epoch
+        {
+            let t = core::ptr::read_volatile(&s.memo_tag);
+            return Some(Tag { agent_id: t as u32, session_id: (t >> 32) as u32 });
+        }
+    }
+    let tag = tag_of(tid);
+    if let Some(t) = tag {
+        s.memo_tid = tid;
+        s.memo_epoch = epoch;
+        s.memo_tag = t.agent_id as u64 | (t.session_id as u64) << 32;
+        s.memo_ok = 1;
+    }
+    tag
 }
 
 #[inline(always)]

@@ -32,7 +32,7 @@ use crate::{
     filepath,
     kstructs::{dentry_inode, off, path_parts},
     selfprotect::{in_guarded_tree, self_walk},
-    shared::{count, current_tag, decide_unreadable, granted, notify_hold},
+    shared::{count, decide_unreadable, granted, notify_hold},
 };
 
 const EPERM: i32 = 1;
@@ -205,7 +205,7 @@ pub fn path_unlink(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    let Some(tag) = current_tag() else { return 0 };
+    let Some(tag) = filepath::file_tag() else { return 0 };
     dir_entry::<1>(&ctx, tag, FileOp::Unlink, FileOp::Unlink.rule_ops(), 0, 1, true)
 }
 
@@ -217,7 +217,7 @@ pub fn path_rmdir(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    let Some(tag) = current_tag() else { return 0 };
+    let Some(tag) = filepath::file_tag() else { return 0 };
     dir_entry::<2>(&ctx, tag, FileOp::Rmdir, FileOp::Rmdir.rule_ops(), 0, 1, true)
 }
 
@@ -233,7 +233,7 @@ pub fn path_rename(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    let Some(tag) = current_tag() else { return 0 };
+    let Some(tag) = filepath::file_tag() else { return 0 };
     // Nothing may be moved into AgentGuard's directories either: the
     // target directory guards the source's rename.
     let new_dir: u64 = ctx.arg(2);
@@ -279,7 +279,7 @@ pub fn path_truncate(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    let Some(tag) = current_tag() else { return 0 };
+    let Some(tag) = filepath::file_tag() else { return 0 };
     let p: u64 = ctx.arg(0);
     decide(tag, FileOp::Truncate, FileOp::Truncate.rule_ops(), false, build::PATH, p, 0, 0, None)
 }
@@ -292,7 +292,7 @@ pub fn file_truncate(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    let Some(tag) = current_tag() else { return 0 };
+    let Some(tag) = filepath::file_tag() else { return 0 };
     let file: u64 = ctx.arg(0);
     let (mnt, dentry) = path_parts(file + off!(file_path)).unwrap_or((0, 0));
     decide(tag, FileOp::Truncate, FileOp::Truncate.rule_ops(), false, build::WALK, mnt, dentry, 0, None)
@@ -309,7 +309,7 @@ pub fn path_link(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    let Some(tag) = current_tag() else { return 0 };
+    let Some(tag) = filepath::file_tag() else { return 0 };
     let old_dentry: u64 = ctx.arg(0);
     let new_dir: u64 = ctx.arg(1);
     // A second name would let an agent write a protected file from outside

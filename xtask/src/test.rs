@@ -56,6 +56,11 @@ pub struct TestArgs {
     /// the VM once and prints what the verifier said).
     #[arg(long, requires = "extra_test_bin", conflicts_with = "only")]
     only_extra: bool,
+    /// vCPUs of each test VM. One measures what a program costs without
+    /// another vCPU's turns in its clock (under single-threaded TCG; as the
+    /// benchmark's VM does, `vm::BENCH_CPUS`); the tests want two.
+    #[arg(long, value_name = "N", default_value_t = vm::TEST_CPUS, value_parser = clap::value_parser!(u32).range(1..=8))]
+    vm_cpus: u32,
 }
 
 pub fn run(root: &Path, args: &TestArgs) -> Result<ExitCode> {
@@ -114,7 +119,7 @@ pub fn run(root: &Path, args: &TestArgs) -> Result<ExitCode> {
             .vm_jobs
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
             .max(1);
-        envs.extend(vm_envs(root, &labels, &integration, &programs, timeout, jobs));
+        envs.extend(vm_envs(root, &labels, &integration, &programs, timeout, jobs, args.vm_cpus));
     }
 
     println!();
@@ -134,6 +139,7 @@ fn vm_envs(
     programs: &[Executable],
     timeout: Duration,
     jobs: usize,
+    cpus: u32,
 ) -> Vec<EnvResults> {
     if integration.is_empty() {
         println!(
@@ -166,7 +172,7 @@ fn vm_envs(
                 .collect();
         }
     };
-    let run = |label: &str| vm::run(root, label, &prepared, timeout, vm::TEST_CPUS).unwrap_or_else(|e| failed_env(label, e));
+    let run = |label: &str| vm::run(root, label, &prepared, timeout, cpus).unwrap_or_else(|e| failed_env(label, e));
     // Each VM has its own directory, initramfs and console log, and its
     // console lines carry its label, so VMs can run side by side; results
     // are reported in label order whatever order they finish in.
