@@ -21,7 +21,7 @@
 B=/tests/abf
 D=/tmp/hc
 OPS="unlink rename rmdir"
-SETS="20000:/tmp/w 2000:/dev/shm/w 20000:/dev/shm/w"
+SETS="2000:/dev/shm/agentguard-bench-files-1"
 mkdir -p $D/policies /tmp/w; mount | grep -E " / | /dev | /dev/shm | /tmp " | sed "s/^/HC mount /"
 # The benchmark's policy (tests/src/bin/ag-bench-files.rs POLICY).
 cat > $D/policies/bench.toml <<'P'
@@ -89,6 +89,9 @@ VARIANTS=$(ls /tests | grep '^agv' | sed 's/agv//')
 for set in $SETS; do N=${set%%:*}; W=${set#*:}; mkdir -p $W; for op in $OPS; do for i in 1 2 3; do one base-$i $op ""; done; done; done
 for v in $VARIANTS; do
   A=/tests/agv$v
+  # A build named agvNAME-debug runs its daemon with debug logging (as
+  # the benchmark's harness starts it).
+  case $v in *-debug) export AGENTGUARD_LOG=debug ;; *) unset AGENTGUARD_LOG ;; esac
   $A --config $D/agentguard.toml daemon > $D/out 2> $D/err &
   pid=$!
   i=0
