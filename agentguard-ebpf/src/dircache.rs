@@ -144,15 +144,30 @@ fn hash_len(d: u64) -> u64 {
     (len as u64) << 32 | hash as u64
 }
 
+/// A dentry's `d_name.len` alone (the high half of [`hash_len`]): one load.
+#[inline(always)]
+fn name_len(d: u64) -> u64 {
+    let qstr = opaque(off!(dentry_name) - 8);
+    let len: u32 = ld(d, qstr + 4);
+    len as u64
+}
+
+/// Whether the dentry keeps its name inline (this kernel's BTF gave the
+/// inline array, and it holds [`INLINE_NAME`] bytes and its NUL).
+#[inline(always)]
+fn has_inline_names() -> bool {
+    off!(dentry_iname) != 0 && off!(dentry_iname_len) >= 32
+}
+
 /// A dentry's name when it has at most [`INLINE_NAME`] bytes (the dentry
 /// then holds it inline): its length and the four words that hold it.
 #[inline(always)]
 fn inline_name(d: u64) -> Option<(u64, [u64; 4])> {
-    let iname = off!(dentry_iname);
-    if iname == 0 || off!(dentry_iname_len) < 32 {
+    if !has_inline_names() {
         return None;
     }
-    let len = hash_len(d) >> 32;
+    let iname = off!(dentry_iname);
+    let len = name_len(d);
     if len == 0 || len > INLINE_NAME {
         return None;
     }
@@ -193,23 +208,36 @@ fn name_hash(d: u64) -> Option<u64> {
 /// would.
 #[inline(always)]
 fn quick_clear(q: &FileQuickFilter, e: u64) -> bool {
-    let Some((len, w)) = inline_name(e) else { return false };
-    if len < 2 {
+    if !has_inline_names() {
         return false;
     }
-    let pick = |i: u64| match i {
-        0 => w[0],
-        1 => w[1],
-        2 => w[2],
-        _ => w[3],
-    };
-    // The last byte is at `end` (1..=30), the one before it at `end - 1`.
+    let len = name_len(e);
+    if len < 2 || len > INLINE_NAME {
+        return false;
+    }
+    // Only the words that hold the first and the last two bytes are read
+    // (each read of kernel memory is a guarded load; a short name has all
+    // three in the first word). `end` is the last byte's index, 1..=30.
+    let iname = off!(dentry_iname);
+    let w0: u64 = ld(e, iname);
     let end = len - 1;
-    let (wi, sh) = (end >> 3, (end & 7) * 8);
-    let cur = pick(wi);
-    let last = (cur >> sh) as u8;
-    let prev = if sh != 0 { (cur >> (sh - 8)) as u8 } else { (pick(wi - 1) >> 56) as u8 };
-    q.clear(len as usize, w[0] as u8, prev, last)
+    let (prev, last) = if end < 8 {
+        ((w0 >> ((end - 1) * 8)) as u8, (w0 >> (end * 8)) as u8)
+    } else {
+        let at = |i: u64| -> u64 {
+            match i {
+                0 => w0,
+                1 => ld(e, iname + 8),
+                2 => ld(e, iname + 16),
+                _ => ld(e, iname + 24),
+            }
+        };
+        let (wi, sh) = (end >> 3, (end & 7) * 8);
+        let cur = at(wi);
+        let prev = if sh != 0 { (cur >> (sh - 8)) as u8 } else { (at(wi - 1) >> 56) as u8 };
+        (prev, (cur >> sh) as u8)
+    };
+    q.clear(len as usize, w0 as u8, prev, last)
 }
 
 /// Step 2 of a lookup ([`begin`], [`scan`], [`finish`]): hash entry
@@ -372,9 +400,12 @@ fn same_dir(v: &DirCacheEntry, mnt: u64, d: u64) -> bool {
     if inode != v.inode {
         return false;
     }
+    // One branch for the two (under TCG each branch ends a translated
+    // block). The inode pointer is compared apart: to the verifier it is
+    // a pointer, which no bitwise operation may take.
     let ino: u64 = ld(inode, off!(inode_ino));
     let igen: u32 = ld(inode, off!(inode_generation));
-    if ino != v.ino || igen != v.igen {
+    if (ino ^ v.ino) | (igen ^ v.igen) as u64 != 0 {
         return false;
     }
     let root: u64 = ld(mnt, off!(vfsmount_root));
@@ -415,14 +446,23 @@ pub fn same_path(a: u64, b: u64) -> bool {
 /// Whether entry `v` holds for directory `d` on `mnt` at stamp `st`.
 #[inline(always)]
 fn holds(v: &DirCacheEntry, st: Stamp, mnt: u64, d: u64) -> bool {
-    v.generation == st.generation && v.epoch == st.epoch && same_dir(v, mnt, d)
+    (v.generation ^ st.generation) | (v.epoch ^ st.epoch) == 0 && same_dir(v, mnt, d)
 }
 
 /// Whether two keys are the same, field by field (a derived comparison of
 /// the whole struct could become a `bcmp` call, which BPF has not).
 #[inline(always)]
 fn same_key(a: &DirCacheKey, b: &DirCacheKey) -> bool {
-    a.dentry == b.dentry && a.mnt == b.mnt && a.agent_id == b.agent_id && a.session_id == b.session_id && a.ops == b.ops
+    let ids = (a.agent_id ^ b.agent_id) | (a.session_id ^ b.session_id) | (a.ops ^ b.ops);
+    // Read back from the map: the compiler would otherwise use the
+    // pointers just stored there, and the verifier admits no bitwise
+    // operation on a pointer.
+    // SAFETY: fields of map values the references point to.
+    let (ad, am, bd, bm) = unsafe {
+        use core::ptr::read_volatile as r;
+        (r(&a.dentry), r(&a.mnt), r(&b.dentry), r(&b.mnt))
+    };
+    (ad ^ bd) | (am ^ bm) | ids as u64 == 0
 }
 
 /// `*dst = *src`, a word at a time (the BPF target has no `memcpy` for a
