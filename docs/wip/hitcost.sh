@@ -23,30 +23,8 @@ D=/tmp/hc
 OPS="unlink rename rmdir"
 SETS="2000:/dev/shm/agentguard-bench-files-1"
 mkdir -p $D/policies /tmp/w; mount | grep -E " / | /dev | /dev/shm | /tmp " | sed "s/^/HC mount /"
-# The benchmark's policy (tests/src/bin/ag-bench-files.rs POLICY).
-cat > $D/policies/bench.toml <<'P'
-[agent]
-name = "bench"
-[files]
-default = "allow"
-[[files.rule]]
-id = "db"
-decision = "deny"
-paths = ["/var/lib/postgresql/**"]
-[[files.rule]]
-id = "vcs"
-decision = "deny"
-paths = ["**/.git/**"]
-ops = ["unlink", "rmdir", "rename"]
-[[files.rule]]
-id = "backups"
-decision = "deny"
-paths = ["**/*.bak"]
-[[files.rule]]
-id = "temp"
-decision = "audit"
-paths = ["**/tmp_*"]
-P
+# The benchmark's own policy.
+$B policy > $D/policies/bench.toml
 cat > $D/agentguard.toml <<C
 policy_dir = "$D/policies"
 events_log = "$D/events.jsonl"

@@ -644,6 +644,12 @@ fn print_table(results: &[Value]) {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // The benchmark's policy, for a script that measures the same loops
+    // (docs/wip/hitcost.sh).
+    if args.first().map(String::as_str) == Some("policy") {
+        print!("{POLICY}");
+        return;
+    }
     if args.first().map(String::as_str) == Some("loop") {
         let op = args.get(1).and_then(|s| Op::ALL.into_iter().chain([Op::Getppid]).find(|o| o.name() == s)).expect("op");
         let n: usize = args.get(2).and_then(|s| s.parse().ok()).expect("iterations");
