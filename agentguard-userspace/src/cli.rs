@@ -162,11 +162,22 @@ pub fn reload(ctx: &Ctx) -> anyhow::Result<ExitCode> {
 /// the pins itself (the programs a crashed daemon left enforcing).
 pub fn stop(ctx: &Ctx, unload: bool, json: bool) -> anyhow::Result<ExitCode> {
     let config = ctx.config()?;
-    let v = match control::request(&config.socket, &Request::Stop { unload }) {
+    // The programs the pinned links attach, to see them leave the kernel.
+    let programs = if unload { crate::pins::pinned_program_ids(&config.pin_dir) } else { Vec::new() };
+    let mut v = match control::request(&config.socket, &Request::Stop { unload }) {
         Ok(v) => v,
         Err(control::ClientError::NotRunning(_)) if unload => crate::daemon::unload_without_daemon(&config),
         Err(e) => return Err(e.into()),
     };
+    if unload {
+        // The daemon lets go of its programs as it exits, and the kernel
+        // detaches a link whose last pin went from a work item of its own.
+        let left = crate::pins::wait_unloaded(&programs, std::time::Duration::from_secs(10));
+        if !left.is_empty() {
+            v["unloaded"] = serde_json::Value::Bool(false);
+        }
+        v["programs_left"] = serde_json::json!(left);
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -179,8 +190,13 @@ pub fn stop(ctx: &Ctx, unload: bool, json: bool) -> anyhow::Result<ExitCode> {
             println!("the pinned programs keep enforcing ({}); `agentguard stop --unload` removes them", config.pin_dir.display());
         } else if v["unloaded"] == true {
             println!("unloaded: {} pins removed; nothing of AgentGuard is left in the kernel", v["pins_removed"]);
-        } else {
+        } else if v["pin_error"].is_string() {
             println!("unload incomplete: {}", v["pin_error"]);
+        } else {
+            println!(
+                "unload incomplete: the pins are removed but programs {} are still loaded after 10 s (a process holds them: `bpftool prog show id N` lists its pids)",
+                v["programs_left"]
+            );
         }
         for c in v["cgroups_left"].as_array().into_iter().flatten() {
             println!("  cgroup kept (processes still in it): {}", c.as_str().unwrap_or_default());

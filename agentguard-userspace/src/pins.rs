@@ -133,6 +133,37 @@ pub fn remove_all(root: &Path) -> io::Result<()> {
     }
 }
 
+/// The ids of the programs that the links pinned under `root` attach: what
+/// [`remove_all`] is meant to take out of the kernel.
+pub fn pinned_program_ids(root: &Path) -> Vec<u32> {
+    let mut ids: Vec<u32> = list(root)
+        .iter()
+        .filter_map(|rel| PinnedLink::from_pin(root.join(rel)).ok())
+        .filter_map(|p| FdLink::from(p).info().ok())
+        .map(|info| info.program_id())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Wait, at most `limit`, until none of the programs `ids` is loaded any
+/// more, and return those still loaded then. Removing a link's last pin
+/// detaches it from a kernel work item, not from the `unlink` itself, and a
+/// process holding the program (a daemon on its way out) keeps it loaded:
+/// "unloaded" is only said once the kernel has let go.
+pub fn wait_unloaded(ids: &[u32], limit: std::time::Duration) -> Vec<u32> {
+    let start = std::time::Instant::now();
+    loop {
+        let loaded: std::collections::HashSet<u32> = aya::programs::loaded_programs().filter_map(Result::ok).map(|p| p.id()).collect();
+        let left: Vec<u32> = ids.iter().copied().filter(|id| loaded.contains(id)).collect();
+        if left.is_empty() || start.elapsed() >= limit {
+            return left;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// What is pinned under `root`, relative paths, sorted (for status and tests).
 pub fn list(root: &Path) -> Vec<String> {
     fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {

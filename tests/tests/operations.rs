@@ -236,6 +236,7 @@ fn stop_keeps_enforcing_and_stop_unload_removes_everything() {
     assert!(out.status.success(), "stop --unload: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!((v["stopped"].as_bool(), v["unloaded"].as_bool()), (Some(true), Some(true)), "{v:#}");
+    assert_eq!(v["programs_left"].as_array().map(Vec::len), Some(0), "the kernel let go of every program: {v:#}");
     wait_exit(&mut d);
     assert!(!d.pin_dir.exists(), "the pin directory is gone: {:?}", d.pins());
     // Nothing judges the agent any more.
