@@ -404,6 +404,11 @@ pub enum Counter {
     /// (dircache.rs): counted, not logged (docs/events.md, "Allowed file
     /// actions").
     FileAllowedRepeats = 6,
+    /// A tagged agent's file action found this CPU's file scratch taken by
+    /// a program run it preempted (kernels with full preemption): it could
+    /// not be judged, and was refused (BPF-LSM) or contained (the
+    /// fallback), fail closed, with rule [`RULE_PREEMPTED`].
+    FileScratchBusy = 7,
 }
 
 pub const COUNTER_SLOTS: u32 = 8;
@@ -434,6 +439,12 @@ pub const RULE_FAIL_CLOSED: u32 = u32::MAX;
 /// The `rule_id` of an action on AgentGuard's own files refused by
 /// self-protection (selfprotect.rs), whatever the agent's policy says.
 pub const RULE_SELF_PROTECT: u32 = u32::MAX - 1;
+
+/// The `rule_id` of a file action refused because it could not be judged:
+/// the program run for it preempted another one mid-judgment on the same
+/// CPU, whose working state it would otherwise have overwritten
+/// ([`Counter::FileScratchBusy`]).
+pub const RULE_PREEMPTED: u32 = u32::MAX - 2;
 
 /// The network hook that produced a [`NetEvent`].
 #[repr(u32)]

@@ -470,6 +470,18 @@ pub fn approval_of(tag: Tag, op: FileOp, verdict: (Decision, u32), s: &mut FileS
     (state, id, target)
 }
 
+/// A tagged task's file action that found this CPU's scratch taken by a
+/// run it preempted (filepath.rs `take`): refused or contained by the
+/// caller, counted, and recorded without its path (the path is built in
+/// the scratch). `record` reads nothing of the scratch without a path.
+#[inline(always)]
+pub fn record_preempted(tag: Tag, op: FileOp, how: Enforcement) {
+    count(agentguard_common::Counter::FileScratchBusy);
+    if let Some(s) = filepath::scratch() {
+        record(tag, op, (Decision::Deny, agentguard_common::RULE_PREEMPTED), how, (approval::NONE, 0, [0; 16]), s, None, false);
+    }
+}
+
 /// Write the event. With `split`, the directory goes to `dir` and the last
 /// component to `name`; otherwise `dir` holds the whole path.
 #[inline(always)]

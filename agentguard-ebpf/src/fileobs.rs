@@ -23,7 +23,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    filejudge::{approval_of, judge, record},
+    filejudge::{approval_of, judge, record, record_preempted},
     filepath::{self, Built, FileScratch},
     kstructs::{dentry_inode, fd_file, off, path_parts, read_u32},
     shared::{current_tag, decide_unreadable, granted, hinted, hook_flag, notify_hold, HOOKS},
@@ -62,6 +62,21 @@ fn ret(ctx: &TracePointContext) -> i64 {
 /// Judge, contain when the decision blocks, record.
 #[inline(always)]
 fn observe(tag: Tag, op: FileOp, ops: u32, inode: u64, build: impl FnOnce(&mut FileScratch) -> Result<Built, ()>) {
+    // A run this one preempted holds this CPU's scratch (filepath.rs
+    // `take`; syscall tracepoints are preemptible from 6.14 on): the action
+    // cannot be judged, and is contained, fail closed.
+    if !filepath::claim() {
+        // SAFETY: signals the current process; no pointers involved.
+        unsafe { bpf_send_signal(SIGSTOP) };
+        record_preempted(tag, op, Enforcement::Observed);
+        return;
+    }
+    observe_taken(tag, op, ops, inode, build);
+    filepath::release();
+}
+
+#[inline(always)]
+fn observe_taken(tag: Tag, op: FileOp, ops: u32, inode: u64, build: impl FnOnce(&mut FileScratch) -> Result<Built, ()>) {
     let Some(s) = filepath::scratch() else { return };
     let (verdict, built) = match build(s) {
         Ok(b) => (judge(tag, s, b, ops, inode), Some(b)),

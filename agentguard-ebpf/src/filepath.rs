@@ -7,7 +7,10 @@
 //! behind its prefix length) so the judge looks the path up in place.
 //! Writes land at `offset & PATH_MASK` with at most `PATH_CHUNK` bytes, so
 //! they always stay inside the buffer, which the verifier checks.
-use core::ffi::c_void;
+use core::{
+    ffi::c_void,
+    intrinsics::{atomic_cxchg, AtomicOrdering},
+};
 
 use agentguard_common::{
     limits::{FILE_PATH_MAX, FILE_WALK_DEPTH},
@@ -91,6 +94,8 @@ pub struct FileScratch {
     pub memo_ok: u32,
     pub memo_epoch: u64,
     pub memo_tag: u64,
+    /// 1 while a program run on this CPU holds the rest ([`take`]).
+    pub busy: u64,
 }
 
 #[repr(C)]
@@ -161,23 +166,85 @@ pub struct Built {
 
 #[inline(always)]
 pub fn scratch() -> Option<&'static mut FileScratch> {
-    // SAFETY: per-CPU and the program runs to completion on this CPU.
+    // SAFETY: per-CPU, and only used by a run that took it ([`take`],
+    // [`claim`]): a run that preempts it finds it taken.
     FILE_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
+/// What a file program finds for the calling task ([`take`]).
+pub enum Taken {
+    /// Not an agent's: nothing to judge.
+    Untagged,
+    /// An agent's, and this CPU's scratch is this run's until [`release`].
+    Tagged(Tag),
+    /// An agent's, and another run on this CPU holds the scratch: one this
+    /// run preempted mid-way (a kernel with full preemption runs BPF-LSM
+    /// and, from 6.14 on, syscall tracepoint programs preemptibly, with
+    /// only migration disabled). The action cannot be judged here without
+    /// overwriting that run's path, cache key and memo; it fails closed.
+    Busy(Tag),
+}
+
+/// The calling task's tag for a file program, with this CPU's scratch taken
+/// for the rest of the run when the task is an agent's (untagged tasks, the
+/// host's every other process, never touch it). Every [`Taken::Tagged`]
+/// must be followed by [`release`] on every way out.
+#[inline(always)]
+pub fn take() -> Taken {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if !hinted(tid) {
+        return Taken::Untagged;
+    }
+    let busy = |tid: u32| match tag_of(tid) {
+        Some(t) => Taken::Busy(t),
+        None => Taken::Untagged,
+    };
+    if !claim() {
+        return busy(tid);
+    }
+    match file_tag(tid) {
+        Some(t) => Taken::Tagged(t),
+        None => {
+            release();
+            Taken::Untagged
+        }
+    }
+}
+
+/// Take this CPU's scratch for this run ([`take`], for a program that has
+/// the tag already): false while another run holds it. One
+/// compare-and-exchange, atomic against a preemption on this CPU; the
+/// scratch is per CPU, so no other CPU ever contends.
+#[inline(always)]
+pub fn claim() -> bool {
+    let Some(p) = FILE_SCRATCH.get_ptr_mut(0) else { return false };
+    // SAFETY: a field of the per-CPU map value `p` points to.
+    let (_, taken) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(core::ptr::addr_of_mut!((*p).busy), 0, 1)
+    };
+    taken
+}
+
+/// Give this CPU's scratch back ([`take`], [`claim`]). A plain store: only a run on
+/// this CPU ever reads the word, and this run's writes to the scratch come
+/// before it in program order.
+#[inline(always)]
+pub fn release() {
+    if let Some(p) = FILE_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: a field of the per-CPU map value `p` points to.
+        unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*p).busy), 0) };
+    }
+}
+
 /// The calling task's tag, as [`current_tag`](crate::shared::current_tag)
-/// gives it, for the file hooks: remembered in this CPU's scratch with the
+/// gives it, for the file hooks (with the scratch taken, [`take`]): remembered in this CPU's scratch with the
 /// task id and the tag epoch it was read at, so an agent's run of file
 /// actions looks its tag up once. The epoch changes after every tag
 /// written or removed, by the kernel or the daemon (shared.rs
 /// `tag_changed`, taghint.rs), and it is read before the tag: a tag
 /// changed after the read is never remembered as current.
 #[inline(always)]
-pub fn file_tag() -> Option<Tag> {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    if !hinted(tid) {
-        return None;
-    }
+fn file_tag(tid: u32) -> Option<Tag> {
     let Some(s) = scratch() else { return tag_of(tid) };
     let epoch = tag_epoch();
     // SAFETY (volatile accesses): fields of the map value `s` points to,

@@ -28,8 +28,8 @@ use aya_ebpf::helpers::generated::bpf_send_signal;
 
 use crate::{
     dircache,
-    filejudge::{approval_of, judge, record},
-    filepath,
+    filejudge::{approval_of, judge, record, record_preempted},
+    filepath::{self, Taken},
     kstructs::{dentry_inode, off, path_parts},
     selfprotect::{in_guarded_tree, self_walk},
     shared::{count, decide_unreadable, granted, notify_hold},
@@ -178,6 +178,26 @@ pub extern "C" fn ag_file_decide(tag: u64, call: u64) -> i32 {
     verdict_errno(verdict.0)
 }
 
+/// A file hook's work for the calling task: nothing for an untagged task,
+/// `body` with this CPU's scratch taken for an agent's (given back on every
+/// way out), and a refusal (fail closed, counted and recorded) when a run
+/// this one preempted holds the scratch (filepath.rs `take`).
+#[inline(always)]
+fn for_agent(op: FileOp, body: impl FnOnce(Tag) -> i32) -> i32 {
+    match filepath::take() {
+        Taken::Untagged => 0,
+        Taken::Busy(tag) => {
+            record_preempted(tag, op, Enforcement::Enforced);
+            -EPERM
+        }
+        Taken::Tagged(tag) => {
+            let r = body(tag);
+            filepath::release();
+            r
+        }
+    }
+}
+
 /// An action on `dentry` in directory `dir` (a `struct path *`). With
 /// `cached`, a directory where the agent was allowed the same kind of
 /// action before answers from the directory cache. `V` gives each hook its
@@ -205,8 +225,7 @@ pub fn path_unlink(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    let Some(tag) = filepath::file_tag() else { return 0 };
-    dir_entry::<1>(&ctx, tag, FileOp::Unlink, FileOp::Unlink.rule_ops(), 0, 1, true)
+    for_agent(FileOp::Unlink, |tag| dir_entry::<1>(&ctx, tag, FileOp::Unlink, FileOp::Unlink.rule_ops(), 0, 1, true))
 }
 
 /// security_path_rmdir(const struct path *dir, struct dentry *dentry)
@@ -217,8 +236,7 @@ pub fn path_rmdir(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    let Some(tag) = filepath::file_tag() else { return 0 };
-    dir_entry::<2>(&ctx, tag, FileOp::Rmdir, FileOp::Rmdir.rule_ops(), 0, 1, true)
+    for_agent(FileOp::Rmdir, |tag| dir_entry::<2>(&ctx, tag, FileOp::Rmdir, FileOp::Rmdir.rule_ops(), 0, 1, true))
 }
 
 /// security_path_rename(old_dir, old_dentry, new_dir, new_dentry, flags):
@@ -233,7 +251,11 @@ pub fn path_rename(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    let Some(tag) = filepath::file_tag() else { return 0 };
+    for_agent(FileOp::Rename, |tag| rename(&ctx, tag))
+}
+
+#[inline(always)]
+fn rename(ctx: &LsmContext, tag: Tag) -> i32 {
     // Nothing may be moved into AgentGuard's directories either: the
     // target directory guards the source's rename.
     let new_dir: u64 = ctx.arg(2);
@@ -268,7 +290,7 @@ pub fn path_rename(ctx: LsmContext) -> i32 {
     } else {
         FileOp::RenameOver.rule_ops()
     };
-    dir_entry::<0>(&ctx, tag, FileOp::RenameOver, ops, 2, 3, false)
+    dir_entry::<0>(ctx, tag, FileOp::RenameOver, ops, 2, 3, false)
 }
 
 /// security_path_truncate(const struct path *path)
@@ -279,9 +301,10 @@ pub fn path_truncate(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    let Some(tag) = filepath::file_tag() else { return 0 };
-    let p: u64 = ctx.arg(0);
-    decide(tag, FileOp::Truncate, FileOp::Truncate.rule_ops(), false, build::PATH, p, 0, 0, None)
+    for_agent(FileOp::Truncate, |tag| {
+        let p: u64 = ctx.arg(0);
+        decide(tag, FileOp::Truncate, FileOp::Truncate.rule_ops(), false, build::PATH, p, 0, 0, None)
+    })
 }
 
 /// security_file_truncate(struct file *file), 6.2+: ftruncate and O_TRUNC opens.
@@ -292,10 +315,11 @@ pub fn file_truncate(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    let Some(tag) = filepath::file_tag() else { return 0 };
-    let file: u64 = ctx.arg(0);
-    let (mnt, dentry) = path_parts(file + off!(file_path)).unwrap_or((0, 0));
-    decide(tag, FileOp::Truncate, FileOp::Truncate.rule_ops(), false, build::WALK, mnt, dentry, 0, None)
+    for_agent(FileOp::Truncate, |tag| {
+        let file: u64 = ctx.arg(0);
+        let (mnt, dentry) = path_parts(file + off!(file_path)).unwrap_or((0, 0));
+        decide(tag, FileOp::Truncate, FileOp::Truncate.rule_ops(), false, build::WALK, mnt, dentry, 0, None)
+    })
 }
 
 /// security_path_link(struct dentry *old_dentry, const struct path *new_dir,
@@ -309,13 +333,15 @@ pub fn path_link(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    let Some(tag) = filepath::file_tag() else { return 0 };
-    let old_dentry: u64 = ctx.arg(0);
-    let new_dir: u64 = ctx.arg(1);
-    // A second name would let an agent write a protected file from outside
-    // AgentGuard's directories; a new name among them is a planted file.
-    let (mnt, new_dir_dentry) = path_parts(new_dir).unwrap_or((0, 0));
-    decide(tag, FileOp::Link, FileOp::Link.rule_ops(), false, build::WALK, mnt, old_dentry, new_dir_dentry, None)
+    for_agent(FileOp::Link, |tag| {
+        let old_dentry: u64 = ctx.arg(0);
+        let new_dir: u64 = ctx.arg(1);
+        // A second name would let an agent write a protected file from
+        // outside AgentGuard's directories; a new name among them is a
+        // planted file.
+        let (mnt, new_dir_dentry) = path_parts(new_dir).unwrap_or((0, 0));
+        decide(tag, FileOp::Link, FileOp::Link.rule_ops(), false, build::WALK, mnt, old_dentry, new_dir_dentry, None)
+    })
 }
 
 /// Does nothing; `doctor` loads it to prove BPF-LSM programs load and attach here.

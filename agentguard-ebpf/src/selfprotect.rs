@@ -244,9 +244,24 @@ fn tree_write_denied(tag: Tag, op: FileOp, dentry: u64, build: impl FnOnce(&mut 
 #[inline(always)]
 fn record_refusal(tag: Tag, op: FileOp, build: impl FnOnce(&mut FileScratch) -> Result<Built, ()>) {
     count(Counter::SelfProtectDenials);
-    let Some(s) = filepath::scratch() else { return };
-    let built = build(s).ok();
+    // The path is built in this CPU's scratch, which a run this one
+    // preempted may hold (filepath.rs `take`): then the event goes without
+    // it, counted.
+    let taken = filepath::claim();
+    if !taken {
+        count(Counter::FileScratchBusy);
+    }
+    let Some(s) = filepath::scratch() else {
+        if taken {
+            filepath::release();
+        }
+        return;
+    };
+    let built = if taken { build(s).ok() } else { None };
     record(tag, op, (Decision::Deny, RULE_SELF_PROTECT), Enforcement::Enforced, (approval::NONE, 0, [0; 16]), s, built, false);
+    if taken {
+        filepath::release();
+    }
 }
 
 /// Whether `dentry` is named `cgroup.procs` or `cgroup.threads`. The name

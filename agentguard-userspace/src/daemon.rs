@@ -1239,6 +1239,7 @@ fn read_counters(ebpf: &Ebpf) -> serde_json::Value {
         "flows_full": sum(Counter::FlowsFull),
         "tag_changes": sum(Counter::TagChanges),
         "file_allowed_repeats": sum(Counter::FileAllowedRepeats),
+        "file_scratch_busy": sum(Counter::FileScratchBusy),
     })
 }
 

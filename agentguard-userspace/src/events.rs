@@ -10,7 +10,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use agentguard_common::{Decision, Enforcement, NetHook, RULE_FAIL_CLOSED, RULE_SELF_PROTECT};
+use agentguard_common::{Decision, Enforcement, NetHook, RULE_FAIL_CLOSED, RULE_PREEMPTED, RULE_SELF_PROTECT};
 use crate::{
     decode::{c_str, KernelEvent},
     policy::{AgentPolicy, PolicySet, Reversibility},
@@ -439,6 +439,9 @@ fn classify<'a>(
     }
     if rule_id == RULE_SELF_PROTECT {
         return (Cow::Borrowed("agentguard-self-protection"), "irreversible", None);
+    }
+    if rule_id == RULE_PREEMPTED {
+        return (Cow::Borrowed("preempted"), "irreversible", None);
     }
     if rule_id == 0 {
         return (Cow::Borrowed("default"), "irreversible", None);
