@@ -219,8 +219,11 @@ pub static SCRATCH: PerCpuArray<PathKey> = PerCpuArray::with_max_entries(1, 0);
 
 pub fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
-        unsafe { *slot += 1 };
+        // SAFETY: a per-CPU slot. Atomic: a program run that preempts
+        // another on this CPU (kernels with full preemption) may count
+        // between its load and its store, and a lost count (a ring buffer
+        // drop) would be a silent loss.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
     }
 }
 

@@ -259,6 +259,7 @@ fn report(f: &Facts) -> Report {
         .as_deref()
         .is_some_and(|l| l.split(',').any(|x| x == "bpf"));
 
+    let preemption = preemption();
     let checks = vec![
         check("root", f.root, if f.root { "running as root" } else { "not root" }),
         check("btf", f.btf, "/sys/kernel/btf/vmlinux"),
@@ -295,6 +296,7 @@ fn report(f: &Facts) -> Report {
         check("tracepoints", f.tracepoints.is_ok(), result_detail(&f.tracepoints, "sched_process_fork/exec/exit attach")),
         check("cgroup_sock_addr", f.sock_addr.is_ok(), result_detail(&f.sock_addr, "connect4 loads and attaches")),
         check("ringbuf", f.ringbuf, "BPF ring buffer"),
+        check("preemption", !preemption.0, preemption.1.clone()),
         check(
             "landlock",
             f.landlock_abi.is_some(),
@@ -328,7 +330,9 @@ fn report(f: &Facts) -> Report {
             available: true,
             veto: true,
             mechanism: "BPF-LSM path hooks: the kernel refuses the action".into(),
-            remediation: None,
+            remediation: preemption.0.then(|| {
+                "this kernel preempts BPF programs: an agent's file action whose program preempted another one mid-judgment on the same CPU is refused, fail closed (rare; counted in `status` as file_scratch_busy, logged with rule `preempted`). Voluntary preemption (`preempt=voluntary`) never preempts a program".to_owned()
+            }),
         }
     } else {
         ClassReport {
@@ -416,6 +420,50 @@ fn report(f: &Facts) -> Report {
     }
 }
 
+/// Whether this kernel can preempt a BPF program mid-run (full, lazy or
+/// real-time preemption; BPF-LSM and syscall-tracepoint programs run with
+/// only migration disabled), and what that was read from.
+fn preemption() -> (bool, String) {
+    let version = nix::sys::utsname::uname().map(|u| u.version().to_string_lossy().into_owned()).unwrap_or_default();
+    preemption_from(
+        std::fs::read_to_string("/sys/kernel/debug/sched/preempt").ok().as_deref(),
+        &version,
+        &std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
+    )
+}
+
+/// [`preemption`] from the debugfs switch (if readable), `uname -v` and the
+/// kernel command line.
+fn preemption_from(sched: Option<&str>, version: &str, cmdline: &str) -> (bool, String) {
+    // Switchable at run time on PREEMPT_DYNAMIC kernels: "none (voluntary) full".
+    if let Some(modes) = sched {
+        let mode = modes
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix('(').and_then(|w| w.strip_suffix(')')))
+            .unwrap_or("?")
+            .to_owned();
+        let preemptible = !matches!(mode.as_str(), "none" | "voluntary");
+        return (preemptible, format!("{mode} (/sys/kernel/debug/sched/preempt)"));
+    }
+    let on_cmdline = cmdline.split_whitespace().find_map(|w| w.strip_prefix("preempt="));
+    if version.contains("PREEMPT_RT") {
+        return (true, "real-time (PREEMPT_RT)".into());
+    }
+    if version.contains("PREEMPT_DYNAMIC") {
+        return match on_cmdline {
+            Some(m) => (!matches!(m, "none" | "voluntary"), format!("{m} (preempt={m} on the command line, PREEMPT_DYNAMIC)")),
+            None => (
+                false,
+                "this build's default (PREEMPT_DYNAMIC; voluntary on Debian and Ubuntu). Mount debugfs to read the mode now: /sys/kernel/debug/sched/preempt".into(),
+            ),
+        };
+    }
+    if version.split_whitespace().any(|w| w == "PREEMPT") {
+        return (true, "full (PREEMPT)".into());
+    }
+    (false, "none or voluntary (no PREEMPT in `uname -v`)".into())
+}
+
 /// The report as people read it.
 pub fn render(r: &Report) -> String {
     use std::fmt::Write as _;
@@ -446,4 +494,24 @@ pub fn render(r: &Report) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::preemption_from;
+
+    #[test]
+    fn preemption_is_read_from_debugfs_then_uname_and_the_command_line() {
+        let debian = "#1 SMP PREEMPT_DYNAMIC Debian 6.12.118-1 (2026-11-20)";
+        assert!(!preemption_from(Some("none (voluntary) full \n"), debian, "").0);
+        assert!(preemption_from(Some("none voluntary (full) lazy\n"), debian, "").0);
+        assert!(preemption_from(Some("none voluntary full (lazy)\n"), debian, "").0);
+        assert!(preemption_from(None, debian, "root=/dev/vda1 preempt=full quiet").0);
+        assert!(!preemption_from(None, debian, "root=/dev/vda1 preempt=voluntary").0);
+        let (preemptible, detail) = preemption_from(None, debian, "root=/dev/vda1");
+        assert!(!preemptible && detail.contains("default"), "{detail}");
+        assert!(preemption_from(None, "#1 SMP PREEMPT_RT Thu", "").0);
+        assert!(preemption_from(None, "#1 SMP PREEMPT Thu Jan 1", "").0);
+        assert!(!preemption_from(None, "#1 SMP Thu Jan 1", "").0);
+    }
 }
