@@ -248,19 +248,15 @@ fn record_refusal(tag: Tag, op: FileOp, build: impl FnOnce(&mut FileScratch) -> 
     // preempted may hold (filepath.rs `take`): then the event goes without
     // it, counted.
     let taken = filepath::claim();
-    if !taken {
+    if taken.is_none() {
         count(Counter::FileScratchBusy);
     }
-    let Some(s) = filepath::scratch() else {
-        if taken {
-            filepath::release();
-        }
-        return;
-    };
-    let built = if taken { build(s).ok() } else { None };
-    record(tag, op, (Decision::Deny, RULE_SELF_PROTECT), Enforcement::Enforced, (approval::NONE, 0, [0; 16]), s, built, false);
-    if taken {
-        filepath::release();
+    if let Some(s) = filepath::scratch() {
+        let built = if taken.is_some() { build(s).ok() } else { None };
+        record(tag, op, (Decision::Deny, RULE_SELF_PROTECT), Enforcement::Enforced, (approval::NONE, 0, [0; 16]), s, built, false);
+    }
+    if let Some(slot) = taken {
+        filepath::release(slot);
     }
 }
 
