@@ -215,13 +215,14 @@ pub fn take() -> Taken {
     if !hinted(tid) {
         return Taken::Untagged;
     }
-    let Some(slot) = claim_as(pid_tgid) else {
+    let Some((slot, s)) = claim_as(pid_tgid) else {
         return match tag_of(tid) {
             Some(t) => Taken::Busy(t),
             None => Taken::Untagged,
         };
     };
-    match file_tag(tid) {
+    // SAFETY: the scratch this run just took.
+    match file_tag(unsafe { &mut *s }, tid) {
         Some(t) => Taken::Tagged(t, slot),
         None => {
             release(slot);
@@ -234,7 +235,7 @@ pub fn take() -> Taken {
 /// that has the tag already); `None` while other runs hold both.
 #[inline(always)]
 pub fn claim() -> Option<u32> {
-    claim_as(bpf_get_current_pid_tgid())
+    claim_as(bpf_get_current_pid_tgid()).map(|(slot, _)| slot)
 }
 
 /// Each scratch's `busy` word holds its owner's pid_tgid (0: free), taken
@@ -243,7 +244,7 @@ pub fn claim() -> Option<u32> {
 /// free unless a run on this CPU was preempted mid-way: the second is taken
 /// only then, and counted.
 #[inline(always)]
-fn claim_as(owner: u64) -> Option<u32> {
+fn claim_as(owner: u64) -> Option<(u32, *mut FileScratch)> {
     let mut slot = 0;
     while slot < SLOTS {
         if let Some(p) = FILE_SCRATCH.get_ptr_mut(slot) {
@@ -255,7 +256,7 @@ fn claim_as(owner: u64) -> Option<u32> {
                 if slot != 0 {
                     count(Counter::FileScratchSecond);
                 }
-                return Some(slot);
+                return Some((slot, p));
             }
         }
         slot += 1;
@@ -282,8 +283,7 @@ pub fn release(slot: u32) {
 /// `tag_changed`, taghint.rs), and it is read before the tag: a tag
 /// changed after the read is never remembered as current.
 #[inline(always)]
-fn file_tag(tid: u32) -> Option<Tag> {
-    let Some(s) = scratch() else { return tag_of(tid) };
+fn file_tag(s: &mut FileScratch, tid: u32) -> Option<Tag> {
     let epoch = tag_epoch();
     // SAFETY (volatile accesses): fields of the map value `s` points to,
     // this CPU's alone while the program runs.
