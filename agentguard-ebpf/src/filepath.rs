@@ -276,9 +276,9 @@ pub fn release(slot: u32) {
 }
 
 /// The calling task's tag, as [`current_tag`](crate::shared::current_tag)
-/// gives it, for the file hooks (with the scratch taken, [`take`]): remembered in this CPU's scratch with the
-/// task id and the tag epoch it was read at, so an agent's run of file
-/// actions looks its tag up once. The epoch changes after every tag
+/// gives it, for the file hooks: remembered in the scratch `s` this run
+/// took ([`take`]) with the task id and the tag epoch it was read at, so
+/// an agent's run of file actions looks its tag up once. The epoch changes after every tag
 /// written or removed, by the kernel or the daemon (shared.rs
 /// `tag_changed`, taghint.rs), and it is read before the tag: a tag
 /// changed after the read is never remembered as current.
@@ -286,7 +286,7 @@ pub fn release(slot: u32) {
 fn file_tag(s: &mut FileScratch, tid: u32) -> Option<Tag> {
     let epoch = tag_epoch();
     // SAFETY (volatile accesses): fields of the map value `s` points to,
-    // this CPU's alone while the program runs.
+    // this run's while it holds it.
     unsafe {
         if core::ptr::read_volatile(&s.memo_ok) == 1
             && core::ptr::read_volatile(&s.memo_tid) == tid
