@@ -404,18 +404,14 @@ pub enum Counter {
     /// (dircache.rs): counted, not logged (docs/events.md, "Allowed file
     /// actions").
     FileAllowedRepeats = 6,
-    /// A tagged agent's file action found both of this CPU's file scratches
-    /// taken by program runs it preempted (kernels with full preemption;
-    /// [`Counter::FileScratchSecond`]): it could not be judged, and was refused (BPF-LSM) or contained (the
+    /// A tagged agent's file action found this CPU's file scratch taken by
+    /// a program run it preempted (kernels with full preemption): it could
+    /// not be judged, and was refused (BPF-LSM) or contained (the
     /// fallback), fail closed, with rule [`RULE_PREEMPTED`].
     FileScratchBusy = 7,
-    /// A tagged agent's file program run took this CPU's second scratch:
-    /// it preempted another run mid-judgment, which holds the first. How
-    /// often programs are preempted mid-way (kernels with full preemption).
-    FileScratchSecond = 8,
 }
 
-pub const COUNTER_SLOTS: u32 = 16;
+pub const COUNTER_SLOTS: u32 = 8;
 
 /// Slots of [`maps::STATE`] (nonzero means set): whether events can be
 /// recorded, for the fail-closed mode. While `LogFailed` or `RingFull` is

@@ -65,14 +65,14 @@ fn observe(tag: Tag, op: FileOp, ops: u32, inode: u64, build: impl FnOnce(&mut F
     // A run this one preempted holds this CPU's scratch (filepath.rs
     // `take`; syscall tracepoints are preemptible from 6.14 on): the action
     // cannot be judged, and is contained, fail closed.
-    let Some(slot) = filepath::claim() else {
+    if !filepath::claim() {
         // SAFETY: signals the current process; no pointers involved.
         unsafe { bpf_send_signal(SIGSTOP) };
         record_preempted(tag, op, Enforcement::Observed);
         return;
-    };
+    }
     observe_taken(tag, op, ops, inode, build);
-    filepath::release(slot);
+    filepath::release();
 }
 
 #[inline(always)]

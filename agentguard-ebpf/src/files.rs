@@ -190,9 +190,9 @@ fn for_agent(op: FileOp, body: impl FnOnce(Tag) -> i32) -> i32 {
             record_preempted(tag, op, Enforcement::Enforced);
             -EPERM
         }
-        Taken::Tagged(tag, slot) => {
+        Taken::Tagged(tag) => {
             let r = body(tag);
-            filepath::release(slot);
+            filepath::release();
             r
         }
     }

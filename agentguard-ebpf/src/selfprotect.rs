@@ -248,15 +248,19 @@ fn record_refusal(tag: Tag, op: FileOp, build: impl FnOnce(&mut FileScratch) -> 
     // preempted may hold (filepath.rs `take`): then the event goes without
     // it, counted.
     let taken = filepath::claim();
-    if taken.is_none() {
+    if !taken {
         count(Counter::FileScratchBusy);
     }
-    if let Some(s) = filepath::scratch() {
-        let built = if taken.is_some() { build(s).ok() } else { None };
-        record(tag, op, (Decision::Deny, RULE_SELF_PROTECT), Enforcement::Enforced, (approval::NONE, 0, [0; 16]), s, built, false);
-    }
-    if let Some(slot) = taken {
-        filepath::release(slot);
+    let Some(s) = filepath::scratch() else {
+        if taken {
+            filepath::release();
+        }
+        return;
+    };
+    let built = if taken { build(s).ok() } else { None };
+    record(tag, op, (Decision::Deny, RULE_SELF_PROTECT), Enforcement::Enforced, (approval::NONE, 0, [0; 16]), s, built, false);
+    if taken {
+        filepath::release();
     }
 }
 

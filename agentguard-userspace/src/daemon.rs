@@ -1240,7 +1240,6 @@ fn read_counters(ebpf: &Ebpf) -> serde_json::Value {
         "tag_changes": sum(Counter::TagChanges),
         "file_allowed_repeats": sum(Counter::FileAllowedRepeats),
         "file_scratch_busy": sum(Counter::FileScratchBusy),
-        "file_scratch_second": sum(Counter::FileScratchSecond),
     })
 }
 

@@ -331,7 +331,7 @@ fn report(f: &Facts) -> Report {
             veto: true,
             mechanism: "BPF-LSM path hooks: the kernel refuses the action".into(),
             remediation: preemption.0.then(|| {
-                "this kernel preempts BPF programs: an agent's file action whose program preempted two others mid-judgment on the same CPU is refused, fail closed (rare; counted in `status` as file_scratch_busy, logged with rule `preempted`). Voluntary preemption (`preempt=voluntary`) never preempts a program".to_owned()
+                "this kernel preempts BPF programs: an agent's file action whose program preempted another one mid-judgment on the same CPU is refused, fail closed (rare; counted in `status` as file_scratch_busy, logged with rule `preempted`). Voluntary preemption (`preempt=voluntary`) never preempts a program".to_owned()
             }),
         }
     } else {

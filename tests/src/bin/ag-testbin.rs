@@ -19,7 +19,7 @@ fn usage() -> ! {
          vfork CMD... | clone3 CMD... | daemonize CMD... | unlink PATH | rmdir PATH | rename FROM TO | \
          truncate PATH | open-trunc PATH | ftruncate PATH | unlinkat DIR NAME | link FROM TO | append PATH TEXT | write PATH TEXT | create PATH | mkdir PATH | symlink TARGET PATH | exec CMD... | connects ADDR:PORT N RATE now|stdin [THREADS] | connects-until ADDR:PORT STOPFILE | signal PID SIG | ptrace PID | bpf-obj-get PINPATH | counter DIR|- MS | tree N DIR|- MS | forkstorm DEPTH FANOUT SECS | \
          steps STEP... (tcp=ADDR:PORT, udp=ADDR:PORT, unlink=PATH, rmdir=PATH, rename=FROM:TO, wait=PATH, sock=SOCKET:JSON) | \
-         hold-loop tcp|unlink ADDR|PATH | race-unlink DIR N FILE SECS THREADS"
+         hold-loop tcp|unlink ADDR|PATH | race-unlink DIR N FILE SECS"
     );
     exit(2)
 }
@@ -280,12 +280,11 @@ fn main() {
         ("counter", [dir, ms]) => counter_loop(dir, millis(ms)),
         ("steps", steps) if !steps.is_empty() => run_steps(steps),
         ("hold-loop", [what, arg]) => hold_loop(what, arg),
-        ("race-unlink", [dir, n, file, secs, threads]) => race_unlink(
+        ("race-unlink", [dir, n, file, secs]) => race_unlink(
             dir,
             n.parse().unwrap_or_else(|_| usage()),
             file,
             Duration::from_secs_f64(secs.parse().unwrap_or_else(|_| usage())),
-            threads.parse().unwrap_or_else(|_| usage()),
         ),
         ("tree", [n, dir, ms]) => tree(n.parse().unwrap_or_else(|_| usage()), dir, millis(ms)),
         ("forkstorm", [depth, fanout, secs]) => {
@@ -655,13 +654,13 @@ fn hold_loop(what: &str, arg: &str) -> ! {
     exit(0)
 }
 
-/// Threads of one agent on one CPU, for SECS: the main thread unlinks
-/// DIR/f0..f{N-1} (a protected tree) over and over, THREADS others truncate
+/// Two threads of one agent on one CPU, for SECS: the main thread unlinks
+/// DIR/f0..f{N-1} (a protected tree) over and over, the other truncates
 /// FILE (allowed) over and over. Each truncate takes the file programs' long
 /// way, writing its path into the same per-CPU scratch the unlink's judgment
 /// reads: an agent trying to have its denied unlink judged on the other
 /// thread's allowed path, where the kernel preempts a program mid-way.
-fn race_unlink(dir: &str, n: usize, file: &str, secs: Duration, threads: usize) -> ! {
+fn race_unlink(dir: &str, n: usize, file: &str, secs: Duration) -> ! {
     // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread; the
     // thread spawned below inherits it.
     let pinned = unsafe {
@@ -672,10 +671,8 @@ fn race_unlink(dir: &str, n: usize, file: &str, secs: Duration, threads: usize) 
     println!("pinned={}", u8::from(pinned));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let file = CString::new(file.as_bytes()).unwrap_or_else(|_| usage());
-    let file = std::sync::Arc::new(file);
-    let truncaters: Vec<_> = (0..threads).map(|_| {
+    let truncater = {
         let stop = stop.clone();
-        let file = file.clone();
         std::thread::spawn(move || {
             let (mut attempts, mut eperm, mut other) = (0u64, 0u64, 0u64);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -690,7 +687,7 @@ fn race_unlink(dir: &str, n: usize, file: &str, secs: Duration, threads: usize) 
             }
             (attempts, eperm, other)
         })
-    }).collect();
+    };
     let names: Vec<CString> = (0..n).map(|i| CString::new(format!("{dir}/f{i}")).unwrap_or_else(|_| usage())).collect();
     let (mut attempts, mut deleted, mut eperm, mut other) = (0u64, 0u64, 0u64, 0u64);
     let start = std::time::Instant::now();
@@ -713,11 +710,7 @@ fn race_unlink(dir: &str, n: usize, file: &str, secs: Duration, threads: usize) 
         }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (mut t_attempts, mut t_eperm, mut t_other) = (0, 0, 0);
-    for t in truncaters {
-        let (a, e, o) = t.join().unwrap_or((0, 0, 0));
-        (t_attempts, t_eperm, t_other) = (t_attempts + a, t_eperm + e, t_other + o);
-    }
+    let (t_attempts, t_eperm, t_other) = truncater.join().unwrap_or((0, 0, 0));
     println!("unlink_attempts={attempts}");
     println!("unlink_deleted={deleted}");
     println!("unlink_eperm={eperm}");
