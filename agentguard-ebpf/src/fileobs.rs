@@ -63,7 +63,7 @@ fn ret(ctx: &TracePointContext) -> i64 {
 #[inline(always)]
 fn observe(tag: Tag, op: FileOp, ops: u32, inode: u64, build: impl FnOnce(&mut FileScratch) -> Result<Built, ()>) {
     // A run this one preempted holds this CPU's scratch (filepath.rs
-    // `take`; syscall tracepoints are preemptible from 6.14 on): the action
+    // `take`; should a kernel run these programs preemptibly): the action
     // cannot be judged, and is contained, fail closed.
     if !filepath::claim() {
         // SAFETY: signals the current process; no pointers involved.

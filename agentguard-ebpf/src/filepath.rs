@@ -179,8 +179,9 @@ pub enum Taken {
     Tagged(Tag),
     /// An agent's, and another run on this CPU holds the scratch: one this
     /// run preempted mid-way (a kernel with full preemption runs BPF-LSM
-    /// and, from 6.14 on, syscall tracepoint programs preemptibly, with
-    /// only migration disabled). The action cannot be judged here without
+    /// programs preemptibly, with only migration disabled; the fallback's
+    /// syscall tracepoint programs take the scratch the same way, in case
+    /// a kernel runs them so too). The action cannot be judged here without
     /// overwriting that run's path, cache key and memo; it fails closed.
     Busy(Tag),
 }
