@@ -407,7 +407,9 @@ pub enum Counter {
     /// A tagged agent's file action found this CPU's file scratch taken by
     /// a program run it preempted (kernels with full preemption): it could
     /// not be judged, and was refused (BPF-LSM) or contained (the
-    /// fallback), fail closed, with rule [`RULE_PREEMPTED`].
+    /// fallback), fail closed, with rule [`RULE_PREEMPTED`]. A
+    /// self-protection refusal that found it taken is counted here too: it
+    /// is refused as always, and its event goes without the path.
     FileScratchBusy = 7,
 }
 
