@@ -257,6 +257,20 @@ pub fn status(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
         println!("pending approvals: {}", v["pending_approvals"].as_array().map_or(0, Vec::len));
         println!("events logged: {}, decode errors: {}", v["events_logged"], v["decode_errors"]);
         println!("kernel counters: {}", v["kernel_counters"]);
+        let skipped: Vec<String> = v["skipped_runs"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+            .map(|(p, n)| format!("{p} {n}"))
+            .collect();
+        if v["skipped_runs"].is_null() {
+            println!("runs skipped by the kernel: not counted on this kernel (before 5.12)");
+        } else if skipped.is_empty() {
+            println!("runs skipped by the kernel: none");
+        } else {
+            println!("runs skipped by the kernel: {} (`skipped_runs` events in the log say what each risked)", skipped.join(", "));
+        }
         println!("approvals pending: {} (`agentguard approvals`)", v["approvals_pending"]);
         if let Some(detail) = v["file_enforcement"]["detail"].as_str() {
             println!("file actions: {detail}");

@@ -225,6 +225,13 @@ pub fn bump_file_generation(ebpf: &mut Ebpf) -> Result<(), CompileError> {
     bump_hook(ebpf, agentguard_common::HookFlag::FileGeneration, on)
 }
 
+/// The directory cache's generation in force (0: the cache is off); `None`
+/// when the map cannot be read.
+pub fn file_generation(ebpf: &Ebpf) -> Option<u32> {
+    let hooks: aya::maps::Array<&aya::maps::MapData, u32> = aya::maps::Array::try_from(ebpf.map(maps::HOOKS)?).ok()?;
+    hooks.get(&(agentguard_common::HookFlag::FileGeneration as u32), 0).ok()
+}
+
 /// Bump a generation slot of `AG_HOOKS` (skipping 0), or with `on` false
 /// write 0.
 fn bump_hook(ebpf: &mut Ebpf, flag: agentguard_common::HookFlag, on: bool) -> Result<(), CompileError> {

@@ -98,6 +98,8 @@ pub struct State {
     /// A reload brought a new policy in force (its host names are
     /// refreshed from then on).
     policy_changed: Arc<tokio::sync::Notify>,
+    /// Runs of the programs the kernel skipped (skips.rs).
+    skips: crate::skips::Skips,
 }
 
 /// What a walk of `AG_TAGS` found, and the kernel's tag-change count read
@@ -265,6 +267,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let probes = loader::attach_all_with(&mut ebpf, &cgroup_root, Some(&pins))?;
     report_probes(&probes);
+    let skips = crate::skips::Skips::watch(&ebpf, &probes);
     let dircache = loader::dircache_ready(&probes);
     if let Err(e) = compile::set_dircache(&mut ebpf, dircache) {
         tracing::warn!(error = %e, "cannot switch the kernel's directory cache");
@@ -337,6 +340,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         approvals,
         tagged: None,
         policy_changed: Arc::new(tokio::sync::Notify::new()),
+        skips,
     }));
     lock(&state).restore_approvals();
 
@@ -534,6 +538,7 @@ async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, state: Shared) -> anyh
                 let mut s = lock(&state);
                 let s = &mut *s;
                 s.log.tick(&s.policies);
+                s.check_skips();
                 let pace = if s.log.settled() { events::log::IDLE_TICK } else { events::log::TICK };
                 next_tick = tokio::time::Instant::now() + pace;
             }
@@ -782,6 +787,43 @@ impl State {
             "enforcement": "contained",
         });
         let _ = self.log.append(&rec);
+    }
+
+    /// Runs of the programs the kernel skipped since the last read
+    /// (skips.rs): repaired where the class allows (the directory cache
+    /// flushed, the sessions' processes tagged again), then warned about
+    /// and logged, one `skipped_runs` event per program.
+    fn check_skips(&mut self) {
+        use crate::loader::ActionClass;
+        let skipped = self.skips.poll();
+        if skipped.is_empty() {
+            return;
+        }
+        let flushed = skipped.iter().any(|s| s.class == ActionClass::FileCache).then(|| {
+            compile::bump_file_generation(&mut self.ebpf).map_err(|e| {
+                tracing::error!(error = %e, "cannot flush the kernel's directory cache");
+                e.to_string()
+            })
+        });
+        let retagged = skipped.iter().any(|s| s.class == ActionClass::Tagging).then(|| self.retag_sessions());
+        for s in skipped {
+            let remedy = match (s.class, &flushed, retagged) {
+                (ActionClass::FileCache, Some(Ok(())), _) => "the directory cache was flushed".to_owned(),
+                (ActionClass::FileCache, Some(Err(e)), _) => format!("the directory cache could NOT be flushed: {e}"),
+                (ActionClass::Tagging, _, Some(n)) => format!("the sessions' processes were tagged again from their cgroups ({n} untagged found)"),
+                _ => "none".to_owned(),
+            };
+            tracing::warn!(program = s.program, skipped = s.skipped, total = s.total, remedy, "the kernel skipped runs of a program: {}", s.risk());
+            let _ = self.log.append(&json!({
+                "kind": "skipped_runs",
+                "program": s.program,
+                "class": s.class,
+                "skipped": s.skipped,
+                "skipped_total": s.total,
+                "risk": s.risk(),
+                "remedy": remedy,
+            }));
+        }
     }
 
     /// Drop the tags of `pid`'s tasks, and of `pid` itself.
@@ -1219,6 +1261,13 @@ impl State {
             "nice": unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) },
             "approvals_pending": self.approvals.pending.len(),
             "kernel_counters": counters,
+            // Runs the kernel skipped, per watched program (skips.rs; null
+            // where the kernel does not count them).
+            "skipped_runs": self.skips.totals(),
+            // The kernel's directory cache for file decisions: its entries
+            // are used only while this is the generation they were stamped
+            // with (0: off).
+            "file_cache_generation": compile::file_generation(&self.ebpf),
             "audit": self.log.status(),
         });
         self.status_ops(&mut v);

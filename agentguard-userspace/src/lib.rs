@@ -29,6 +29,7 @@ pub mod procfs;
 pub mod runstate;
 pub mod schema;
 pub mod selfprotect;
+pub mod skips;
 pub mod systemd;
 pub mod taghint;
 pub mod tracefs;

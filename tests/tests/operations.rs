@@ -335,6 +335,17 @@ fn status_reports_policy_sessions_enforcement_and_pins() {
     assert!(st["events"]["kernel"]["ringbuf_drops"].is_u64(), "{st:#}");
     assert!(st["pending_approvals"].is_array(), "{st:#}");
     assert!(st["pins"]["pinned"].as_u64().is_some_and(|n| n > 10), "{st:#}");
+    // Runs the kernel skipped, read from every tracepoint and fexit
+    // program's info (skips.rs): the tagging tracepoints everywhere, the
+    // directory cache's stamps with BPF-LSM, the fallback's tracepoints
+    // without. null would mean this kernel cannot count them.
+    let skipped = st["skipped_runs"].as_object().unwrap_or_else(|| panic!("skipped_runs: {st:#}"));
+    let watched = |p: &str| skipped.get(p).is_some_and(Value::is_u64);
+    assert!(watched("sched_process_fork") && watched("sched_process_exec"), "{st:#}");
+    let lsm = st["file_enforcement"]["mode"] == "veto";
+    assert!(if lsm { watched("dircache_rename") } else { watched("sys_enter_unlinkat") }, "{st:#}");
+    assert!(!skipped.contains_key("path_unlink") && !skipped.contains_key("connect4"), "BPF-LSM and cgroup programs are never skipped: {st:#}");
+    assert!(st["file_cache_generation"].is_u64(), "{st:#}");
     // priority_boost (default 10): every thread of the daemon runs at nice
     // -10, as the kernel reports it (field 19 of /proc/PID/task/TID/stat).
     assert_eq!(st["nice"], -10, "{st:#}");
@@ -351,6 +362,7 @@ fn status_reports_policy_sessions_enforcement_and_pins() {
     let text = d.cli(&["status"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("policy:   version 0 sha256 ") && text.contains("network:") && text.contains("pending approvals: 0"), "{text}");
+    assert!(text.contains("runs skipped by the kernel: "), "{text}");
     agent.finish();
 }
 

@@ -155,3 +155,66 @@ fn a_preempted_judgment_never_reads_another_threads_path() {
     let logged = d.wait_event(Duration::from_secs(30), "a file event with rule preempted", |e| e["kind"] == "file" && e["rule"] == "preempted");
     assert_eq!(logged["decision"], "deny", "{logged}");
 }
+
+fn skipped(d: &Daemon, program: &str) -> u64 {
+    let v = d.status();
+    v["skipped_runs"][program].as_u64().unwrap_or_else(|| panic!("status has no skipped_runs for {program}: {:#}", v["skipped_runs"]))
+}
+
+/// The directory cache's stamps come from `fexit` programs, which the
+/// kernel skips on a CPU where the same program is already running: on a
+/// fully preemptible kernel, a run preempted half-way makes the next one a
+/// skip, and that rename goes unstamped. No skip is silent: the daemon
+/// reads the kernel's count, flushes the cache (a new generation), logs a
+/// `skipped_runs` event and shows the count in `status`.
+#[test]
+fn a_skipped_stamp_flushes_the_directory_cache() {
+    let dir = TempDir::new("preempt-stamps");
+    let protected = dir.join("protected");
+    std::fs::create_dir_all(&protected).expect("mkdir protected");
+    let d = Daemon::start(&[("racer.toml", &policy(&protected))]);
+    let mode = d.status()["file_enforcement"]["mode"].as_str().unwrap_or("?").to_owned();
+    if mode != "veto" {
+        agentguard_tests::skip_without_lsm(&format!("file enforcement here is {mode}: the directory cache and its fexit programs load with BPF-LSM, in the VM harness"));
+        return;
+    }
+    let preemption = match Preemption::full() {
+        Ok(p) => p,
+        Err(why) => {
+            agentguard_tests::skip(&format!("cannot make this kernel fully preemptible: {why}"));
+            return;
+        }
+    };
+    let generation = || d.status()["file_cache_generation"].as_u64().expect("a file cache generation");
+    let (before, generation_before) = (skipped(&d, "dircache_rename"), generation());
+    assert!(generation_before > 0, "the directory cache is on with BPF-LSM");
+    let (mut rounds, mut now) = (0, before);
+    while rounds < 4 && now == before {
+        rounds += 1;
+        let moves = dir.join(format!("moves{rounds}"));
+        std::fs::create_dir_all(&moves).expect("mkdir moves");
+        // Not an agent: the program stamps every rename on the host.
+        let out = std::process::Command::new(testbin()).args(["race-rename", s(&moves), "10"]).output().expect("run the renaming threads");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "the renaming threads failed: {out:?}");
+        assert_eq!(fact(&out.stdout, "pinned").as_deref(), Some("1"), "both threads on one CPU: {text}");
+        assert!(num(&out.stdout, "renames") > 0, "{text}");
+        // The daemon reads the counts every second.
+        std::thread::sleep(Duration::from_secs(2));
+        now = skipped(&d, "dircache_rename");
+        eprintln!("round {rounds}: {} dircache_rename runs skipped so far", now - before);
+    }
+    drop(preemption);
+    assert!(now > before, "in {rounds} rounds of 10 s the kernel skipped no run of dircache_rename: the race was not exercised");
+    // Every skip is in the log, with what was done about it.
+    let events: Vec<Value> = d.events().into_iter().filter(|e| e["kind"] == "skipped_runs" && e["program"] == "dircache_rename").collect();
+    let logged: u64 = events.iter().map(|e| e["skipped"].as_u64().expect("skipped")).sum();
+    assert_eq!(logged, now - before, "each skipped run is counted in a skipped_runs event: {events:#?}");
+    for e in &events {
+        assert_eq!(e["remedy"], "the directory cache was flushed", "{e}");
+        assert_eq!(e["class"], "file_cache", "{e}");
+    }
+    // The flush is a new generation: no entry stamped before is used again.
+    let generation_after = generation();
+    assert!(generation_after >= generation_before + events.len() as u64, "the cache was flushed once per report: {generation_before} -> {generation_after}, {} reports", events.len());
+}

@@ -19,7 +19,7 @@ fn usage() -> ! {
          vfork CMD... | clone3 CMD... | daemonize CMD... | unlink PATH | rmdir PATH | rename FROM TO | \
          truncate PATH | open-trunc PATH | ftruncate PATH | unlinkat DIR NAME | link FROM TO | append PATH TEXT | write PATH TEXT | create PATH | mkdir PATH | symlink TARGET PATH | exec CMD... | connects ADDR:PORT N RATE now|stdin [THREADS] | connects-until ADDR:PORT STOPFILE | signal PID SIG | ptrace PID | bpf-obj-get PINPATH | counter DIR|- MS | tree N DIR|- MS | forkstorm DEPTH FANOUT SECS | \
          steps STEP... (tcp=ADDR:PORT, udp=ADDR:PORT, unlink=PATH, rmdir=PATH, rename=FROM:TO, wait=PATH, sock=SOCKET:JSON) | \
-         hold-loop tcp|unlink ADDR|PATH | race-unlink DIR N FILE SECS"
+         hold-loop tcp|unlink ADDR|PATH | race-unlink DIR N FILE SECS | race-rename DIR SECS"
     );
     exit(2)
 }
@@ -286,6 +286,7 @@ fn main() {
             file,
             Duration::from_secs_f64(secs.parse().unwrap_or_else(|_| usage())),
         ),
+        ("race-rename", [dir, secs]) => race_rename(dir, Duration::from_secs_f64(secs.parse().unwrap_or_else(|_| usage()))),
         ("tree", [n, dir, ms]) => tree(n.parse().unwrap_or_else(|_| usage()), dir, millis(ms)),
         ("forkstorm", [depth, fanout, secs]) => {
             // A lifetime in rounds of the fork loop, not a deadline: under a
@@ -660,15 +661,58 @@ fn hold_loop(what: &str, arg: &str) -> ! {
 /// way, writing its path into the same per-CPU scratch the unlink's judgment
 /// reads: an agent trying to have its denied unlink judged on the other
 /// thread's allowed path, where the kernel preempts a program mid-way.
-fn race_unlink(dir: &str, n: usize, file: &str, secs: Duration) -> ! {
-    // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread; the
-    // thread spawned below inherits it.
-    let pinned = unsafe {
+/// Pin the calling thread (and the threads it spawns after) to CPU 0.
+fn pin_to_cpu0() -> bool {
+    // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread.
+    unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(0, &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+/// Two threads on CPU 0 each move a directory of their own back and forth
+/// in a directory of their own under DIR for SECS: every move runs the
+/// directory cache's `fexit` program on `vfs_rename`, and on a fully
+/// preemptible kernel one thread is sometimes preempted inside it, so that
+/// the other's next run is skipped. (Within one parent directory the
+/// second would wait for the first's lock on it instead.)
+fn race_rename(dir: &str, secs: Duration) -> ! {
+    println!("pinned={}", u8::from(pin_to_cpu0()));
+    let mover = |i: usize| {
+        let parent = format!("{dir}/t{i}");
+        let name = |n: &str| CString::new(format!("{parent}/{n}")).unwrap_or_else(|_| usage());
+        let (a, b) = (name("a"), name("b"));
+        if let Err(e) = std::fs::create_dir_all(format!("{parent}/a")) {
+            eprintln!("mkdir: {e}");
+            exit(2)
+        }
+        move || {
+            let (mut moved, mut failed) = (0u64, 0u64);
+            let start = std::time::Instant::now();
+            while start.elapsed() < secs {
+                let (from, to) = if moved % 2 == 0 { (&a, &b) } else { (&b, &a) };
+                // SAFETY: valid C strings.
+                if unsafe { libc::rename(from.as_ptr(), to.as_ptr()) } == 0 {
+                    moved += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+            (moved, failed)
+        }
     };
-    println!("pinned={}", u8::from(pinned));
+    let other = std::thread::spawn(mover(1));
+    let (m0, f0) = mover(0)();
+    let (m1, f1) = other.join().unwrap_or((0, 0));
+    println!("renames={}", m0 + m1);
+    println!("rename_failures={}", f0 + f1);
+    exit(0)
+}
+
+fn race_unlink(dir: &str, n: usize, file: &str, secs: Duration) -> ! {
+    // The thread spawned below inherits the pinning.
+    println!("pinned={}", u8::from(pin_to_cpu0()));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let file = CString::new(file.as_bytes()).unwrap_or_else(|_| usage());
     let truncater = {

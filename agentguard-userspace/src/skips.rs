@@ -1,0 +1,191 @@
+//! Runs of AgentGuard's programs that the kernel skipped.
+//!
+//! The kernel does not run a tracing program (`fexit`) on a CPU where the
+//! same program is already running, and does not run a tracepoint program
+//! on a CPU where any kprobe or tracepoint program is running; it counts
+//! each run it skipped (`recursion_misses` in the program's info, 5.12+).
+//! A skipped run is a hook that did not happen, so it is never silent here:
+//! the daemon reads the counts every second (the log's tick), logs a
+//! `skipped_runs` event for each program whose count grew, warns, shows the
+//! totals in `agentguard status`, and repairs what the program's class
+//! allows:
+//!
+//! * the directory cache's stamps (dircache.rs: `fexit` on `vfs_rename` and
+//!   the mount changes): on a kernel with full preemption a run preempted
+//!   half-way makes the same program's next run on that CPU a skip, and that
+//!   change goes unstamped. The cache is flushed (the file generation bumped),
+//!   so no entry stamped before it is used again;
+//! * tagging (the fork, exec and exit tracepoints): the sessions' processes
+//!   are tagged again from their cgroups;
+//! * the fallback's syscall tracepoints: reported; the agent's action went
+//!   unobserved, which the event says.
+//!
+//! BPF-LSM and cgroup programs have no such check: the kernel runs them
+//! every time, so they are not watched.
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd, AsRawFd},
+    time::{Duration, Instant},
+};
+
+use aya::{programs::ProgramFd, Ebpf};
+
+use crate::loader::{ActionClass, ProbeKind, ProbeState, ProbeStatus, PROBES};
+
+/// A program whose skipped runs are watched.
+struct Watched {
+    program: &'static str,
+    class: ActionClass,
+    fd: ProgramFd,
+    /// The count when last read.
+    seen: u64,
+}
+
+/// Runs of one program skipped since the previous [`Skips::poll`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub program: &'static str,
+    pub class: ActionClass,
+    pub skipped: u64,
+    pub total: u64,
+}
+
+impl Skipped {
+    /// What the skip may have cost, for the event and the warning.
+    pub fn risk(&self) -> &'static str {
+        match self.class {
+            ActionClass::FileCache => "a rename or mount change may have gone unstamped in the directory cache",
+            ActionClass::Tagging => "a fork, exec or exit may have gone unseen: a process untagged, or lineage incomplete",
+            ActionClass::File => "an agent's file action may have gone unobserved: neither judged nor contained",
+            ActionClass::Network | ActionClass::SelfProtection => "a hook did not run",
+        }
+    }
+}
+
+/// The watched programs: every loaded program of a kind the kernel may skip.
+pub struct Skips {
+    watched: Vec<Watched>,
+    /// Whether this kernel reports skipped runs at all (the program
+    /// info's `recursion_misses`, 5.12+).
+    pub supported: bool,
+    last_poll: Instant,
+}
+
+/// How often [`Skips::poll`] reads the counts (the log ticks more often
+/// while it has work).
+const POLL_EVERY: Duration = Duration::from_secs(1);
+
+impl Skips {
+    /// Watch the loaded tracepoint and `fexit` programs among `probes`.
+    pub fn watch(ebpf: &Ebpf, probes: &[ProbeStatus]) -> Self {
+        let mut watched = Vec::new();
+        for status in probes {
+            if matches!(
+                status.state,
+                ProbeState::Unavailable { .. } | ProbeState::Skipped { .. }
+            ) {
+                continue;
+            }
+            let Some(spec) = PROBES.iter().find(|p| p.program == status.program) else {
+                continue;
+            };
+            if !matches!(
+                spec.kind,
+                ProbeKind::TracePoint { .. } | ProbeKind::FExit { .. }
+            ) {
+                continue;
+            }
+            let fd = ebpf
+                .program(spec.program)
+                .and_then(|p| p.fd().ok())
+                .and_then(|fd| fd.try_clone().ok());
+            match fd {
+                Some(fd) => watched.push(Watched {
+                    program: spec.program,
+                    class: spec.class,
+                    fd,
+                    seen: 0,
+                }),
+                None => tracing::warn!(
+                    program = spec.program,
+                    "cannot watch the program's skipped runs"
+                ),
+            }
+        }
+        let mut skips = Self {
+            watched,
+            supported: true,
+            last_poll: Instant::now(),
+        };
+        // Counted from now: these programs were just loaded.
+        for w in &mut skips.watched {
+            match read(&w.fd) {
+                Some(n) => w.seen = n,
+                None => skips.supported = false,
+            }
+        }
+        if !skips.supported && !skips.watched.is_empty() {
+            tracing::warn!("this kernel does not report skipped program runs (recursion_misses, 5.12+): they cannot be counted here");
+        }
+        skips
+    }
+
+    /// The programs whose skipped runs grew since the last read; at most
+    /// one read a second.
+    pub fn poll(&mut self) -> Vec<Skipped> {
+        let mut out = Vec::new();
+        if self.last_poll.elapsed() < POLL_EVERY {
+            return out;
+        }
+        self.last_poll = Instant::now();
+        for w in &mut self.watched {
+            let Some(now) = read(&w.fd) else { continue };
+            if now > w.seen {
+                out.push(Skipped {
+                    program: w.program,
+                    class: w.class,
+                    skipped: now - w.seen,
+                    total: now,
+                });
+                w.seen = now;
+            }
+        }
+        out
+    }
+
+    /// Skipped runs so far, per watched program (all of them, zeros too);
+    /// `None` where the kernel does not count them.
+    pub fn totals(&self) -> Option<BTreeMap<&'static str, u64>> {
+        self.supported
+            .then(|| self.watched.iter().map(|w| (w.program, w.seen)).collect())
+    }
+}
+
+/// The kernel's count of skipped runs of the program `fd`, from its
+/// `bpf_prog_info` (one syscall; reading fdinfo took three and a parse, for
+/// every watched program every second). `None` where the kernel has no
+/// such field (before 5.12: the length it fills in stops short of it).
+fn read(fd: &ProgramFd) -> Option<u64> {
+    use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
+    // SAFETY: plain C structs, for which all zeroes is a valid value.
+    let (mut info, mut attr): (bpf_prog_info, bpf_attr) =
+        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    attr.info.bpf_fd = u32::try_from(fd.as_fd().as_raw_fd()).ok()?;
+    attr.info.info_len = u32::try_from(std::mem::size_of::<bpf_prog_info>()).ok()?;
+    attr.info.info = std::ptr::addr_of_mut!(info) as u64;
+    // SAFETY: BPF_OBJ_GET_INFO_BY_FD with a valid attr of its full size,
+    // pointing at `info`, which the kernel fills up to `info_len` bytes
+    // (every pointer field in it is 0: no array is asked for).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            std::ptr::addr_of_mut!(attr),
+            std::mem::size_of::<bpf_attr>(),
+        )
+    };
+    // SAFETY: the union's member this command uses.
+    let filled = unsafe { attr.info.info_len } as usize;
+    let end = std::mem::offset_of!(bpf_prog_info, recursion_misses) + std::mem::size_of::<u64>();
+    (r == 0 && filled >= end).then_some(info.recursion_misses)
+}
