@@ -267,7 +267,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let probes = loader::attach_all_with(&mut ebpf, &cgroup_root, Some(&pins))?;
     report_probes(&probes);
-    let skips = crate::skips::Skips::watch(&ebpf, &probes);
+    let skips = crate::skips::Skips::watch(&ebpf, &probes, &pins);
     let dircache = loader::dircache_ready(&probes);
     if let Err(e) = compile::set_dircache(&mut ebpf, dircache) {
         tracing::warn!(error = %e, "cannot switch the kernel's directory cache");

@@ -28,9 +28,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{programs::ProgramFd, Ebpf};
+use aya::{
+    programs::{
+        links::{FdLink, PinnedLink},
+        ProgramFd,
+    },
+    Ebpf,
+};
 
-use crate::loader::{ActionClass, ProbeKind, ProbeState, ProbeStatus, PROBES};
+use crate::{
+    loader::{ActionClass, ProbeKind, ProbeState, ProbeStatus, PROBES},
+    pins::Pins,
+};
 
 /// A program whose skipped runs are watched.
 struct Watched {
@@ -76,8 +85,11 @@ pub struct Skips {
 const POLL_EVERY: Duration = Duration::from_secs(1);
 
 impl Skips {
-    /// Watch the loaded tracepoint and `fexit` programs among `probes`.
-    pub fn watch(ebpf: &Ebpf, probes: &[ProbeStatus]) -> Self {
+    /// Watch the loaded tracepoint and `fexit` programs among `probes`:
+    /// the program each one's pinned link runs (for a link taken over from
+    /// a previous daemon, that daemon's program; pins.rs), else this
+    /// daemon's.
+    pub fn watch(ebpf: &Ebpf, probes: &[ProbeStatus], pins: &Pins) -> Self {
         let mut watched = Vec::new();
         for status in probes {
             if matches!(
@@ -95,10 +107,13 @@ impl Skips {
             ) {
                 continue;
             }
-            let fd = ebpf
-                .program(spec.program)
-                .and_then(|p| p.fd().ok())
-                .and_then(|fd| fd.try_clone().ok());
+            // The program its pinned link runs first: the one in the
+            // kernel's hook (ours once attached and pinned).
+            let fd = adopted(pins, spec.program).or_else(|| {
+                ebpf.program(spec.program)
+                    .and_then(|p| p.fd().ok())
+                    .and_then(|fd| fd.try_clone().ok())
+            });
             match fd {
                 Some(fd) => watched.push(Watched {
                     program: spec.program,
@@ -159,6 +174,21 @@ impl Skips {
         self.supported
             .then(|| self.watched.iter().map(|w| (w.program, w.seen)).collect())
     }
+}
+
+/// The program a pinned link of `program` runs (always attached, or
+/// attached while an agent is live), when a previous daemon left one.
+fn adopted(pins: &Pins, program: &str) -> Option<ProgramFd> {
+    let id = [pins.link(program), pins.live(program)]
+        .into_iter()
+        .filter_map(|path| PinnedLink::from_pin(path).ok())
+        .find_map(|link| FdLink::from(link).info().ok())?
+        .program_id();
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)?
+        .fd()
+        .ok()
 }
 
 /// The kernel's count of skipped runs of the program `fd`, from its

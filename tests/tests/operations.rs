@@ -178,6 +178,10 @@ fn sigkill_leaves_enforcement_in_place_and_a_restart_takes_it_over() {
     let st = status(&d);
     assert_eq!(st["pins"]["adopted_at_start"], true, "{st:#}");
     assert_eq!(d.pins(), pins_before, "nothing attached twice, nothing lost");
+    // The programs of the links it took over are watched for skipped runs
+    // as its own would be (skips.rs).
+    assert!(st["skipped_runs"]["sched_process_fork"].is_u64(), "{st:#}");
+    assert!(!err.contains("cannot watch the program's skipped runs"), "{err}");
     // The session and the tag are the same ones.
     assert_eq!(session_cgroup(&d, "crashy"), cgroup);
     let tag = d.tag_of(agent.pid());
