@@ -132,7 +132,13 @@ impl Skips {
             supported: true,
             last_poll: Instant::now(),
         };
-        // Counted from now: these programs were just loaded.
+        // Reported from now on. A program taken over from a previous
+        // daemon may carry skips from before (the count is the kernel's,
+        // for the program's whole life): `status` shows them in the
+        // totals, and what a start does anyway covers them (the directory
+        // cache is flushed when the daemon switches it on, the restored
+        // sessions' processes are tagged again), but no event reports
+        // them one by one.
         for w in &mut skips.watched {
             match read(&w.fd) {
                 Some(n) => w.seen = n,
