@@ -379,6 +379,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Start-up parsed the kernel's BTF and the object (tens of MiB, freed):
     // give those pages back rather than keep them resident while idle (B8).
     loader::release_kernel_btf();
+    loader::release_object();
     // SAFETY: plain glibc call, no preconditions.
     unsafe { libc::malloc_trim(0) };
     println!("agentguard daemon ready");

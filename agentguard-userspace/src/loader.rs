@@ -393,6 +393,27 @@ pub fn release_kernel_btf() {
     *AYA_KERNEL_BTF.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
 }
 
+/// Let go of the embedded object's pages once every program is loaded: 4.4
+/// MiB of the binary that start-up read through and an idle daemon would
+/// otherwise keep resident (B8). They are clean pages of the executable's
+/// file: a later read (the CLI's commands run in their own processes)
+/// faults them in again from it.
+pub fn release_object() {
+    let _ = pins::generation();
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+    let start = EBPF_OBJECT.as_ptr() as usize;
+    let (first, end) = (start.next_multiple_of(page), (start + EBPF_OBJECT.len()) / page * page);
+    if end > first {
+        // SAFETY: whole pages inside a read-only static, which nothing
+        // writes; MADV_DONTNEED on a private file mapping drops this
+        // process's copy of them, and the next access reads the file again.
+        if unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED) } != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "cannot release the eBPF object's pages");
+        }
+    }
+}
+
 /// `task_struct.tgid` from BTF, for selfprotect.rs (0 where this kernel
 /// has no BTF: the programs then judge no signal or ptrace).
 fn task_tgid_offset() -> u32 {

@@ -106,10 +106,17 @@ pub fn pin(link: FdLink, path: &Path) -> Result<PinnedLink, String> {
 }
 
 /// The generation of the embedded object: its hash, so a daemon only ever
-/// reopens maps whose layout its programs were built for.
+/// reopens maps whose layout its programs were built for. Computed once:
+/// `status` asks for it, and the daemon lets go of the object's pages
+/// after start (loader.rs `release_object`).
 pub fn generation() -> String {
-    let digest = Sha256::digest(EBPF_OBJECT);
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    static GENERATION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    GENERATION
+        .get_or_init(|| {
+            let digest = Sha256::digest(EBPF_OBJECT);
+            digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+        })
+        .clone()
 }
 
 /// The names of the object's maps that are pinned: all but the read-only
