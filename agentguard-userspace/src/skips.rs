@@ -51,7 +51,7 @@ struct Watched {
 }
 
 /// Runs of one program skipped since the previous [`Skips::poll`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Skipped {
     pub program: &'static str,
     pub class: ActionClass,
@@ -76,7 +76,7 @@ pub struct Skips {
     watched: Vec<Watched>,
     /// Whether this kernel reports skipped runs at all (the program
     /// info's `recursion_misses`, 5.12+).
-    pub supported: bool,
+    supported: bool,
     last_poll: Instant,
 }
 

@@ -77,6 +77,25 @@ paths = ["{protected}/**"]
     )
 }
 
+/// A daemon with `protected` denied to the racing agent, on a kernel
+/// switched to full preemption; `None` (the test skipped, saying why:
+/// `without_lsm` where BPF-LSM does not load) where either cannot be had.
+fn racing_daemon(protected: &Path, without_lsm: &str) -> Option<(Daemon, Preemption)> {
+    let d = Daemon::start(&[("racer.toml", &policy(protected))]);
+    let mode = d.status()["file_enforcement"]["mode"].as_str().unwrap_or("?").to_owned();
+    if mode != "veto" {
+        agentguard_tests::skip_without_lsm(&format!("file enforcement here is {mode}: {without_lsm}"));
+        return None;
+    }
+    match Preemption::full() {
+        Ok(p) => Some((d, p)),
+        Err(why) => {
+            agentguard_tests::skip(&format!("cannot make this kernel fully preemptible: {why}"));
+            None
+        }
+    }
+}
+
 fn counter(d: &Daemon, name: &str) -> u64 {
     let v: Value = d.status();
     v["events"]["kernel"][name].as_u64().unwrap_or_else(|| panic!("status has no kernel counter {name}: {v:#}"))
@@ -100,19 +119,7 @@ fn a_preempted_judgment_never_reads_another_threads_path() {
     let scratch = ws.join("scratch");
     std::fs::write(&scratch, b"x").expect("write workspace file");
 
-    let d = Daemon::start(&[("racer.toml", &policy(&protected))]);
-    let mode = d.status()["file_enforcement"]["mode"].as_str().unwrap_or("?").to_owned();
-    if mode != "veto" {
-        agentguard_tests::skip_without_lsm(&format!("file enforcement here is {mode}: the race is between BPF-LSM programs, which the VM harness loads"));
-        return;
-    }
-    let preemption = match Preemption::full() {
-        Ok(p) => p,
-        Err(why) => {
-            agentguard_tests::skip(&format!("cannot make this kernel fully preemptible: {why}"));
-            return;
-        }
-    };
+    let Some((d, preemption)) = racing_daemon(&protected, "the race is between BPF-LSM programs, which the VM harness loads") else { return };
 
     let busy_before = counter(&d, "file_scratch_busy");
     // Rounds until the race was run into at least once: a run in which no
@@ -172,18 +179,8 @@ fn a_skipped_stamp_flushes_the_directory_cache() {
     let dir = TempDir::new("preempt-stamps");
     let protected = dir.join("protected");
     std::fs::create_dir_all(&protected).expect("mkdir protected");
-    let d = Daemon::start(&[("racer.toml", &policy(&protected))]);
-    let mode = d.status()["file_enforcement"]["mode"].as_str().unwrap_or("?").to_owned();
-    if mode != "veto" {
-        agentguard_tests::skip_without_lsm(&format!("file enforcement here is {mode}: the directory cache and its fexit programs load with BPF-LSM, in the VM harness"));
+    let Some((d, preemption)) = racing_daemon(&protected, "the directory cache and its fexit programs load with BPF-LSM, in the VM harness") else {
         return;
-    }
-    let preemption = match Preemption::full() {
-        Ok(p) => p,
-        Err(why) => {
-            agentguard_tests::skip(&format!("cannot make this kernel fully preemptible: {why}"));
-            return;
-        }
     };
     let generation = || d.status()["file_cache_generation"].as_u64().expect("a file cache generation");
     let (before, generation_before) = (skipped(&d, "dircache_rename"), generation());

@@ -655,12 +655,6 @@ fn hold_loop(what: &str, arg: &str) -> ! {
     exit(0)
 }
 
-/// Two threads of one agent on one CPU, for SECS: the main thread unlinks
-/// DIR/f0..f{N-1} (a protected tree) over and over, the other truncates
-/// FILE (allowed) over and over. Each truncate takes the file programs' long
-/// way, writing its path into the same per-CPU scratch the unlink's judgment
-/// reads: an agent trying to have its denied unlink judged on the other
-/// thread's allowed path, where the kernel preempts a program mid-way.
 /// Pin the calling thread (and the threads it spawns after) to CPU 0.
 fn pin_to_cpu0() -> bool {
     // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread.
@@ -710,6 +704,12 @@ fn race_rename(dir: &str, secs: Duration) -> ! {
     exit(0)
 }
 
+/// Two threads of one agent on one CPU, for SECS: the main thread unlinks
+/// DIR/f0..f{N-1} (a protected tree) over and over, the other truncates
+/// FILE (allowed) over and over. Each truncate takes the file programs' long
+/// way, writing its path into the same per-CPU scratch the unlink's judgment
+/// reads: an agent trying to have its denied unlink judged on the other
+/// thread's allowed path, where the kernel preempts a program mid-way.
 fn race_unlink(dir: &str, n: usize, file: &str, secs: Duration) -> ! {
     // The thread spawned below inherits the pinning.
     println!("pinned={}", u8::from(pin_to_cpu0()));
