@@ -138,7 +138,19 @@ fn step(h: u64, c: u8) -> u64 {
 /// 6.1 read 0 through such a load (session 18).
 #[inline(always)]
 fn hash_len(d: u64) -> u64 {
-    let qstr = opaque(off!(dentry_name) - 8);
+    hash_len_at(d, qstr_off())
+}
+
+/// The offset of `d_name` in a dentry (its `hash_len`), kept from the
+/// compiler ([`hash_len`]).
+#[inline(always)]
+fn qstr_off() -> u64 {
+    opaque(off!(dentry_name) - 8)
+}
+
+/// [`hash_len`] with [`qstr_off`] at hand.
+#[inline(always)]
+fn hash_len_at(d: u64, qstr: u64) -> u64 {
     let hash: u32 = ld(d, qstr);
     let len: u32 = ld(d, qstr + 4);
     (len as u64) << 32 | hash as u64
@@ -411,13 +423,16 @@ fn same_dir(v: &DirCacheEntry, mnt: u64, d: u64) -> bool {
     let root: u64 = ld(mnt, off!(vfsmount_root));
     let depth = v.depth;
     let mut cur = d;
+    // The two offsets each level needs, read once (each read of
+    // `KERNEL_OFFSETS` is a load of its own).
+    let (parent, qstr) = (off!(dentry_parent), qstr_off());
     macro_rules! level {
         ($i:literal) => {
             if $i >= depth {
                 return cur == root;
             }
-            let up: u64 = ld(cur, off!(dentry_parent));
-            if up != v.chain[$i][0] || hash_len(cur) != v.chain[$i][1] {
+            let up: u64 = ld(cur, parent);
+            if up != v.chain[$i][0] || hash_len_at(cur, qstr) != v.chain[$i][1] {
                 return false;
             }
             cur = up;
@@ -450,7 +465,9 @@ fn holds(v: &DirCacheEntry, st: Stamp, mnt: u64, d: u64) -> bool {
 }
 
 /// Whether two keys are the same, field by field (a derived comparison of
-/// the whole struct could become a `bcmp` call, which BPF has not).
+/// the whole struct could become a `bcmp` call, which BPF has not), and
+/// without a branch per field (under TCG each branch ends a translated
+/// block).
 #[inline(always)]
 fn same_key(a: &DirCacheKey, b: &DirCacheKey) -> bool {
     let ids = (a.agent_id ^ b.agent_id) | (a.session_id ^ b.session_id) | (a.ops ^ b.ops);
@@ -502,22 +519,19 @@ fn copy_entry(dst: &mut DirCacheEntry, src: &DirCacheEntry) {
 /// (inlined, each early return was a different state, and the long way
 /// was checked again for each; path_unlink took 98 s of verification).
 #[inline(never)]
-pub fn begin<const V: u32>(tag: u64, ops: u64, dir: u64, e: u64) -> u64 {
-    let Some(s) = filepath::scratch() else { return 0 };
+pub fn begin<const V: u32>(s: &mut FileScratch, tag: u64, ops: u64, dir: u64, e: u64) -> u64 {
     unsafe { core::ptr::write_volatile(&mut s.dc_variant, V) };
     // SAFETY (all volatile accesses below): fields of the map value `s`
-    // points to, this CPU's alone while the program runs.
+    // points to, this run's while it holds it (filepath.rs `take`).
     unsafe { core::ptr::write_volatile(&mut s.dir_ok, 0) };
     let st = stamp();
     if st.generation == 0 {
         return 0;
     }
-    s.dc_generation = st.generation;
-    s.dc_epoch = st.epoch;
-    let agent_id = tag as u32;
+    let (agent_id, session_id, ops) = (tag as u32, (tag >> 32) as u32, ops as u32);
     let mnt: u64 = ld(dir, off!(path_mnt));
     let d: u64 = ld(dir, off!(path_dentry));
-    s.dc_key = DirCacheKey { agent_id, session_id: (tag >> 32) as u32, ops: ops as u32, pad: 0, dentry: d, mnt };
+    s.dc_key = DirCacheKey { agent_id, session_id, ops, pad: 0, dentry: d, mnt };
     // This CPU's last entry first (no hash lookup), then the cache's; an
     // entry that holds is copied to the last one, and judged from there.
     let held = if same_key(&s.dc_last_key, &s.dc_key) && holds(&s.dc_last, st, mnt, d) {
@@ -546,6 +560,9 @@ pub fn begin<const V: u32>(tag: u64, ops: u64, dir: u64, e: u64) -> u64 {
         unsafe { core::ptr::write_volatile(&mut s.dc_cached, 1) };
         return 1;
     }
+    // For `finish`, which records the directory at this stamp.
+    s.dc_generation = st.generation;
+    s.dc_epoch = st.epoch;
     let cfg = agent_config(agent_id);
     let pairs = cfg.flags & (agent_flags::FILE_PAIR | agent_flags::FILE_BASE_PAIR) != 0;
     s.dc_dir_hash = if pairs {
@@ -631,9 +648,9 @@ fn entry_clear(e: u64, flags: u32) -> bool {
 /// A lookup: whether the cache allows a tagged task's `ops` action on
 /// entry `e` of directory `dir` ([`begin`], [`scan`], [`finish`]).
 #[inline(always)]
-pub fn allows<const V: u32>(tag: Tag, ops: u32, dir: u64, e: u64) -> bool {
+pub fn allows<const V: u32>(s: &mut FileScratch, tag: Tag, ops: u32, dir: u64, e: u64) -> bool {
     let t = pack(tag);
-    let b = begin::<V>(t, ops as u64, dir, e);
+    let b = begin::<V>(s, t, ops as u64, dir, e);
     b == ALLOWED || (b != 0 && scan::<V>(e) != 0 && finish::<V>(t, dir, e) != 0)
 }
 

@@ -175,8 +175,10 @@ pub fn scratch() -> Option<&'static mut FileScratch> {
 pub enum Taken {
     /// Not an agent's: nothing to judge.
     Untagged,
-    /// An agent's, and this CPU's scratch is this run's until [`release`].
-    Tagged(Tag),
+    /// An agent's, and this CPU's scratch is this run's until [`release`]:
+    /// the scratch, handed on so the hook's cheap way (dircache.rs) does
+    /// not look it up again.
+    Tagged(Tag, *mut FileScratch),
     /// An agent's, and another run on this CPU holds the scratch: one this
     /// run preempted mid-way (a kernel with full preemption runs BPF-LSM
     /// programs preemptibly, with only migration disabled; the fallback's
@@ -189,7 +191,7 @@ pub enum Taken {
 /// The calling task's tag for a file program, with this CPU's scratch taken
 /// for the rest of the run when the task is an agent's (untagged tasks, the
 /// host's every other process, never touch it). Every [`Taken::Tagged`]
-/// must be followed by [`release`] on every way out.
+/// must be followed by [`release_scratch`] on every way out.
 #[inline(always)]
 pub fn take() -> Taken {
     let tid = bpf_get_current_pid_tgid() as u32;
@@ -204,9 +206,9 @@ pub fn take() -> Taken {
     };
     // SAFETY: the scratch this run just took.
     match file_tag(unsafe { &mut *s }, tid) {
-        Some(t) => Taken::Tagged(t),
+        Some(t) => Taken::Tagged(t, s),
         None => {
-            release();
+            release_scratch(s);
             Taken::Untagged
         }
     }
@@ -243,9 +245,15 @@ fn claim_scratch() -> Option<*mut FileScratch> {
 #[inline(always)]
 pub fn release() {
     if let Some(p) = FILE_SCRATCH.get_ptr_mut(0) {
-        // SAFETY: a field of the per-CPU map value `p` points to.
-        unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*p).busy), 0) };
+        release_scratch(p);
     }
+}
+
+/// [`release`] with the scratch at hand ([`Taken::Tagged`]).
+#[inline(always)]
+pub fn release_scratch(p: *mut FileScratch) {
+    // SAFETY: a field of the per-CPU map value `p` points to.
+    unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*p).busy), 0) };
 }
 
 /// The calling task's tag, as [`current_tag`](crate::shared::current_tag)

@@ -29,7 +29,7 @@ use aya_ebpf::helpers::generated::bpf_send_signal;
 use crate::{
     dircache,
     filejudge::{approval_of, judge, record, record_preempted},
-    filepath::{self, Taken},
+    filepath::{self, FileScratch, Taken},
     kstructs::{dentry_inode, off, path_parts},
     selfprotect::{in_guarded_tree, self_walk},
     shared::{count, decide_unreadable, granted, notify_hold},
@@ -183,16 +183,17 @@ pub extern "C" fn ag_file_decide(tag: u64, call: u64) -> i32 {
 /// way out), and a refusal (fail closed, counted and recorded) when a run
 /// this one preempted holds the scratch (filepath.rs `take`).
 #[inline(always)]
-fn for_agent(op: FileOp, body: impl FnOnce(Tag) -> i32) -> i32 {
+fn for_agent(op: FileOp, body: impl FnOnce(Tag, &mut FileScratch) -> i32) -> i32 {
     match filepath::take() {
         Taken::Untagged => 0,
         Taken::Busy(tag) => {
             record_preempted(tag, op, Enforcement::Enforced);
             -EPERM
         }
-        Taken::Tagged(tag) => {
-            let r = body(tag);
-            filepath::release();
+        Taken::Tagged(tag, s) => {
+            // SAFETY: this CPU's scratch, this run's until released below.
+            let r = body(tag, unsafe { &mut *s });
+            filepath::release_scratch(s);
             r
         }
     }
@@ -203,11 +204,12 @@ fn for_agent(op: FileOp, body: impl FnOnce(Tag) -> i32) -> i32 {
 /// action before answers from the directory cache. `V` gives each hook its
 /// own copy of the cache's lookup (dircache.rs).
 #[inline(always)]
-fn dir_entry<const V: u32>(ctx: &LsmContext, tag: Tag, op: FileOp, ops: u32, dir_arg: usize, dentry_arg: usize, cached: bool) -> i32 {
+#[expect(clippy::too_many_arguments, reason = "the hook's side of one call; each is a register or a constant")]
+fn dir_entry<const V: u32>(ctx: &LsmContext, s: &mut FileScratch, tag: Tag, op: FileOp, ops: u32, dir_arg: usize, dentry_arg: usize, cached: bool) -> i32 {
     let dir: u64 = ctx.arg(dir_arg);
     let dentry: u64 = ctx.arg(dentry_arg);
     let cache = if cached {
-        if dircache::allows::<V>(tag, ops, dir, dentry) {
+        if dircache::allows::<V>(s, tag, ops, dir, dentry) {
             return 0;
         }
         Some(dir)
@@ -225,7 +227,7 @@ pub fn path_unlink(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    for_agent(FileOp::Unlink, |tag| dir_entry::<1>(&ctx, tag, FileOp::Unlink, FileOp::Unlink.rule_ops(), 0, 1, true))
+    for_agent(FileOp::Unlink, |tag, s| dir_entry::<1>(&ctx, s, tag, FileOp::Unlink, FileOp::Unlink.rule_ops(), 0, 1, true))
 }
 
 /// security_path_rmdir(const struct path *dir, struct dentry *dentry)
@@ -236,7 +238,7 @@ pub fn path_rmdir(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    for_agent(FileOp::Rmdir, |tag| dir_entry::<2>(&ctx, tag, FileOp::Rmdir, FileOp::Rmdir.rule_ops(), 0, 1, true))
+    for_agent(FileOp::Rmdir, |tag, s| dir_entry::<2>(&ctx, s, tag, FileOp::Rmdir, FileOp::Rmdir.rule_ops(), 0, 1, true))
 }
 
 /// security_path_rename(old_dir, old_dentry, new_dir, new_dentry, flags):
@@ -251,11 +253,11 @@ pub fn path_rename(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    for_agent(FileOp::Rename, |tag| rename(&ctx, tag))
+    for_agent(FileOp::Rename, |tag, s| rename(&ctx, s, tag))
 }
 
 #[inline(always)]
-fn rename(ctx: &LsmContext, tag: Tag) -> i32 {
+fn rename(ctx: &LsmContext, s: &mut FileScratch, tag: Tag) -> i32 {
     // Nothing may be moved into AgentGuard's directories either: the
     // target directory guards the source's rename.
     let new_dir: u64 = ctx.arg(2);
@@ -269,7 +271,7 @@ fn rename(ctx: &LsmContext, tag: Tag) -> i32 {
     // long way, which also checks the target directory, and nothing
     // recorded.
     let same_dir = dircache::same_path(dir, new_dir);
-    let source = if same_dir && dircache::allows::<3>(tag, ops, dir, dentry) {
+    let source = if same_dir && dircache::allows::<3>(s, tag, ops, dir, dentry) {
         0
     } else {
         if !same_dir {
@@ -290,7 +292,7 @@ fn rename(ctx: &LsmContext, tag: Tag) -> i32 {
     } else {
         FileOp::RenameOver.rule_ops()
     };
-    dir_entry::<0>(ctx, tag, FileOp::RenameOver, ops, 2, 3, false)
+    dir_entry::<0>(ctx, s, tag, FileOp::RenameOver, ops, 2, 3, false)
 }
 
 /// security_path_truncate(const struct path *path)
@@ -301,7 +303,7 @@ pub fn path_truncate(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    for_agent(FileOp::Truncate, |tag| {
+    for_agent(FileOp::Truncate, |tag, _| {
         let p: u64 = ctx.arg(0);
         decide(tag, FileOp::Truncate, FileOp::Truncate.rule_ops(), false, build::PATH, p, 0, 0, None)
     })
@@ -315,7 +317,7 @@ pub fn file_truncate(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    for_agent(FileOp::Truncate, |tag| {
+    for_agent(FileOp::Truncate, |tag, _| {
         let file: u64 = ctx.arg(0);
         let (mnt, dentry) = path_parts(file + off!(file_path)).unwrap_or((0, 0));
         decide(tag, FileOp::Truncate, FileOp::Truncate.rule_ops(), false, build::WALK, mnt, dentry, 0, None)
@@ -333,7 +335,7 @@ pub fn path_link(ctx: LsmContext) -> i32 {
     if previous != 0 {
         return previous;
     }
-    for_agent(FileOp::Link, |tag| {
+    for_agent(FileOp::Link, |tag, _| {
         let old_dentry: u64 = ctx.arg(0);
         let new_dir: u64 = ctx.arg(1);
         // A second name would let an agent write a protected file from
