@@ -267,7 +267,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let probes = loader::attach_all_with(&mut ebpf, &cgroup_root, Some(&pins))?;
     report_probes(&probes);
-    let skips = crate::skips::Skips::watch(&ebpf, &probes, &pins);
+    let skips = crate::skips::Skips::watch(&ebpf, &probes, &pins, &crate::skips::saved_path(&config.run_state));
     let dircache = loader::dircache_ready(&probes);
     if let Err(e) = compile::set_dircache(&mut ebpf, dircache) {
         tracing::warn!(error = %e, "cannot switch the kernel's directory cache");
@@ -814,13 +814,15 @@ impl State {
                 (ActionClass::Tagging, _, Some(n)) => format!("the sessions' processes were tagged again from their cgroups ({n} untagged found)"),
                 _ => "none".to_owned(),
             };
-            tracing::warn!(program = s.program, skipped = s.skipped, total = s.total, remedy, "the kernel skipped runs of a program: {}", s.risk());
+            let when = if s.while_no_daemon { " while no daemon was reading (before this start)" } else { "" };
+            tracing::warn!(program = s.program, skipped = s.skipped, total = s.total, remedy, "the kernel skipped runs of a program{when}: {}", s.risk());
             let _ = self.log.append(&json!({
                 "kind": "skipped_runs",
                 "program": s.program,
                 "class": s.class,
                 "skipped": s.skipped,
                 "skipped_total": s.total,
+                "while_no_daemon": s.while_no_daemon,
                 "risk": s.risk(),
                 "remedy": remedy,
             }));

@@ -53,6 +53,7 @@ pub fn plan(config: &Config, cgroup_root: &Path, cgroup_base: &Path) -> (Vec<Gua
         ("event log", config.events_log.clone()),
         ("chain head", config.chain_head.clone()),
         ("sessions file", config.run_state.clone()),
+        ("skipped-run counts", crate::skips::saved_path(&config.run_state)),
         ("approvals file", config.approvals_state_path()),
         ("control socket", config.socket.clone()),
     ];

@@ -22,11 +22,19 @@
 //!
 //! BPF-LSM and cgroup programs have no such check: the kernel runs them
 //! every time, so they are not watched.
+//!
+//! The counts the daemon has reported are saved (`skipped-runs.json`, next
+//! to the saved sessions, on /run): a restarted daemon that takes the same
+//! programs over reports the runs skipped while no daemon was reading, as
+//! `skipped_runs` events with `while_no_daemon`.
 use std::{
     collections::BTreeMap,
     os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
+
+use serde::{Deserialize, Serialize};
 
 use aya::{
     programs::{
@@ -46,7 +54,17 @@ struct Watched {
     program: &'static str,
     class: ActionClass,
     fd: ProgramFd,
+    /// The kernel's id of the program (which a restarted daemon finds
+    /// again when it takes the program over).
+    id: u32,
     /// The count when last read.
+    seen: u64,
+}
+
+/// What was reported of one program, as saved for a restarted daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Saved {
+    id: u32,
     seen: u64,
 }
 
@@ -57,6 +75,9 @@ pub struct Skipped {
     pub class: ActionClass,
     pub skipped: u64,
     pub total: u64,
+    /// Skipped while no daemon was reading: between the previous daemon's
+    /// last read and this daemon's start.
+    pub while_no_daemon: bool,
 }
 
 impl Skipped {
@@ -78,6 +99,11 @@ pub struct Skips {
     /// info's `recursion_misses`, 5.12+).
     supported: bool,
     last_poll: Instant,
+    /// Skips from before this daemon, reported by the first poll.
+    carried: Vec<Skipped>,
+    /// Where the reported counts are saved, and what was saved last.
+    saved_at: PathBuf,
+    saved: String,
 }
 
 /// How often [`Skips::poll`] reads the counts (the log ticks more often
@@ -89,7 +115,7 @@ impl Skips {
     /// the program each one's pinned link runs (for a link taken over from
     /// a previous daemon, that daemon's program; pins.rs), else this
     /// daemon's.
-    pub fn watch(ebpf: &Ebpf, probes: &[ProbeStatus], pins: &Pins) -> Self {
+    pub fn watch(ebpf: &Ebpf, probes: &[ProbeStatus], pins: &Pins, saved_at: &Path) -> Self {
         let mut watched = Vec::new();
         for status in probes {
             if matches!(
@@ -119,6 +145,7 @@ impl Skips {
                     program: spec.program,
                     class: spec.class,
                     fd,
+                    id: 0,
                     seen: 0,
                 }),
                 None => tracing::warn!(
@@ -131,47 +158,90 @@ impl Skips {
             watched,
             supported: true,
             last_poll: Instant::now(),
+            carried: Vec::new(),
+            saved_at: saved_at.to_owned(),
+            saved: String::new(),
         };
-        // Reported from now on. A program taken over from a previous
-        // daemon may carry skips from before (the count is the kernel's,
-        // for the program's whole life): `status` shows them in the
-        // totals, and what a start does anyway covers them (the directory
-        // cache is flushed when the daemon switches it on, the restored
-        // sessions' processes are tagged again), but no event reports
-        // them one by one.
+        // The count is the kernel's, for the program's whole life. For a
+        // program a previous daemon watched (taken over: the same id), what
+        // that daemon did not report yet is reported now; for any other,
+        // the count from here on (this daemon's own programs start at 0).
+        let before = load(saved_at);
         for w in &mut skips.watched {
             match read(&w.fd) {
-                Some(n) => w.seen = n,
+                Some((id, n)) => {
+                    (w.id, w.seen) = (id, n);
+                    if let Some(prev) = before.get(w.program).filter(|p| p.id == id && p.seen < n) {
+                        skips.carried.push(Skipped {
+                            program: w.program,
+                            class: w.class,
+                            skipped: n - prev.seen,
+                            total: n,
+                            while_no_daemon: true,
+                        });
+                    }
+                }
                 None => skips.supported = false,
             }
         }
         if !skips.supported && !skips.watched.is_empty() {
             tracing::warn!("this kernel does not report skipped program runs (recursion_misses, 5.12+): they cannot be counted here");
         }
+        skips.save();
         skips
     }
 
     /// The programs whose skipped runs grew since the last read; at most
     /// one read a second.
     pub fn poll(&mut self) -> Vec<Skipped> {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.carried);
         if self.last_poll.elapsed() < POLL_EVERY {
             return out;
         }
         self.last_poll = Instant::now();
         for w in &mut self.watched {
-            let Some(now) = read(&w.fd) else { continue };
+            let Some((_, now)) = read(&w.fd) else { continue };
             if now > w.seen {
                 out.push(Skipped {
                     program: w.program,
                     class: w.class,
                     skipped: now - w.seen,
                     total: now,
+                    while_no_daemon: false,
                 });
                 w.seen = now;
             }
         }
+        if !out.is_empty() {
+            self.save();
+        }
         out
+    }
+
+    /// Save what is reported, for a restarted daemon (atomically, and only
+    /// when it changed). A failure is said; the next daemon then reports
+    /// from its start, as it would after a reboot.
+    fn save(&mut self) {
+        if !self.supported {
+            return;
+        }
+        let now: BTreeMap<&str, Saved> = self.watched.iter().map(|w| (w.program, Saved { id: w.id, seen: w.seen })).collect();
+        let Ok(text) = serde_json::to_string(&now) else { return };
+        if text == self.saved {
+            return;
+        }
+        let written = (|| {
+            if let Some(dir) = self.saved_at.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = self.saved_at.with_extension("tmp");
+            std::fs::write(&tmp, &text)?;
+            std::fs::rename(&tmp, &self.saved_at)
+        })();
+        match written {
+            Ok(()) => self.saved = text,
+            Err(e) => tracing::warn!(path = %self.saved_at.display(), error = %e, "cannot save the skipped-run counts; a restarted daemon will not report runs skipped while none was reading"),
+        }
     }
 
     /// Skipped runs so far, per watched program (all of them, zeros too);
@@ -197,11 +267,28 @@ fn adopted(pins: &Pins, program: &str) -> Option<ProgramFd> {
         .ok()
 }
 
-/// The kernel's count of skipped runs of the program `fd`, from its
-/// `bpf_prog_info` (one syscall; reading fdinfo took three and a parse, for
-/// every watched program every second). `None` where the kernel has no
+/// What a previous daemon saved ([`Skips::save`]); nothing when there is
+/// no such file (the first start since boot) or it cannot be read (said).
+fn load(path: &Path) -> BTreeMap<String, Saved> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => serde_json::from_str(&t).unwrap_or_else(|e| {
+            tracing::warn!(path = %path.display(), error = %e, "unreadable saved skipped-run counts; runs skipped while no daemon was reading cannot be reported");
+            BTreeMap::new()
+        }),
+        Err(_) => BTreeMap::new(),
+    }
+}
+
+/// The file [`Skips`] saves its counts to: next to the saved sessions.
+pub fn saved_path(run_state: &Path) -> PathBuf {
+    run_state.with_file_name("skipped-runs.json")
+}
+
+/// The program `fd`'s id and the kernel's count of its skipped runs, from
+/// its `bpf_prog_info` (one syscall; reading fdinfo took three and a parse,
+/// for every watched program every second). `None` where the kernel has no
 /// such field (before 5.12: the length it fills in stops short of it).
-fn read(fd: &ProgramFd) -> Option<u64> {
+fn read(fd: &ProgramFd) -> Option<(u32, u64)> {
     use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
     // SAFETY: plain C structs, for which all zeroes is a valid value.
     let (mut info, mut attr): (bpf_prog_info, bpf_attr) =
@@ -223,5 +310,5 @@ fn read(fd: &ProgramFd) -> Option<u64> {
     // SAFETY: the union's member this command uses.
     let filled = unsafe { attr.info.info_len } as usize;
     let end = std::mem::offset_of!(bpf_prog_info, recursion_misses) + std::mem::size_of::<u64>();
-    (r == 0 && filled >= end).then_some(info.recursion_misses)
+    (r == 0 && filled >= end).then_some((info.id, info.recursion_misses))
 }

@@ -168,40 +168,48 @@ fn skipped(d: &Daemon, program: &str) -> u64 {
     v["skipped_runs"][program].as_u64().unwrap_or_else(|| panic!("status has no skipped_runs for {program}: {:#}", v["skipped_runs"]))
 }
 
+/// Two threads on one CPU renaming directories (each in a parent of its
+/// own: in one parent, the second waited for the first's lock and nothing
+/// was ever skipped) for 10 s, under `dir`/`name`. Not an agent: the
+/// directory cache's `fexit` program stamps every rename on the host.
+fn race_renames(dir: &Path, name: &str) {
+    let moves = dir.join(name);
+    std::fs::create_dir_all(&moves).expect("mkdir moves");
+    let out = std::process::Command::new(testbin()).args(["race-rename", s(&moves), "10"]).output().expect("run the renaming threads");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "the renaming threads failed: {out:?}");
+    assert_eq!(fact(&out.stdout, "pinned").as_deref(), Some("1"), "both threads on one CPU: {text}");
+    assert!(num(&out.stdout, "renames") > 0, "{text}");
+}
+
 /// The directory cache's stamps come from `fexit` programs, which the
 /// kernel skips on a CPU where the same program is already running: on a
 /// fully preemptible kernel, a run preempted half-way makes the next one a
 /// skip, and that rename goes unstamped. No skip is silent: the daemon
 /// reads the kernel's count, flushes the cache (a new generation), logs a
-/// `skipped_runs` event and shows the count in `status`.
+/// `skipped_runs` event and shows the count in `status`. Skips while no
+/// daemon runs (the programs stay attached) are reported by the next one,
+/// which takes the same programs over.
 #[test]
 fn a_skipped_stamp_flushes_the_directory_cache() {
     let dir = TempDir::new("preempt-stamps");
     let protected = dir.join("protected");
     std::fs::create_dir_all(&protected).expect("mkdir protected");
-    let Some((d, preemption)) = racing_daemon(&protected, "the directory cache and its fexit programs load with BPF-LSM, in the VM harness") else {
+    let Some((mut d, preemption)) = racing_daemon(&protected, "the directory cache and its fexit programs load with BPF-LSM, in the VM harness") else {
         return;
     };
-    let generation = || d.status()["file_cache_generation"].as_u64().expect("a file cache generation");
-    let (before, generation_before) = (skipped(&d, "dircache_rename"), generation());
+    let generation = |d: &Daemon| d.status()["file_cache_generation"].as_u64().expect("a file cache generation");
+    let (before, generation_before) = (skipped(&d, "dircache_rename"), generation(&d));
     assert!(generation_before > 0, "the directory cache is on with BPF-LSM");
     let (mut rounds, mut now) = (0, before);
     while rounds < 4 && now == before {
         rounds += 1;
-        let moves = dir.join(format!("moves{rounds}"));
-        std::fs::create_dir_all(&moves).expect("mkdir moves");
-        // Not an agent: the program stamps every rename on the host.
-        let out = std::process::Command::new(testbin()).args(["race-rename", s(&moves), "10"]).output().expect("run the renaming threads");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "the renaming threads failed: {out:?}");
-        assert_eq!(fact(&out.stdout, "pinned").as_deref(), Some("1"), "both threads on one CPU: {text}");
-        assert!(num(&out.stdout, "renames") > 0, "{text}");
+        race_renames(&dir.path, &format!("moves{rounds}"));
         // The daemon reads the counts every second.
         std::thread::sleep(Duration::from_secs(2));
         now = skipped(&d, "dircache_rename");
         eprintln!("round {rounds}: {} dircache_rename runs skipped so far", now - before);
     }
-    drop(preemption);
     assert!(now > before, "in {rounds} rounds of 10 s the kernel skipped no run of dircache_rename: the race was not exercised");
     // Every skip is in the log, with what was done about it.
     let events: Vec<Value> = d.events().into_iter().filter(|e| e["kind"] == "skipped_runs" && e["program"] == "dircache_rename").collect();
@@ -210,8 +218,36 @@ fn a_skipped_stamp_flushes_the_directory_cache() {
     for e in &events {
         assert_eq!(e["remedy"], "the directory cache was flushed", "{e}");
         assert_eq!(e["class"], "file_cache", "{e}");
+        assert_eq!(e["while_no_daemon"], false, "{e}");
     }
     // The flush is a new generation: no entry stamped before is used again.
-    let generation_after = generation();
+    let generation_after = generation(&d);
     assert!(generation_after >= generation_before + events.len() as u64, "the cache was flushed once per report: {generation_before} -> {generation_after}, {} reports", events.len());
+
+    // No daemon: the programs stay attached and the kernel keeps counting.
+    let (mut tries, mut grew) = (0, 0);
+    while tries < 4 && grew == 0 {
+        tries += 1;
+        let last = skipped(&d, "dircache_rename");
+        d.kill9();
+        race_renames(&dir.path, &format!("unwatched{tries}"));
+        d.start_again();
+        let now = skipped(&d, "dircache_rename");
+        grew = now.checked_sub(last).unwrap_or_else(|| panic!("the count went from {last} to {now} across the restart: the restarted daemon did not take the same program over"));
+        eprintln!("while no daemon ran ({tries}): {grew} dircache_rename runs skipped");
+    }
+    drop(preemption);
+    assert!(grew > 0, "in {tries} rounds of 10 s without a daemon the kernel skipped no run of dircache_rename: the race was not exercised");
+    let first = d.wait_event(Duration::from_secs(10), "a skipped_runs event for the runs skipped while no daemon ran", |e| {
+        e["kind"] == "skipped_runs" && e["program"] == "dircache_rename" && e["while_no_daemon"] == true
+    });
+    assert_eq!(first["remedy"], "the directory cache was flushed", "{first}");
+    // Each try that saw no skip restarted too: only the last one's are new.
+    let unwatched: u64 = d
+        .events()
+        .into_iter()
+        .filter(|e| e["kind"] == "skipped_runs" && e["program"] == "dircache_rename" && e["while_no_daemon"] == true)
+        .map(|e| e["skipped"].as_u64().expect("skipped"))
+        .sum();
+    assert_eq!(unwatched, grew, "the runs skipped while no daemon ran are all reported at the next start");
 }
