@@ -739,6 +739,13 @@ fn bump_epoch() {
     }
 }
 
+/// Whether the dentry `d` (a pointer the kernel typed) has an inode: a
+/// name that exists.
+#[inline(always)]
+pub fn has_inode(d: u64) -> bool {
+    ld::<u64>(d, off!(dentry_inode)) != 0
+}
+
 #[inline(always)]
 fn is_dir(d: u64) -> bool {
     let inode: u64 = ld(d, off!(dentry_inode));

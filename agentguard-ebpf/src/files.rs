@@ -30,7 +30,7 @@ use crate::{
     dircache,
     filejudge::{approval_of, judge, record, record_preempted},
     filepath::{self, FileScratch, Taken},
-    kstructs::{dentry_inode, off, path_parts},
+    kstructs::{off, path_parts},
     selfprotect::{in_guarded_tree, self_walk},
     shared::{count, decide_unreadable, granted, notify_hold},
 };
@@ -283,7 +283,9 @@ fn rename(ctx: &LsmContext, s: &mut FileScratch, tag: Tag) -> i32 {
     if source != 0 {
         return source;
     }
-    if dentry_inode(new_dentry) == 0 {
+    // A plain load (the hook's argument is a typed pointer), not a probe
+    // read: no helper call on every rename.
+    if !dircache::has_inode(new_dentry) {
         return 0;
     }
     let flags: u32 = ctx.arg(4);
