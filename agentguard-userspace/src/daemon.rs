@@ -827,6 +827,7 @@ impl State {
                 "remedy": remedy,
             }));
         }
+        self.skips.reported();
     }
 
     /// Drop the tags of `pid`'s tasks, and of `pid` itself.

@@ -22,13 +22,19 @@ pub fn save(path: &Path, sessions: &[SavedSession], last: &str) -> std::io::Resu
     if text == last {
         return Ok(text);
     }
+    write_atomic(path, &text)?;
+    Ok(text)
+}
+
+/// Write `text` to `path` whole or not at all (a rename), creating its
+/// directory: what a restarted daemon reads is never half a file.
+pub fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, &text)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(text)
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// The saved sessions; none when the file is missing or unreadable (said).

@@ -187,12 +187,17 @@ impl Skips {
         if !skips.supported && !skips.watched.is_empty() {
             tracing::warn!("this kernel does not report skipped program runs (recursion_misses, 5.12+): they cannot be counted here");
         }
-        skips.save();
+        // Skips carried over are saved as reported once they are logged
+        // ([`Skips::reported`]); until then the previous daemon's counts
+        // stay, so a crash before the log loses none.
+        if skips.carried.is_empty() {
+            skips.reported();
+        }
         skips
     }
 
     /// The programs whose skipped runs grew since the last read; at most
-    /// one read a second.
+    /// one read a second. Once they are logged, [`Skips::reported`].
     pub fn poll(&mut self) -> Vec<Skipped> {
         let mut out = std::mem::take(&mut self.carried);
         if self.last_poll.elapsed() < POLL_EVERY {
@@ -212,16 +217,14 @@ impl Skips {
                 w.seen = now;
             }
         }
-        if !out.is_empty() {
-            self.save();
-        }
         out
     }
 
-    /// Save what is reported, for a restarted daemon (atomically, and only
-    /// when it changed). A failure is said; the next daemon then reports
-    /// from its start, as it would after a reboot.
-    fn save(&mut self) {
+    /// What [`Skips::poll`] returned is logged: save the counts, for a
+    /// restarted daemon (atomically, and only when they changed). A
+    /// failure is said; the next daemon then reports from its start, as it
+    /// would after a reboot.
+    pub fn reported(&mut self) {
         if !self.supported {
             return;
         }
@@ -230,15 +233,7 @@ impl Skips {
         if text == self.saved {
             return;
         }
-        let written = (|| {
-            if let Some(dir) = self.saved_at.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let tmp = self.saved_at.with_extension("tmp");
-            std::fs::write(&tmp, &text)?;
-            std::fs::rename(&tmp, &self.saved_at)
-        })();
-        match written {
+        match crate::runstate::write_atomic(&self.saved_at, &text) {
             Ok(()) => self.saved = text,
             Err(e) => tracing::warn!(path = %self.saved_at.display(), error = %e, "cannot save the skipped-run counts; a restarted daemon will not report runs skipped while none was reading"),
         }
