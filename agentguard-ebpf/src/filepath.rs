@@ -175,7 +175,7 @@ pub fn scratch() -> Option<&'static mut FileScratch> {
 pub enum Taken {
     /// Not an agent's: nothing to judge.
     Untagged,
-    /// An agent's, and this CPU's scratch is this run's until [`release`]:
+    /// An agent's, and this CPU's scratch is this run's until [`release_scratch`]:
     /// the scratch, handed on so the hook's cheap way (dircache.rs) does
     /// not look it up again.
     Tagged(Tag, *mut FileScratch),
