@@ -45,7 +45,7 @@ use aya::{
 };
 
 use crate::{
-    loader::{ActionClass, ProbeKind, ProbeState, ProbeStatus, PROBES},
+    loader::{ActionClass, ProbeKind, ProbeSpec, ProbeState, ProbeStatus, PROBES},
     pins::Pins,
 };
 
@@ -116,26 +116,19 @@ impl Skips {
     /// a previous daemon, that daemon's program; pins.rs), else this
     /// daemon's.
     pub fn watch(ebpf: &Ebpf, probes: &[ProbeStatus], pins: &Pins, saved_at: &Path) -> Self {
+        // The loaded programs of a kind the kernel may skip.
+        let specs: Vec<&ProbeSpec> = probes
+            .iter()
+            .filter(|status| !matches!(status.state, ProbeState::Unavailable { .. } | ProbeState::Skipped { .. }))
+            .filter_map(|status| PROBES.iter().find(|p| p.program == status.program))
+            .filter(|spec| matches!(spec.kind, ProbeKind::TracePoint { .. } | ProbeKind::FExit { .. }))
+            .collect();
+        let mut adopted = adopted(pins, &specs);
         let mut watched = Vec::new();
-        for status in probes {
-            if matches!(
-                status.state,
-                ProbeState::Unavailable { .. } | ProbeState::Skipped { .. }
-            ) {
-                continue;
-            }
-            let Some(spec) = PROBES.iter().find(|p| p.program == status.program) else {
-                continue;
-            };
-            if !matches!(
-                spec.kind,
-                ProbeKind::TracePoint { .. } | ProbeKind::FExit { .. }
-            ) {
-                continue;
-            }
+        for spec in specs {
             // The program its pinned link runs first: the one in the
             // kernel's hook (ours once attached and pinned).
-            let fd = adopted(pins, spec.program).or_else(|| {
+            let fd = adopted.remove(spec.program).or_else(|| {
                 ebpf.program(spec.program)
                     .and_then(|p| p.fd().ok())
                     .and_then(|fd| fd.try_clone().ok())
@@ -247,22 +240,31 @@ impl Skips {
     }
 }
 
-/// The program a pinned link of `program` runs (always attached, or
-/// attached while an agent is live), when a previous daemon left one.
-fn adopted(pins: &Pins, program: &str) -> Option<ProgramFd> {
-    let id = [pins.link(program), pins.live(program)]
-        .into_iter()
-        .filter_map(|path| PinnedLink::from_pin(path).ok())
-        .find_map(|link| FdLink::from(link).info().ok())?
-        .program_id();
+/// The programs pinned links run (always attached, or attached while an
+/// agent is live), where a previous daemon left them, by the name of the
+/// program in `specs`: one walk of the host's loaded programs for all.
+fn adopted(pins: &Pins, specs: &[&ProbeSpec]) -> BTreeMap<&'static str, ProgramFd> {
+    let ids: BTreeMap<u32, &'static str> = specs
+        .iter()
+        .filter_map(|spec| {
+            let id = [pins.link(spec.program), pins.live(spec.program)]
+                .into_iter()
+                .filter_map(|path| PinnedLink::from_pin(path).ok())
+                .find_map(|link| FdLink::from(link).info().ok())?
+                .program_id();
+            Some((id, spec.program))
+        })
+        .collect();
+    if ids.is_empty() {
+        return BTreeMap::new();
+    }
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
-        .find(|p| p.id() == id)?
-        .fd()
-        .ok()
+        .filter_map(|p| Some((*ids.get(&p.id())?, p.fd().ok()?)))
+        .collect()
 }
 
-/// What a previous daemon saved ([`Skips::save`]); nothing when there is
+/// What a previous daemon saved ([`Skips::reported`]); nothing when there is
 /// no such file (the first start since boot) or it cannot be read (said).
 fn load(path: &Path) -> BTreeMap<String, Saved> {
     match std::fs::read_to_string(path) {
